@@ -1,0 +1,7 @@
+"""`python -m onnxtq`."""
+
+import sys
+
+from onnxtq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,159 @@
+"""Run calibration inputs through onnxruntime and stream every target layer's input statistics.
+
+The input tensor of each target layer is exposed as an extra graph output. To keep
+memory bounded on large feature maps (PP-OCR det at 736×992), layers are split into
+groups whose exposed activations fit `memory_mb` for one batch, and each group is one
+pass over the data; each output is reduced to statistics and dropped at once.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from onnxtq import model_io
+from onnxtq.calibration.data import Source
+from onnxtq.calibration.stats import LayerStats, MomentAccumulator, choose_mode, conv_patches, dense_rows
+from onnxtq.errors import DataError
+from onnxtq.graph import infer_shapes, tensor_shapes
+from onnxtq.weights import WeightSite
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    samples: int = 0  # 0 = every sample the source has
+    batch: int = 8
+    mode: str = "auto"  # auto | full | blocked | diag
+    max_full_dim: int = 4096
+    block: int = 512
+    memory_mb: int = 512
+    threads: int = 0
+
+
+class StatsStore:
+    """Read-only statistics by weight name, and what they were computed from."""
+
+    def __init__(self, by_site: dict[str, LayerStats], samples: int, description: str):
+        self.by_site = by_site
+        self.samples = samples
+        self.description = description
+
+    def get(self, site: WeightSite) -> LayerStats | None:
+        return self.by_site.get(site.name)
+
+    def importance(self, site: WeightSite) -> np.ndarray | None:
+        """diag(H) broadcast to the stored weight's layout: how much each weight's error costs."""
+        stats = self.get(site)
+        if stats is None:
+            return None
+        h = np.maximum(stats.diag(), 0.0)  # [g, d]
+        rows = np.repeat(h, site.rows // stats.groups, axis=0)  # row o belongs to group o // (n/g)
+        return site.from_matrix(rows)
+
+
+def _key(site: WeightSite):
+    return (site.activation, site.conv, site.trans_a)
+
+
+def _accumulator(site: WeightSite, config: CalibrationConfig) -> MomentAccumulator:
+    groups = site.groups
+    dim = site.cols
+    return MomentAccumulator(groups, dim, choose_mode(dim, config.max_full_dim, config.mode), config.block)
+
+
+def _chunks(site: WeightSite, x: np.ndarray):
+    if site.conv is not None:
+        return conv_patches(x, site.conv)
+    return dense_rows(x, site.trans_a)
+
+
+def _activation_bytes(model: onnx.ModelProto, feed: dict[str, np.ndarray], names: list[str]) -> dict[str, int]:
+    """Bytes per batch of each named tensor, from shape inference on the concrete input shapes."""
+    fixed = copy.deepcopy(model)
+    for vi in fixed.graph.input:
+        if vi.name in feed:
+            dims = vi.type.tensor_type.shape.dim
+            for d, n in zip(dims, feed[vi.name].shape):
+                d.Clear()
+                d.dim_value = n
+    shapes = tensor_shapes(infer_shapes(fixed))
+    sizes = {}
+    for name in names:
+        shape = shapes.get(name)
+        if shape and all(isinstance(s, int) and s > 0 for s in shape):
+            sizes[name] = int(np.prod(shape)) * 4
+    fallback = max(sizes.values(), default=64 * 2**20)
+    return {n: sizes.get(n, fallback) for n in names}
+
+
+def _plan(names: list[str], sizes: dict[str, int], budget: int) -> list[list[str]]:
+    """Greedy groups of tensors whose summed sizes stay within `budget` (one tensor at least)."""
+    groups, current, used = [], [], 0
+    for name in names:
+        if current and used + sizes[name] > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += sizes[name]
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {o.name for o in exposed.graph.output}
+    for name in names:
+        if name not in present:
+            exposed.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return exposed.SerializeToString()
+
+
+def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, config: CalibrationConfig) -> StatsStore:
+    """Statistics for every site with an activation, from one or more streamed passes over `source`."""
+    targets = [s for s in sites if s.activation is not None]
+    if not targets:
+        return StatsStore({}, 0, source.description)
+    inputs = {vi.name for vi in model.graph.input}
+    by_key: dict = {}
+    for site in targets:
+        by_key.setdefault(_key(site), (site, _accumulator(site, config)))
+    tensors = sorted({k[0] for k in by_key if k[0] not in inputs})
+    first = next(iter(source.batches(config.batch)), None)
+    if first is None:
+        raise DataError("the calibration source yielded no samples")
+    first = first[1]
+    sizes = _activation_bytes(model, first, tensors)
+    plan = _plan(tensors, sizes, config.memory_mb * 2**20) or [[]]
+    limit = config.samples or source.num_samples
+    for group_index, group in enumerate(plan):
+        wanted = set(group) | (inputs if group_index == 0 else set())
+        members = [(site, acc) for key, (site, acc) in by_key.items() if key[0] in wanted]
+        sess = model_io.session(_with_outputs(model, group), config.threads)
+        seen = 0
+        desc = f"calibrate {group_index + 1}/{len(plan)}"
+        with tqdm(total=limit, desc=desc, unit="sample", disable=None, leave=False) as bar:
+            for n, feed in source.batches(config.batch):
+                if seen >= limit:
+                    break
+                if seen + n > limit:  # trim the last batch to the sample budget
+                    feed = {k: v[: limit - seen] for k, v in feed.items()}
+                    n = limit - seen
+                outputs = dict(zip(group, sess.run(group, feed))) if group else {}
+                outputs.update({k: v for k, v in feed.items() if k in wanted})
+                for site, acc in members:
+                    for chunk in _chunks(site, outputs[site.activation]):
+                        acc.update(chunk)
+                del outputs
+                seen += n
+                bar.update(n)
+    by_site = {}
+    finalized = {key: acc.finalize() for key, (_, acc) in by_key.items()}
+    for site in targets:
+        by_site[site.name] = finalized[_key(site)]
+    return StatsStore(by_site, min(limit, source.num_samples), source.description)

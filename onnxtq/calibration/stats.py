@@ -1,0 +1,153 @@
+"""Streaming per-layer input statistics: mean m = E[x] and second moment H = E[x xᵀ].
+
+x is one input patch of a layer (an im2col column for Conv honouring pads, strides,
+dilations and groups; a row of the input for Gemm/MatMul). H is the Hessian of the
+layer-output reconstruction error: E‖ΔW x‖² = tr(ΔW H ΔWᵀ). Sums are kept in
+float64 and merged exactly, so statistics over a stream equal those over the whole set.
+
+Where d is large the full d×d matrix is replaced by its block diagonal (blocks of
+`block` columns) or its diagonal: memory then grows as d·block instead of d².
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxtq.weights import ConvGeometry
+
+#: Largest patch chunk materialised at once (bytes, float64).
+CHUNK_BYTES = 32 * 2**20
+
+
+@dataclass
+class LayerStats:
+    """Finalised statistics of one layer input, per group g: mean [g, d], moments by `mode`."""
+
+    count: int
+    mean: np.ndarray  # [g, d]
+    mode: str  # full | blocked | diag
+    moment: np.ndarray  # full [g, d, d]; blocked [g, nb, B, B]; diag [g, d]
+    block: int = 0
+
+    @property
+    def groups(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[1]
+
+    def diag(self) -> np.ndarray:
+        """diag(H) per group, [g, d]."""
+        if self.mode == "diag":
+            return self.moment
+        if self.mode == "full":
+            return np.diagonal(self.moment, axis1=1, axis2=2).copy()
+        d = np.diagonal(self.moment, axis1=2, axis2=3).reshape(self.groups, -1)
+        return d[:, : self.dim]
+
+    def quadratic(self, m: np.ndarray) -> float:
+        """Σ_rows rᵀ H r for a matrix m [n, d] whose rows belong to groups in order: E‖m x‖²."""
+        rows = m.reshape(self.groups, -1, self.dim).astype(np.float64)
+        if self.mode == "diag":
+            return float(np.einsum("gnd,gd,gnd->", rows, self.moment, rows))
+        if self.mode == "full":
+            return float(np.einsum("gnd,gde,gne->", rows, self.moment, rows))
+        pad = -self.dim % self.block
+        rows = np.pad(rows, ((0, 0), (0, 0), (0, pad))).reshape(self.groups, rows.shape[1], -1, self.block)
+        return float(np.einsum("gnbd,gbde,gnbe->", rows, self.moment, rows))
+
+
+class MomentAccumulator:
+    """update(x [P, g, d]) / merge(other) / finalize(): streaming first and second moments."""
+
+    def __init__(self, groups: int, dim: int, mode: str, block: int = 512):
+        self.groups, self.dim, self.mode, self.block = groups, dim, mode, block
+        self.count = 0
+        self.sum = np.zeros((groups, dim))
+        if mode == "full":
+            self.moment = np.zeros((groups, dim, dim))
+        elif mode == "blocked":
+            nb = -(-dim // block)
+            self.moment = np.zeros((groups, nb, block, block))
+        elif mode == "diag":
+            self.moment = np.zeros((groups, dim))
+        else:
+            raise ValueError(f"unknown statistics mode '{mode}'")
+
+    def update(self, x: np.ndarray) -> None:
+        x = x.astype(np.float64, copy=False)
+        self.count += x.shape[0]
+        self.sum += x.sum(axis=0)
+        if self.mode == "diag":
+            self.moment += np.einsum("pgd,pgd->gd", x, x)
+            return
+        xt = x.transpose(1, 2, 0)  # [g, d, P]
+        if self.mode == "full":
+            self.moment += xt @ xt.transpose(0, 2, 1)
+            return
+        for b in range(self.moment.shape[1]):
+            blk = xt[:, b * self.block : (b + 1) * self.block]
+            n = blk.shape[1]
+            self.moment[:, b, :n, :n] += blk @ blk.transpose(0, 2, 1)
+
+    def merge(self, other: "MomentAccumulator") -> None:
+        self.count += other.count
+        self.sum += other.sum
+        self.moment += other.moment
+
+    def finalize(self) -> LayerStats:
+        n = max(self.count, 1)
+        return LayerStats(self.count, self.sum / n, self.mode, self.moment / n, self.block if self.mode == "blocked" else 0)
+
+
+def choose_mode(dim: int, max_full_dim: int, requested: str = "auto") -> str:
+    if requested != "auto":
+        return requested
+    return "full" if dim <= max_full_dim else "blocked"
+
+
+def _same_pads(size: int, k: int, s: int, d: int, upper: bool) -> tuple[int, int]:
+    out = -(-size // s)
+    total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+    small = total // 2
+    return (small, total - small) if upper else (total - small, small)
+
+
+def conv_patches(x: np.ndarray, geo: ConvGeometry):
+    """Yield im2col chunks [P, g, (C/g)·kh·kw] of a conv input x [N, C, *spatial], bounded in size."""
+    if x.ndim == 3:  # 1-D conv as a 2-D conv of height 1
+        x = x[:, :, None, :]
+        geo = ConvGeometry((1, *geo.kernel), (1, *geo.strides), (0, geo.pads[0], 0, geo.pads[1]), (1, *geo.dilations), geo.group, geo.auto_pad)
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.strides, geo.dilations
+    if geo.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        up = geo.auto_pad == "SAME_UPPER"
+        (pt, pb), (pl, pr) = _same_pads(h, kh, sh, dh, up), _same_pads(w, kw, sw, dw, up)
+    elif geo.auto_pad == "VALID":
+        pt = pb = pl = pr = 0
+    else:
+        pt, pl, pb, pr = geo.pads
+    g = geo.group
+    dg = c // g * kh * kw
+    for i in range(n):
+        xp = np.pad(x[i], ((0, 0), (pt, pb), (pl, pr)))
+        win = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(1, 2))
+        win = win[:, ::sh, ::sw, ::dh, ::dw]  # [C, Ho, Wo, kh, kw]
+        ho, wo = win.shape[1], win.shape[2]
+        rows = max(1, CHUNK_BYTES // max(1, wo * c * kh * kw * 8))
+        for r in range(0, ho, rows):
+            chunk = win[:, r : r + rows].transpose(1, 2, 0, 3, 4)  # [r, Wo, C, kh, kw]
+            yield np.ascontiguousarray(chunk, dtype=np.float64).reshape(-1, g, dg)
+
+
+def dense_rows(x: np.ndarray, trans_a: bool = False):
+    """Yield chunks [P, 1, d] of the rows a Gemm/MatMul multiplies by its weight."""
+    if trans_a:
+        x = x.T
+    flat = x.reshape(-1, x.shape[-1])
+    rows = max(1, CHUNK_BYTES // max(1, flat.shape[1] * 8))
+    for r in range(0, flat.shape[0], rows):
+        yield flat[r : r + rows, None, :]

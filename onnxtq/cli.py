@@ -1,0 +1,209 @@
+"""Command line: `onnxtq compress | inspect | verify | list-passes`.
+
+`main(argv)` returns the exit code, so tests call it in process. Errors print as
+`onnxtq: error: ...` and `onnxtq: hint: ...`, with a traceback only under -v.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+from onnxtq import __version__, model_io
+from onnxtq.calibration.data import ImagePreprocessing, open_source
+from onnxtq.compress import DEFAULT_PIPELINE, compress, model_bytes, prepare
+from onnxtq.errors import DataError, OnnxtqError
+from onnxtq.graph import Graph, provenance
+from onnxtq.pipeline import registry
+from onnxtq.verify import compare, validate
+from onnxtq.weights import discover
+
+EXIT_CODES = """exit codes:
+  0  success
+  1  a pass or onnxruntime failed unexpectedly (a bug: please report it with -v output)
+  2  bad input or usage: unreadable/unsafe model, bad calibration data, unknown pass or option
+  3  the compressed model failed verification (checker, onnxruntime, or --min-sqnr budget)"""
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    values = _floats(text)
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError("expected H,W")
+    return int(values[0]), int(values[1])
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", metavar="DATA", help="calibration inputs: .npz keyed by input names (axis 0 = samples) or a folder of images; default: calib.npz beside the model")
+    img = p.add_argument_group("image folder preprocessing (resize, x*scale, (x-mean)/std, NCHW)")
+    img.add_argument("--image-size", type=_size, metavar="H,W", help="default: the model's static input size")
+    img.add_argument("--image-scale", type=float, default=1 / 255)
+    img.add_argument("--image-mean", type=_floats, default=(0.0, 0.0, 0.0), metavar="R,G,B")
+    img.add_argument("--image-std", type=_floats, default=(1.0, 1.0, 1.0), metavar="R,G,B")
+    img.add_argument("--bgr", action="store_true", help="feed channels in BGR order")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onnxtq", description=__doc__.splitlines()[0], epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"onnxtq {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model into a smaller ONNX file", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("model")
+    c.add_argument("-o", "--output", help="default: ./<model name>.compressed.onnx")
+    c.add_argument("--pipeline", default=DEFAULT_PIPELINE, help=f"pass pipeline text (default: {DEFAULT_PIPELINE}); see list-passes")
+    _add_data_options(c)
+    c.add_argument("--report", metavar="JSON", help="write the full run report as JSON")
+    c.add_argument("--verify-samples", type=int, default=8, help="inputs used to compare outputs with the original (0: skip)")
+    c.add_argument("--min-sqnr", type=float, metavar="DB", help="refuse to write the output if any output's SQNR is below this")
+    c.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+
+    i = sub.add_parser("inspect", help="opset, ops, weights and sizes of a model")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    v = sub.add_parser("verify", help="compare a compressed model with its original (SQNR, max error)", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("original")
+    v.add_argument("compressed")
+    _add_data_options(v)
+    v.add_argument("--samples", type=int, default=32)
+    v.add_argument("--min-sqnr", type=float, metavar="DB", help="exit 3 if any output's SQNR is below this")
+
+    lp = sub.add_parser("list-passes", help="the passes a pipeline can name, with their options")
+    lp.add_argument("--options", action="store_true", help="also list each option's type and default")
+    return parser
+
+
+def _calib(args, model_path: str):
+    if args.calib:
+        return args.calib
+    beside = Path(model_path).parent / "calib.npz"
+    return str(beside) if beside.is_file() else None
+
+
+def _prep(args) -> ImagePreprocessing:
+    return ImagePreprocessing(args.image_size, args.image_scale, args.image_mean, args.image_std, args.bgr)
+
+
+def _compress(args) -> int:
+    output = args.output or f"{Path(args.model).stem}.compressed.onnx"
+    calib = _calib(args, args.model)
+    if calib is None and "calibrate" in args.pipeline:
+        raise DataError("the pipeline calibrates but no data was given", "pass --calib DATA, or put calib.npz beside the model")
+    run = compress(args.model, output, args.pipeline, calib, _prep(args), args.verify_samples, args.min_sqnr, args.threads)
+    print(run.table())
+    print(f"wrote {output}")
+    if args.report:
+        Path(args.report).write_text(run.to_json())
+    return 0
+
+
+def _inspect(args) -> int:
+    model = model_io.load(args.model)
+    work, _ = prepare(model)
+    graph = Graph(work)
+    found = discover(graph)
+    ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node)
+    weights = [
+        {"name": s.name, "op": s.op, "kind": s.kind, "shape": list(s.shape), "bytes": model_io.tensor_nbytes(graph.initializers[s.name])}
+        for s in found.sites
+    ]
+    info = {
+        "file": args.model,
+        "bytes": model_bytes(args.model),
+        "ir_version": model.ir_version,
+        "opset": graph.opset(),
+        "inputs": [{"name": vi.name, "shape": [d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim]} for vi in model.graph.input if vi.name not in graph.initializers],
+        "ops": dict(ops.most_common()),
+        "initializer_bytes": sum(model_io.tensor_nbytes(t) for t in graph.graph.initializer),
+        "weights": weights,
+        "skipped": [{"name": n, "node": node, "reason": r} for n, node, r in found.skipped],
+        "onnxtq": {p.key: p.value for p in model.metadata_props if p.key.startswith("onnxtq.")},
+        "onnxtq_nodes": dict(Counter(provenance(n).get("onnxtq.role", "") for n in model.graph.node if provenance(n))),
+    }
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"{info['file']}: {info['bytes']:,d} B, IR {info['ir_version']}, opset {info['opset']}")
+    print("inputs: " + ", ".join(f"{i['name']} {i['shape']}" for i in info["inputs"]))
+    print("ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
+    print(f"quantizable weights: {len(weights)} ({sum(w['bytes'] for w in weights):,d} B of {info['initializer_bytes']:,d} B of initializers)")
+    for w in weights:
+        print(f"  {w['op']:<8} {w['kind']:<14} {str(w['shape']):<22} {w['bytes']:>10,d} B  {w['name']}")
+    for s in info["skipped"]:
+        print(f"  skipped {s['name']}: {s['reason']}")
+    if info["onnxtq"]:
+        print("made by onnxtq: " + ", ".join(f"{k}={v}" for k, v in info["onnxtq"].items()))
+        print("onnxtq nodes: " + ", ".join(f"{k} {v}" for k, v in info["onnxtq_nodes"].items()))
+    return 0
+
+
+def _verify(args) -> int:
+    original = model_io.load(args.original)
+    compressed = model_io.load(args.compressed)
+    validate(compressed)
+    calib = _calib(args, args.original)
+    if calib is None:
+        raise DataError("verify needs inputs", "pass --calib DATA")
+    source = open_source(calib, original, prep=_prep(args))
+    try:
+        result = compare(original, compressed, source, args.samples)
+    finally:
+        source.close()
+    print(f"{result['samples']} samples; sizes {model_bytes(args.original):,d} B -> {model_bytes(args.compressed):,d} B")
+    for name, v in result["outputs"].items():
+        print(f"output {name}: SQNR {v['sqnr_db']:.2f} dB, max |err| {v['max_abs_err']:.4g}")
+    worst = min(v["sqnr_db"] for v in result["outputs"].values())
+    if args.min_sqnr is not None and worst < args.min_sqnr:
+        print(f"onnxtq: error: SQNR {worst:.2f} dB is below --min-sqnr {args.min_sqnr:g}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _list_passes(args) -> int:
+    for name, cls in sorted(registry().items()):
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(doc if doc.startswith(name) else f"{name}: {doc}")
+        if args.options:
+            for f in dataclasses.fields(cls.Config):
+                print(f"    {f.name} ({f.type}) = {f.default}")
+    return 0
+
+
+COMMANDS = {"compress": _compress, "inspect": _inspect, "verify": _verify, "list-passes": _list_passes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="onnxtq: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except OnnxtqError as exc:
+        if args.verbose:
+            logging.exception("failed")
+        print(f"onnxtq: error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"onnxtq: hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Emit quantized weights as `DequantizeLinear` nodes that stock onnxruntime runs.
+
+    W ≈ DequantizeLinear(q, scale, zero_point; axis, block_size)  →  consumer
+
+The float initializer is replaced by packed codes, a float scale tensor and (for
+asymmetric codes) a zero point; the consumer reads the DequantizeLinear output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxtq.graph import Graph, tag
+from onnxtq.model_io import tensor_nbytes
+from onnxtq.packing import int_tensor
+from onnxtq.quantize import Blocking, GroupCode
+from onnxtq.weights import WeightSite
+
+
+def emit_dequantize(graph: Graph, site: WeightSite, blocking: Blocking, code: GroupCode, pass_name: str) -> int:
+    """Replace the weight of `site` by DequantizeLinear over `code`; returns the bytes now stored."""
+    original = graph.initializers[site.name]
+    float_type = onnx.helper.tensor_dtype_to_np_dtype(original.data_type)
+    signed = code.zero_point is None
+    q = int_tensor(graph.unique(f"{site.name}/onnxtq.q"), blocking.from_groups(code.q), code.bits, signed)
+    scale = numpy_helper.from_array(
+        blocking.scales_to_shape(code.scale).astype(float_type), graph.unique(f"{site.name}/onnxtq.scale")
+    )
+    inputs = [q.name, scale.name]
+    stored = [q, scale]
+    if not signed:
+        zp = int_tensor(graph.unique(f"{site.name}/onnxtq.zero_point"), blocking.scales_to_shape(code.zero_point), code.bits, False)
+        inputs.append(zp.name)
+        stored.append(zp)
+    attrs = {"axis": blocking.block_axis, "block_size": blocking.block} if blocking.block else {"axis": blocking.axis}
+    out = graph.unique(f"{site.name}/onnxtq.dequant")
+    node = onnx.helper.make_node("DequantizeLinear", inputs, [out], name=graph.unique(f"{site.node}/onnxtq.dequant"), **attrs)
+    tag(node, pass_name, "dequant")
+    for t in stored:
+        graph.set_initializer(t)
+    for consumer, index in graph.consumers[site.name]:
+        consumer.input[index] = out
+    graph.graph.node.insert(0, node)
+    graph.graph.initializer.remove(original)
+    graph.refresh()
+    return sum(tensor_nbytes(t) for t in stored)
+
+
+def dequantized(blocking: Blocking, code: GroupCode) -> np.ndarray:
+    """The float weight ORT will compute, in the stored layout (numpy reference)."""
+    return blocking.from_groups(code.dequantize())

@@ -1,0 +1,73 @@
+"""What a run did, as data: per weight (bytes before/after, bits, distortion, or why skipped),
+per pass, and for the whole model. Rendered as a table for people and JSON for machines."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class WeightRecord:
+    name: str
+    node: str
+    op: str
+    status: str  # quantized | folded | observed | skipped
+    kind: str = ""
+    shape: tuple = ()
+    bytes_before: int = 0
+    bytes_after: int = 0
+    bits: float | None = None  # stored bits per weight, scales and zero points included
+    weight_sqnr_db: float | None = None  # 10·log10(‖W‖² / ‖W − Ŵ‖²)
+    output_sqnr_db: float | None = None  # same for the layer output, E‖Wx‖² / E‖(W − Ŵ)x‖², from calibration
+    reason: str = ""
+
+
+@dataclass
+class PassReport:
+    pass_name: str
+    spec: str
+    records: list[WeightRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    invalidates_stats: bool = False
+    seconds: float = 0.0
+
+    @property
+    def changed(self) -> list[WeightRecord]:
+        return [r for r in self.records if r.status in ("quantized", "folded")]
+
+    @property
+    def skipped(self) -> list[WeightRecord]:
+        return [r for r in self.records if r.status == "skipped"]
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.changed)
+
+    def summary(self) -> str:
+        saved = sum(r.bytes_before - r.bytes_after for r in self.changed)
+        return f"{self.spec:<28} changed={len(self.changed):4d} skipped={len(self.skipped):4d} saved={saved:+,d} B  {self.seconds:6.1f} s"
+
+
+@dataclass
+class RunReport:
+    pipeline: str
+    source: str
+    output: str = ""
+    bytes_before: int = 0
+    bytes_after: int = 0
+    calibration: str = ""
+    session: str = ""
+    passes: list[PassReport] = field(default_factory=list)
+    verification: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, default=str)
+
+    def table(self) -> str:
+        lines = [p.summary() for p in self.passes]
+        ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+        lines.append(f"model: {self.bytes_before:,d} B -> {self.bytes_after:,d} B ({ratio:.2f}x smaller)")
+        for name, v in self.verification.get("outputs", {}).items():
+            lines.append(f"output {name}: SQNR {v['sqnr_db']:.1f} dB, max |err| {v['max_abs_err']:.3g}")
+        return "\n".join(lines)

@@ -1,0 +1,9 @@
+"""The built-in rewrite passes, installed as `onnxtq.passes`: an explicit table by name."""
+
+from onnxtq.passes.calibrate import CalibratePass
+from onnxtq.passes.fold_bn import FoldBatchNormPass
+from onnxtq.passes.rtn import RtnPass
+
+REGISTRY = {p.name: p for p in (FoldBatchNormPass, CalibratePass, RtnPass)}
+
+__all__ = ["REGISTRY", "CalibratePass", "FoldBatchNormPass", "RtnPass"]

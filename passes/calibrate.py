@@ -1,0 +1,46 @@
+"""calibrate: stream calibration inputs through onnxruntime into per-layer statistics.
+
+For every weight site with an activation, records m = E[x] and H = E[x xᵀ] over the
+layer's input patches (see onnxtq.calibration.stats). Later passes read them from
+the context; a pass that changes activations marks them stale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onnxtq.calibration import CalibrationConfig, collect
+from onnxtq.errors import PreconditionError
+from onnxtq.pass_infra import Context, Pass
+from onnxtq.report import PassReport, WeightRecord
+from onnxtq.weights import discover
+
+
+@dataclass(frozen=True)
+class CalibrateConfig(CalibrationConfig):
+    def __post_init__(self):
+        if self.mode not in ("auto", "full", "blocked", "diag"):
+            raise ValueError(f"mode must be auto, full, blocked or diag, not '{self.mode}'")
+        if self.batch < 1 or self.block < 1 or self.memory_mb < 1:
+            raise ValueError("batch, block and memory_mb must be positive")
+
+
+class CalibratePass(Pass):
+    name = "calibrate"
+    Config = CalibrateConfig
+
+    def run(self, ctx: Context) -> PassReport:
+        if ctx.data is None:
+            raise PreconditionError("'calibrate' has no data", "give --calib DATA (.npz keyed by input names, or an image folder)")
+        found = discover(ctx.graph)
+        ctx.stats = collect(ctx.graph.model, found.sites, ctx.data, self.config)
+        ctx.stats_fresh = True
+        report = self.new_report()
+        for site in found.sites:
+            stats = ctx.stats.get(site)
+            if stats is None:
+                report.records.append(WeightRecord(site.name, site.node, site.op, "skipped", site.kind, site.shape, reason="no activation statistics for this kind of layer"))
+            else:
+                report.records.append(WeightRecord(site.name, site.node, site.op, "observed", site.kind, site.shape, reason=f"{stats.mode} H, d={stats.dim}, groups={stats.groups}"))
+        report.notes.append(f"{ctx.stats.samples} samples from {ctx.stats.description}")
+        return report

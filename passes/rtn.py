@@ -1,0 +1,104 @@
+"""rtn: uniform round-to-nearest weights, per output channel or in blocks, 2/4/8 bits.
+
+Each group (a channel, or `block` consecutive weights along the reduction axis) gets
+its own step; the clipping ratio is chosen per group to minimise the squared error,
+weighted by diag(H) = E[x²] of the layer input when calibration statistics exist (so
+the error that matters, the layer output's, is what is minimised). Codes are stored
+packed in INT2/INT4/INT8 (UINT with zero points when asymmetric) and decoded by
+DequantizeLinear. Depthwise convs are always per channel: their reduction axis has
+one input channel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxtq.emit import dequantized, emit_dequantize
+from onnxtq.model_io import tensor_nbytes
+from onnxtq.packing import min_opset
+from onnxtq.pass_infra import Context, Pass, PassConfig
+from onnxtq.quantize import Blocking, quantize_groups
+from onnxtq.report import PassReport, WeightRecord
+from onnxtq.weights import WeightSite, discover
+
+
+@dataclass(frozen=True)
+class RtnConfig(PassConfig):
+    bits: int = 8
+    block: int = 0  # 0 = per output channel
+    symmetric: str = "auto"  # auto (symmetric from 3 bits up) | true | false
+    clip: bool = True  # search the MSE-optimal clipping ratio
+    weighted: bool = True  # weight the error by diag(H) when statistics exist
+    min_elements: int = 0  # leave smaller weights in float
+
+    def __post_init__(self):
+        if self.bits not in (2, 3, 4, 5, 6, 7, 8):
+            raise ValueError(f"bits must be 2..8, not {self.bits}")
+        if self.block and (self.block < 2 or self.block & (self.block - 1)):
+            raise ValueError(f"block must be 0 or a power of two >= 2, not {self.block}")
+        if self.symmetric not in ("auto", "true", "false"):
+            raise ValueError(f"symmetric must be auto, true or false, not '{self.symmetric}'")
+
+    @property
+    def is_symmetric(self) -> bool:
+        return self.bits >= 3 if self.symmetric == "auto" else self.symmetric == "true"
+
+
+def blocking_for(site: WeightSite, block: int) -> Blocking:
+    """Group layout of a site: channels on the output axis, blocks along the reduction axis."""
+    out_axis = 1 if site.transposed else 0
+    red_axis = 0 if site.transposed else 1
+    if site.kind == "depthwise" or site.shape[red_axis] <= block:
+        block = 0
+    return Blocking(site.shape, out_axis, block, red_axis)
+
+
+class RtnPass(Pass):
+    name = "rtn"
+    Config = RtnConfig
+    uses_stats = True
+
+    def min_opset(self) -> int:
+        return max(min_opset(self.config.bits), 21 if self.config.block else 13)
+
+    def run(self, ctx: Context) -> PassReport:
+        report = self.new_report()
+        found = discover(ctx.graph)
+        for name, node, reason in found.skipped:
+            report.records.append(WeightRecord(name, node, "", "skipped", reason=reason))
+        stats = ctx.stats if (ctx.stats_fresh and self.config.weighted) else None
+        if self.config.weighted and ctx.stats is not None and not ctx.stats_fresh:
+            report.notes.append("statistics are stale after an earlier pass: plain weight MSE used")
+        for site in found.sites:
+            size = int(np.prod(site.shape))
+            if size < self.config.min_elements:
+                report.records.append(WeightRecord(site.name, site.node, site.op, "skipped", site.kind, site.shape, reason=f"{size} < min_elements"))
+                continue
+            report.records.append(self._quantize(ctx, site, stats))
+        report.notes.append("error weighted by calibration diag(H)" if stats else "error = plain weight MSE (no statistics)")
+        return report
+
+    def _quantize(self, ctx: Context, site: WeightSite, stats) -> WeightRecord:
+        cfg = self.config
+        g = ctx.graph
+        w = g.array(site.name)
+        before = tensor_nbytes(g.initializers[site.name])
+        blocking = blocking_for(site, cfg.block)
+        importance = stats.importance(site) if stats is not None else None
+        h = None if importance is None else blocking.to_groups(importance)
+        code = quantize_groups(blocking.to_groups(w), cfg.bits, cfg.is_symmetric, cfg.clip, h)
+        w_hat = dequantized(blocking, code)
+        after = emit_dequantize(g, site, blocking, code, self.name)
+        record = WeightRecord(site.name, site.node, site.op, "quantized", site.kind, site.shape, before, after, bits=8 * after / w.size)
+        err = (w.astype(np.float64) - w_hat) ** 2
+        record.weight_sqnr_db = _db((w.astype(np.float64) ** 2).sum(), err.sum())
+        layer = stats.get(site) if stats is not None else None
+        if layer is not None:
+            record.output_sqnr_db = _db(layer.quadratic(site.to_matrix(w)), layer.quadratic(site.to_matrix(w - w_hat)))
+        return record
+
+
+def _db(signal: float, noise: float) -> float:
+    return float(10 * np.log10(signal / noise)) if noise > 0 else float("inf")

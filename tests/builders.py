@@ -1,0 +1,59 @@
+"""Test builders: small graphs made in code, the real models shipped in models/, an ORT runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxtq import model_io
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+
+
+def make_model(nodes, inputs, outputs, initializers, opset=17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "test", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in initializers.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def conv_model(c_in=4, c_out=6, k=3, group=1, seed=0, bn=True, **conv_attrs) -> onnx.ModelProto:
+    """x → Conv(+bias) → BatchNormalization → Relu → Gemm(transB=1): a small but complete CNN."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((c_out, c_in // group, k, k)).astype(np.float32) * 0.3
+    inits = {"w": w, "b": rng.standard_normal(c_out).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["conv"], name="conv", group=group, **conv_attrs)]
+    act = "conv"
+    if bn:
+        inits.update(
+            gamma=rng.uniform(0.5, 2, c_out).astype(np.float32), beta=rng.standard_normal(c_out).astype(np.float32),
+            mean=rng.standard_normal(c_out).astype(np.float32), var=rng.uniform(0.5, 2, c_out).astype(np.float32),
+        )
+        nodes.append(helper.make_node("BatchNormalization", ["conv", "gamma", "beta", "mean", "var"], ["bn"], name="bn"))
+        act = "bn"
+    nodes += [
+        helper.make_node("Relu", [act], ["relu"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pool"], name="pool"),
+        helper.make_node("Flatten", ["pool"], ["flat"], name="flat"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["y"], name="fc", transB=1),
+    ]
+    inits["fc_w"] = rng.standard_normal((5, c_out)).astype(np.float32)
+    inits["fc_b"] = np.zeros(5, np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c_in, 10, 10])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])
+    return make_model(nodes, [x], [y], inits)
+
+
+def run(model: onnx.ModelProto, feeds: dict, exact: bool = True) -> list[np.ndarray]:
+    return model_io.session(model, exact=exact).run(None, feeds)
+
+
+def bundled(name: str) -> tuple[Path, Path]:
+    """Path of a shipped model and of its calibration data."""
+    folder = MODELS / name
+    return folder / f"{name}.onnx", folder / "calib.npz"

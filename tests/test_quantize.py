@@ -1,0 +1,67 @@
+"""Uniform quantizer: grouping mirrors DequantizeLinear, codes stay in range, clipping helps."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onnxtq.quantize import Blocking, int_range, quantize_groups
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    shape=st.sampled_from([(6, 5), (4, 7, 3, 3), (3, 40), (8, 1, 3, 3)]),
+    axis=st.sampled_from([0, 1]),
+    block=st.sampled_from([0, 2, 4, 16]),
+)
+def test_grouping_round_trip(shape, axis, block):
+    a = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    b = Blocking(shape, axis, block, 1 - axis)
+    groups = b.to_groups(a)
+    assert groups.shape[0] == int(np.prod(b.scale_shape))
+    assert np.array_equal(b.from_groups(groups), a)
+    # scale tensor: each group's value lands where DequantizeLinear reads it
+    ids = np.arange(groups.shape[0], dtype=np.float32)
+    scales = b.scales_to_shape(ids)
+    per_elem = b.from_groups(np.repeat(ids[:, None], groups.shape[1], axis=1))
+    if block:
+        expected = np.repeat(scales, block, axis=1 - axis)[tuple(slice(0, s) for s in shape)]
+    else:
+        view = [1] * len(shape)
+        view[axis] = -1
+        expected = np.broadcast_to(scales.reshape(view), shape)
+    assert np.array_equal(expected, per_elem)
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), symmetric=st.booleans(), seed=st.integers(0, 1000))
+def test_codes_in_range_and_error_bounded(bits, symmetric, seed):
+    w = np.random.default_rng(seed).standard_normal((5, 64)).astype(np.float32)
+    code = quantize_groups(w, bits, symmetric, clip=False)
+    lo, hi = int_range(bits, symmetric)
+    assert code.q.min() >= lo and code.q.max() <= hi
+    err = np.abs(code.dequantize() - w)
+    # without clipping every value lies inside the grid: error at most half a step (+1 step slack for the
+    # asymmetric positive end of a symmetric grid)
+    assert (err <= code.scale[:, None] * (1.0 if symmetric else 0.5) + 1e-6).all()
+
+
+def test_mse_clipping_beats_full_range_on_heavy_tails(rng):
+    w = rng.standard_t(2, size=(16, 256)).astype(np.float32)
+    full = quantize_groups(w, 4, True, clip=False).dequantize()
+    clipped = quantize_groups(w, 4, True, clip=True).dequantize()
+    assert ((clipped - w) ** 2).sum() < 0.8 * ((full - w) ** 2).sum()
+
+
+def test_weighted_error_prefers_important_columns(rng):
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    h = np.ones_like(w)
+    h[:, :8] = 1000.0  # the first columns dominate the output error
+    plain = quantize_groups(w, 3, True, True, None).dequantize()
+    weighted = quantize_groups(w, 3, True, True, h).dequantize()
+    cost = lambda x: (h * (x - w) ** 2).sum()  # noqa: E731
+    assert cost(weighted) <= cost(plain)
+
+
+def test_zero_rows_are_safe():
+    code = quantize_groups(np.zeros((3, 8), np.float32), 4, True)
+    assert np.all(code.dequantize() == 0) and np.all(code.scale > 0)
