@@ -9,6 +9,16 @@ from onnxtq.pipeline import parse  # noqa: E402
 from onnxtq.report import PassReport, RunReport, WeightRecord  # noqa: E402
 
 __all__ = [
-    "DEFAULT_PIPELINE", "Context", "OnnxtqError", "Pass", "PassConfig", "PassManager", "PassReport",
-    "RunReport", "WeightRecord", "compress", "parse", "__version__",
+    "DEFAULT_PIPELINE",
+    "Context",
+    "OnnxtqError",
+    "Pass",
+    "PassConfig",
+    "PassManager",
+    "PassReport",
+    "RunReport",
+    "WeightRecord",
+    "compress",
+    "parse",
+    "__version__",
 ]

@@ -45,7 +45,12 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", metavar="DATA", help="calibration inputs: .npz keyed by input names (axis 0 = samples) or a folder of images; default: calib.npz beside the model")
+    p.add_argument(
+        "--calib",
+        metavar="DATA",
+        help="calibration inputs: .npz keyed by input names (axis 0 = samples) or a folder of images;"
+        " default: calib.npz beside the model",
+    )
     img = p.add_argument_group("image folder preprocessing (resize, x*scale, (x-mean)/std, NCHW)")
     img.add_argument("--image-size", type=_size, metavar="H,W", help="default: the model's static input size")
     img.add_argument("--image-scale", type=float, default=1 / 255)
@@ -55,26 +60,49 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onnxtq", description=__doc__.splitlines()[0], epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="onnxtq",
+        description=__doc__.splitlines()[0],
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"onnxtq {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compress", help="compress a model into a smaller ONNX file", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c = sub.add_parser(
+        "compress",
+        help="compress a model into a smaller ONNX file",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     c.add_argument("model")
     c.add_argument("-o", "--output", help="default: ./<model name>.compressed.onnx")
-    c.add_argument("--pipeline", default=DEFAULT_PIPELINE, help=f"pass pipeline text (default: {DEFAULT_PIPELINE}); see list-passes")
+    c.add_argument(
+        "--pipeline",
+        default=DEFAULT_PIPELINE,
+        help=f"pass pipeline text (default: {DEFAULT_PIPELINE}); see list-passes",
+    )
     _add_data_options(c)
     c.add_argument("--report", metavar="JSON", help="write the full run report as JSON")
-    c.add_argument("--verify-samples", type=int, default=8, help="inputs used to compare outputs with the original (0: skip)")
-    c.add_argument("--min-sqnr", type=float, metavar="DB", help="refuse to write the output if any output's SQNR is below this")
+    c.add_argument(
+        "--verify-samples", type=int, default=8, help="inputs used to compare outputs with the original (0: skip)"
+    )
+    c.add_argument(
+        "--min-sqnr", type=float, metavar="DB", help="refuse to write the output if any output's SQNR is below this"
+    )
     c.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
 
     i = sub.add_parser("inspect", help="opset, ops, weights and sizes of a model")
     i.add_argument("model")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    v = sub.add_parser("verify", help="compare a compressed model with its original (SQNR, max error)", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    v = sub.add_parser(
+        "verify",
+        help="compare a compressed model with its original (SQNR, max error)",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     v.add_argument("original")
     v.add_argument("compressed")
     _add_data_options(v)
@@ -101,8 +129,12 @@ def _compress(args) -> int:
     output = args.output or f"{Path(args.model).stem}.compressed.onnx"
     calib = _calib(args, args.model)
     if calib is None and "calibrate" in args.pipeline:
-        raise DataError("the pipeline calibrates but no data was given", "pass --calib DATA, or put calib.npz beside the model")
-    run = compress(args.model, output, args.pipeline, calib, _prep(args), args.verify_samples, args.min_sqnr, args.threads)
+        raise DataError(
+            "the pipeline calibrates but no data was given", "pass --calib DATA, or put calib.npz beside the model"
+        )
+    run = compress(
+        args.model, output, args.pipeline, calib, _prep(args), args.verify_samples, args.min_sqnr, args.threads
+    )
     print(run.table())
     print(f"wrote {output}")
     if args.report:
@@ -117,7 +149,13 @@ def _inspect(args) -> int:
     found = discover(graph)
     ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node)
     weights = [
-        {"name": s.name, "op": s.op, "kind": s.kind, "shape": list(s.shape), "bytes": model_io.tensor_nbytes(graph.initializers[s.name])}
+        {
+            "name": s.name,
+            "op": s.op,
+            "kind": s.kind,
+            "shape": list(s.shape),
+            "bytes": model_io.tensor_nbytes(graph.initializers[s.name]),
+        }
         for s in found.sites
     ]
     info = {
@@ -125,7 +163,11 @@ def _inspect(args) -> int:
         "bytes": model_bytes(args.model),
         "ir_version": model.ir_version,
         "opset": graph.opset(),
-        "inputs": [{"name": vi.name, "shape": [d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim]} for vi in model.graph.input if vi.name not in graph.initializers],
+        "inputs": [
+            {"name": vi.name, "shape": [d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim]}
+            for vi in model.graph.input
+            if vi.name not in graph.initializers
+        ],
         "ops": dict(ops.most_common()),
         "initializer_bytes": sum(model_io.tensor_nbytes(t) for t in graph.graph.initializer),
         "weights": weights,
@@ -139,7 +181,9 @@ def _inspect(args) -> int:
     print(f"{info['file']}: {info['bytes']:,d} B, IR {info['ir_version']}, opset {info['opset']}")
     print("inputs: " + ", ".join(f"{i['name']} {i['shape']}" for i in info["inputs"]))
     print("ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
-    print(f"quantizable weights: {len(weights)} ({sum(w['bytes'] for w in weights):,d} B of {info['initializer_bytes']:,d} B of initializers)")
+    weight_bytes = sum(w["bytes"] for w in weights)
+    total = info["initializer_bytes"]
+    print(f"quantizable weights: {len(weights)} ({weight_bytes:,d} B of {total:,d} B of initializers)")
     for w in weights:
         print(f"  {w['op']:<8} {w['kind']:<14} {str(w['shape']):<22} {w['bytes']:>10,d} B  {w['name']}")
     for s in info["skipped"]:
@@ -162,7 +206,9 @@ def _verify(args) -> int:
         result = compare(original, compressed, source, args.samples)
     finally:
         source.close()
-    print(f"{result['samples']} samples; sizes {model_bytes(args.original):,d} B -> {model_bytes(args.compressed):,d} B")
+    print(
+        f"{result['samples']} samples; sizes {model_bytes(args.original):,d} B -> {model_bytes(args.compressed):,d} B"
+    )
     for name, v in result["outputs"].items():
         print(f"output {name}: SQNR {v['sqnr_db']:.2f} dB, max |err| {v['max_abs_err']:.4g}")
     worst = min(v["sqnr_db"] for v in result["outputs"].values())

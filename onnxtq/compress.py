@@ -64,7 +64,14 @@ def compress(
         ctx = Context(Graph(work), data)
         reports = [prep_report] + manager.run(ctx)
         result = ctx.graph.model
-        onnx.helper.set_model_props(result, {**{p.key: p.value for p in original.metadata_props}, "onnxtq.pipeline": manager.pipeline, "onnxtq.version": __version__})
+        onnx.helper.set_model_props(
+            result,
+            {
+                **{p.key: p.value for p in original.metadata_props},
+                "onnxtq.pipeline": manager.pipeline,
+                "onnxtq.version": __version__,
+            },
+        )
         validate(result)
         run = RunReport(manager.pipeline, str(source_path), str(output_path), passes=reports)
         run.session = "onnxruntime CPU, session.qdq_matmulnbits_accuracy_level=0 (fp32 compute)"

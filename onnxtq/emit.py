@@ -25,18 +25,24 @@ def emit_dequantize(graph: Graph, site: WeightSite, blocking: Blocking, code: Gr
     float_type = onnx.helper.tensor_dtype_to_np_dtype(original.data_type)
     signed = code.zero_point is None
     q = int_tensor(graph.unique(f"{site.name}/onnxtq.q"), blocking.from_groups(code.q), code.bits, signed)
-    scale = numpy_helper.from_array(
-        blocking.scales_to_shape(code.scale).astype(float_type), graph.unique(f"{site.name}/onnxtq.scale")
-    )
+    narrow = code.scale.dtype.itemsize < np.dtype(float_type).itemsize  # fp16 steps for an fp32 weight
+    scale_values = blocking.scales_to_shape(code.scale).astype(code.scale.dtype if narrow else float_type)
+    scale = numpy_helper.from_array(scale_values, graph.unique(f"{site.name}/onnxtq.scale"))
     inputs = [q.name, scale.name]
     stored = [q, scale]
     if not signed:
-        zp = int_tensor(graph.unique(f"{site.name}/onnxtq.zero_point"), blocking.scales_to_shape(code.zero_point), code.bits, False)
+        zp = int_tensor(
+            graph.unique(f"{site.name}/onnxtq.zero_point"), blocking.scales_to_shape(code.zero_point), code.bits, False
+        )
         inputs.append(zp.name)
         stored.append(zp)
     attrs = {"axis": blocking.block_axis, "block_size": blocking.block} if blocking.block else {"axis": blocking.axis}
+    if narrow:
+        attrs["output_dtype"] = original.data_type  # DequantizeLinear-23: decode straight to the weight's type
     out = graph.unique(f"{site.name}/onnxtq.dequant")
-    node = onnx.helper.make_node("DequantizeLinear", inputs, [out], name=graph.unique(f"{site.node}/onnxtq.dequant"), **attrs)
+    node = onnx.helper.make_node(
+        "DequantizeLinear", inputs, [out], name=graph.unique(f"{site.node}/onnxtq.dequant"), **attrs
+    )
     tag(node, pass_name, "dequant")
     for t in stored:
         graph.set_initializer(t)

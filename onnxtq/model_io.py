@@ -118,7 +118,9 @@ def save_atomic(model: onnx.ModelProto, path: str | os.PathLike, *, refuse: Path
     """
     path = Path(path)
     if refuse is not None and path.resolve() == Path(refuse).resolve():
-        raise ModelError(f"output '{path}' is the input model", "choose another output path; onnxtq never overwrites its input")
+        raise ModelError(
+            f"output '{path}' is the input model", "choose another output path; onnxtq never overwrites its input"
+        )
     data = model.SerializeToString() if model.ByteSize() < _TWO_GB else None
     if data is None:
         raise ModelError("the compressed model exceeds 2 GB", "external-data output is not supported yet")

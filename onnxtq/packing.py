@@ -16,10 +16,14 @@ from onnx import numpy_helper
 from onnxtq.model_io import tensor_nbytes
 
 _CONTAINERS = {
-    (2, True): ml_dtypes.int2, (2, False): ml_dtypes.uint2,
-    (4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4,
-    (8, True): np.int8, (8, False): np.uint8,
-    (16, True): np.int16, (16, False): np.uint16,
+    (2, True): ml_dtypes.int2,
+    (2, False): ml_dtypes.uint2,
+    (4, True): ml_dtypes.int4,
+    (4, False): ml_dtypes.uint4,
+    (8, True): np.int8,
+    (8, False): np.uint8,
+    (16, True): np.int16,
+    (16, False): np.uint16,
 }
 
 

@@ -115,7 +115,9 @@ class PassManager:
         if ctx.graph.opset() < target:
             before = ctx.graph.opset()
             ctx.graph = Graph(upgrade_opset(ctx.graph.model, target))
-            upgrade = PassReport("upgrade-opset", f"upgrade-opset{{to={target}}}", notes=[f"opset {before} -> {target}"])
+            upgrade = PassReport(
+                "upgrade-opset", f"upgrade-opset{{to={target}}}", notes=[f"opset {before} -> {target}"]
+            )
             reports.append(upgrade)
         for index, p in enumerate(self.passes):
             if p.needs_stats and not ctx.stats_fresh:
@@ -130,7 +132,9 @@ class PassManager:
                 raise
             except Exception as exc:
                 done = [q.name for q in self.passes[:index]]
-                raise PassError(f"pass #{index + 1} '{p.name}' failed after {done}: {type(exc).__name__}: {exc}") from exc
+                raise PassError(
+                    f"pass #{index + 1} '{p.name}' failed after {done}: {type(exc).__name__}: {exc}"
+                ) from exc
             report.seconds = time.perf_counter() - start
             if report.invalidates_stats:
                 ctx.stats_fresh = False

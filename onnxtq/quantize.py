@@ -77,7 +77,7 @@ class GroupCode:
     """Integer codes, steps and zero points of a grouped tensor."""
 
     q: np.ndarray  # [G, S] int
-    scale: np.ndarray  # [G] float32
+    scale: np.ndarray  # [G] float32 or float16
     zero_point: np.ndarray | None  # [G] int, None when symmetric
     bits: int
 
@@ -107,9 +107,18 @@ def _codes(w, scale, zp, bits, symmetric):
 
 
 def quantize_groups(
-    w: np.ndarray, bits: int, symmetric: bool = True, clip: bool = True, h: np.ndarray | None = None
+    w: np.ndarray,
+    bits: int,
+    symmetric: bool = True,
+    clip: bool = True,
+    h: np.ndarray | None = None,
+    scale_dtype=np.float32,
 ) -> GroupCode:
-    """Quantize each row of `w` [G, S]; `h` [G, S] weights the squared error (None = plain MSE)."""
+    """Quantize each row of `w` [G, S]; `h` [G, S] weights the squared error (None = plain MSE).
+
+    Steps are stored as `scale_dtype` (float32 or float16); codes are computed against the
+    rounded step so the stored pair reproduces exactly what we measured.
+    """
     w = w.astype(np.float64)
     h = np.ones_like(w) if h is None else h.astype(np.float64)
     best_scale, best_zp = _grid_for(w, 1.0, bits, symmetric)
@@ -125,6 +134,7 @@ def quantize_groups(
             best_scale = np.where(better, scale, best_scale)
             if zp is not None:
                 best_zp = np.where(better, zp, best_zp)
-    scale32 = best_scale.astype(np.float32)  # the step ORT will use: quantize against it exactly
-    q = _codes(w, scale32.astype(np.float64), best_zp, bits, symmetric)
-    return GroupCode(q.astype(np.int32), scale32, None if best_zp is None else best_zp.astype(np.int32), bits)
+    tiny = float(np.finfo(scale_dtype).smallest_subnormal)
+    stored = np.maximum(best_scale, tiny).astype(scale_dtype)  # the step ORT will use
+    q = _codes(w, stored.astype(np.float64), best_zp, bits, symmetric)
+    return GroupCode(q.astype(np.int32), stored, None if best_zp is None else best_zp.astype(np.int32), bits)

@@ -46,7 +46,8 @@ class PassReport:
 
     def summary(self) -> str:
         saved = sum(r.bytes_before - r.bytes_after for r in self.changed)
-        return f"{self.spec:<28} changed={len(self.changed):4d} skipped={len(self.skipped):4d} saved={saved:+,d} B  {self.seconds:6.1f} s"
+        counts = f"changed={len(self.changed):4d} skipped={len(self.skipped):4d}"
+        return f"{self.spec:<28} {counts} saved={saved:+,d} B  {self.seconds:6.1f} s"
 
 
 @dataclass

@@ -11,7 +11,9 @@ from onnxtq.calibration.data import Source
 from onnxtq.graph import check_model
 
 
-def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, source: Source, samples: int = 8, threads: int = 0) -> dict:
+def compare(
+    reference: onnx.ModelProto, candidate: onnx.ModelProto, source: Source, samples: int = 8, threads: int = 0
+) -> dict:
     """Per output: SQNR in dB (10·log10 Σref² / Σ(ref − out)²), max |err|, over up to `samples` inputs."""
     ref = model_io.session(reference, threads)
     out = model_io.session(candidate, threads)
@@ -31,9 +33,7 @@ def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, source: Sour
         seen += n
     return {
         "samples": seen,
-        "outputs": {
-            name: {"sqnr_db": _db(signal[name], noise[name]), "max_abs_err": worst[name]} for name in names
-        },
+        "outputs": {name: {"sqnr_db": _db(signal[name], noise[name]), "max_abs_err": worst[name]} for name in names},
     }
 
 

@@ -108,7 +108,11 @@ def _site(graph: Graph, node: onnx.NodeProto, index: int, t: onnx.TensorProto) -
             return f"{len(shape) - 2}-D convolution is not supported"
         geo = conv_geometry(node, shape)
         c_in = shape[1] * geo.group
-        kind = "conv" if geo.group == 1 else ("depthwise" if shape[1] == 1 and geo.group == shape[0] == c_in else "grouped-conv")
+        kind = (
+            "conv"
+            if geo.group == 1
+            else ("depthwise" if shape[1] == 1 and geo.group == shape[0] == c_in else "grouped-conv")
+        )
         return WeightSite(t.name, node.name, op, kind, shape, False, data, geo)
     if op == "ConvTranspose" and index == 1:
         return WeightSite(t.name, node.name, op, "conv-transpose", shape, False, None, conv_geometry(node, shape))
@@ -116,7 +120,9 @@ def _site(graph: Graph, node: onnx.NodeProto, index: int, t: onnx.TensorProto) -
         if len(shape) != 2:
             return "Gemm weight is not 2-D"
         trans_b = bool(_attr(node, "transB", 0))
-        return WeightSite(t.name, node.name, op, "gemm", shape, not trans_b, data, trans_a=bool(_attr(node, "transA", 0)))
+        return WeightSite(
+            t.name, node.name, op, "gemm", shape, not trans_b, data, trans_a=bool(_attr(node, "transA", 0))
+        )
     if op == "MatMul" and index == 1:
         if len(shape) != 2:
             return f"MatMul weight has rank {len(shape)}; only 2-D weights are handled"

@@ -31,7 +31,9 @@ class CalibratePass(Pass):
 
     def run(self, ctx: Context) -> PassReport:
         if ctx.data is None:
-            raise PreconditionError("'calibrate' has no data", "give --calib DATA (.npz keyed by input names, or an image folder)")
+            raise PreconditionError(
+                "'calibrate' has no data", "give --calib DATA (.npz keyed by input names, or an image folder)"
+            )
         found = discover(ctx.graph)
         ctx.stats = collect(ctx.graph.model, found.sites, ctx.data, self.config)
         ctx.stats_fresh = True
@@ -39,8 +41,28 @@ class CalibratePass(Pass):
         for site in found.sites:
             stats = ctx.stats.get(site)
             if stats is None:
-                report.records.append(WeightRecord(site.name, site.node, site.op, "skipped", site.kind, site.shape, reason="no activation statistics for this kind of layer"))
+                report.records.append(
+                    WeightRecord(
+                        site.name,
+                        site.node,
+                        site.op,
+                        "skipped",
+                        site.kind,
+                        site.shape,
+                        reason="no activation statistics for this kind of layer",
+                    )
+                )
             else:
-                report.records.append(WeightRecord(site.name, site.node, site.op, "observed", site.kind, site.shape, reason=f"{stats.mode} H, d={stats.dim}, groups={stats.groups}"))
+                report.records.append(
+                    WeightRecord(
+                        site.name,
+                        site.node,
+                        site.op,
+                        "observed",
+                        site.kind,
+                        site.shape,
+                        reason=f"{stats.mode} H, d={stats.dim}, groups={stats.groups}",
+                    )
+                )
         report.notes.append(f"{ctx.stats.samples} samples from {ctx.stats.description}")
         return report

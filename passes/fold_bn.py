@@ -38,7 +38,15 @@ class FoldBatchNormPass(Pass):
             producer = g.producer.get(bn.input[0])
             reason = self._why_not(ctx, bn, producer)
             if reason:
-                report.records.append(WeightRecord(bn.input[1] if len(bn.input) > 1 else bn.name, bn.name, "BatchNormalization", "skipped", reason=reason))
+                report.records.append(
+                    WeightRecord(
+                        bn.input[1] if len(bn.input) > 1 else bn.name,
+                        bn.name,
+                        "BatchNormalization",
+                        "skipped",
+                        reason=reason,
+                    )
+                )
                 continue
             report.records.append(self._fold(ctx, bn, producer))
         return report
@@ -57,12 +65,18 @@ class FoldBatchNormPass(Pass):
         if weight not in g.initializers or len(g.consumers[weight]) != 1:
             return "the producer's weight is not a private constant"
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in producer.attribute}
-        if producer.op_type == "Gemm" and (attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0)):
+        if producer.op_type == "Gemm" and (
+            attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0)
+        ):
             return "Gemm with alpha/beta != 1 or transA is not folded"
         if len(producer.input) > 2 and producer.input[2] and g.initializers.get(producer.input[2]) is not None:
             if len(g.initializers[producer.input[2]].dims) != 1:
                 return "the producer's bias is broadcast from a non-vector shape"
-        if len(producer.input) > 2 and producer.input[2] and (producer.input[2] not in g.initializers or len(g.consumers[producer.input[2]]) != 1):
+        if (
+            len(producer.input) > 2
+            and producer.input[2]
+            and (producer.input[2] not in g.initializers or len(g.consumers[producer.input[2]]) != 1)
+        ):
             return "the producer's bias is not a private constant"
         return ""
 
@@ -94,4 +108,13 @@ class FoldBatchNormPass(Pass):
         g.graph.node.remove(bn)
         g.refresh()
         after = tensor_nbytes(g.initializers[w_t.name]) + tensor_nbytes(g.initializers[bias_name])
-        return WeightRecord(w_t.name, layer.name, layer.op_type, "folded", shape=tuple(w.shape), bytes_before=before, bytes_after=after, reason=f"folded {bn.name or bn.output[0]}")
+        return WeightRecord(
+            w_t.name,
+            layer.name,
+            layer.op_type,
+            "folded",
+            shape=tuple(w.shape),
+            bytes_before=before,
+            bytes_after=after,
+            reason=f"folded {bn.name or bn.output[0]}",
+        )

@@ -32,12 +32,15 @@ class RtnConfig(PassConfig):
     clip: bool = True  # search the MSE-optimal clipping ratio
     weighted: bool = True  # weight the error by diag(H) when statistics exist
     min_elements: int = 0  # leave smaller weights in float
+    scale_bits: int = 32  # 16: float16 steps (DequantizeLinear-23 output_dtype), half the side information
 
     def __post_init__(self):
         if self.bits not in (2, 3, 4, 5, 6, 7, 8):
             raise ValueError(f"bits must be 2..8, not {self.bits}")
         if self.block and (self.block < 2 or self.block & (self.block - 1)):
             raise ValueError(f"block must be 0 or a power of two >= 2, not {self.block}")
+        if self.scale_bits not in (16, 32):
+            raise ValueError(f"scale_bits must be 16 or 32, not {self.scale_bits}")
         if self.symmetric not in ("auto", "true", "false"):
             raise ValueError(f"symmetric must be auto, true or false, not '{self.symmetric}'")
 
@@ -61,7 +64,8 @@ class RtnPass(Pass):
     uses_stats = True
 
     def min_opset(self) -> int:
-        return max(min_opset(self.config.bits), 21 if self.config.block else 13)
+        needs = [min_opset(self.config.bits), 21 if self.config.block else 13]
+        return max(needs + ([23] if self.config.scale_bits == 16 else []))
 
     def run(self, ctx: Context) -> PassReport:
         report = self.new_report()
@@ -74,10 +78,16 @@ class RtnPass(Pass):
         for site in found.sites:
             size = int(np.prod(site.shape))
             if size < self.config.min_elements:
-                report.records.append(WeightRecord(site.name, site.node, site.op, "skipped", site.kind, site.shape, reason=f"{size} < min_elements"))
+                report.records.append(
+                    WeightRecord(
+                        site.name, site.node, site.op, "skipped", site.kind, site.shape, reason=f"{size} < min_elements"
+                    )
+                )
                 continue
             report.records.append(self._quantize(ctx, site, stats))
-        report.notes.append("error weighted by calibration diag(H)" if stats else "error = plain weight MSE (no statistics)")
+        report.notes.append(
+            "error weighted by calibration diag(H)" if stats else "error = plain weight MSE (no statistics)"
+        )
         return report
 
     def _quantize(self, ctx: Context, site: WeightSite, stats) -> WeightRecord:
@@ -88,10 +98,13 @@ class RtnPass(Pass):
         blocking = blocking_for(site, cfg.block)
         importance = stats.importance(site) if stats is not None else None
         h = None if importance is None else blocking.to_groups(importance)
-        code = quantize_groups(blocking.to_groups(w), cfg.bits, cfg.is_symmetric, cfg.clip, h)
+        scale_dtype = np.float16 if cfg.scale_bits == 16 else np.float32
+        code = quantize_groups(blocking.to_groups(w), cfg.bits, cfg.is_symmetric, cfg.clip, h, scale_dtype)
         w_hat = dequantized(blocking, code)
         after = emit_dequantize(g, site, blocking, code, self.name)
-        record = WeightRecord(site.name, site.node, site.op, "quantized", site.kind, site.shape, before, after, bits=8 * after / w.size)
+        record = WeightRecord(
+            site.name, site.node, site.op, "quantized", site.kind, site.shape, before, after, bits=8 * after / w.size
+        )
         err = (w.astype(np.float64) - w_hat) ** 2
         record.weight_sqnr_db = _db((w.astype(np.float64) ** 2).sum(), err.sum())
         layer = stats.get(site) if stats is not None else None

@@ -15,7 +15,9 @@ MODELS = ROOT / "models"
 
 
 def make_model(nodes, inputs, outputs, initializers, opset=17) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "test", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in initializers.items()])
+    graph = helper.make_graph(
+        nodes, "test", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in initializers.items()]
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
@@ -31,10 +33,14 @@ def conv_model(c_in=4, c_out=6, k=3, group=1, seed=0, bn=True, **conv_attrs) -> 
     act = "conv"
     if bn:
         inits.update(
-            gamma=rng.uniform(0.5, 2, c_out).astype(np.float32), beta=rng.standard_normal(c_out).astype(np.float32),
-            mean=rng.standard_normal(c_out).astype(np.float32), var=rng.uniform(0.5, 2, c_out).astype(np.float32),
+            gamma=rng.uniform(0.5, 2, c_out).astype(np.float32),
+            beta=rng.standard_normal(c_out).astype(np.float32),
+            mean=rng.standard_normal(c_out).astype(np.float32),
+            var=rng.uniform(0.5, 2, c_out).astype(np.float32),
         )
-        nodes.append(helper.make_node("BatchNormalization", ["conv", "gamma", "beta", "mean", "var"], ["bn"], name="bn"))
+        nodes.append(
+            helper.make_node("BatchNormalization", ["conv", "gamma", "beta", "mean", "var"], ["bn"], name="bn")
+        )
         act = "bn"
     nodes += [
         helper.make_node("Relu", [act], ["relu"], name="relu"),
@@ -57,3 +63,43 @@ def bundled(name: str) -> tuple[Path, Path]:
     """Path of a shipped model and of its calibration data."""
     folder = MODELS / name
     return folder / f"{name}.onnx", folder / "calib.npz"
+
+
+def matmul_model(d=64, n=48, seed=0) -> onnx.ModelProto:
+    """x[N,T,d] → MatMul(W) → Add(b) → Gather-free transformer-ish projection."""
+    rng = np.random.default_rng(seed)
+    inits = {
+        "w": (rng.standard_normal((d, n)) / np.sqrt(d)).astype(np.float32),
+        "b": rng.standard_normal(n).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"),
+        helper.make_node("Add", ["mm", "b"], ["y"], name="add"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", d])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", n])
+    return make_model(nodes, [x], [y], inits)
+
+
+def fold_dequantize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Numpy reference: replace every DequantizeLinear by the float tensor it computes."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    for node in [n for n in out.graph.node if n.op_type == "DequantizeLinear"]:
+        q = inits[node.input[0]].astype(np.float64)
+        scale = inits[node.input[1]].astype(np.float64)
+        zp = inits[node.input[2]].astype(np.float64) if len(node.input) > 2 else np.zeros_like(scale)
+        attrs = {a.name: a.i for a in node.attribute}
+        axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
+        if block:
+            scale, zp = (np.repeat(a, block, axis=axis)[tuple(slice(0, s) for s in q.shape)] for a in (scale, zp))
+        else:
+            view = [1] * q.ndim
+            view[axis] = -1
+            scale, zp = scale.reshape(view), zp.reshape(view)
+        out.graph.initializer.append(
+            numpy_helper.from_array(((q - zp) * scale).astype(np.float32), node.output[0])
+        )  # fp32 weights
+        out.graph.node.remove(node)
+    return out

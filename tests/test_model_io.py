@@ -4,16 +4,18 @@ outputs are written atomically and never over the input."""
 import numpy as np
 import onnx
 import pytest
+from builders import conv_model, run
 from onnx import external_data_helper, numpy_helper
 
-from builders import conv_model, run
 from onnxtq import model_io
 from onnxtq.errors import ModelError
 from onnxtq.graph import constants_to_initializers
 
 
 def _save_external(model, folder, location):
-    external_data_helper.convert_model_to_external_data(model, all_tensors_to_one_file=True, location=location, size_threshold=0)
+    external_data_helper.convert_model_to_external_data(
+        model, all_tensors_to_one_file=True, location=location, size_threshold=0
+    )
     path = folder / "m.onnx"
     onnx.save(model, str(path))
     return path
@@ -86,7 +88,9 @@ def test_save_atomic_refuses_input_and_leaves_no_temp(tmp_path):
 def test_constant_nodes_become_initializers():
     model = conv_model(bn=False)
     w = model.graph.initializer[0]
-    const = onnx.helper.make_node("Constant", [], [w.name], value=numpy_helper.from_array(numpy_helper.to_array(w), "v"))
+    const = onnx.helper.make_node(
+        "Constant", [], [w.name], value=numpy_helper.from_array(numpy_helper.to_array(w), "v")
+    )
     model.graph.node.insert(0, const)
     del model.graph.initializer[0]
     assert constants_to_initializers(model) == 1

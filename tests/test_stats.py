@@ -6,9 +6,9 @@ output of the real Conv over every position, and W·E[x] its mean output.
 
 import numpy as np
 import pytest
+from builders import make_model, run
 from onnx import TensorProto, helper
 
-from builders import make_model, run
 from onnxtq.calibration.stats import MomentAccumulator, conv_patches, dense_rows
 from onnxtq.weights import ConvGeometry
 

@@ -92,7 +92,9 @@ def _activation_bytes(model: onnx.ModelProto, feed: dict[str, np.ndarray], names
 
 def _plan(names: list[str], sizes: dict[str, int], budget: int) -> list[list[str]]:
     """Greedy groups of tensors whose summed sizes stay within `budget` (one tensor at least)."""
-    groups, current, used = [], [], 0
+    groups: list[list[str]] = []
+    current: list[str] = []
+    used = 0
     for name in names:
         if current and used + sizes[name] > budget:
             groups.append(current)
@@ -127,8 +129,7 @@ def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, con
     first = next(iter(source.batches(config.batch)), None)
     if first is None:
         raise DataError("the calibration source yielded no samples")
-    first = first[1]
-    sizes = _activation_bytes(model, first, tensors)
+    sizes = _activation_bytes(model, first[1], tensors)
     plan = _plan(tensors, sizes, config.memory_mb * 2**20) or [[]]
     limit = config.samples or source.num_samples
     for group_index, group in enumerate(plan):

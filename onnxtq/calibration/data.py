@@ -10,9 +10,9 @@ from __future__ import annotations
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
@@ -99,7 +99,9 @@ class NpzSource(Source):
         try:
             self.zf = zipfile.ZipFile(self.path)
         except (OSError, zipfile.BadZipFile) as exc:
-            raise DataError(f"cannot read calibration file '{path}': {exc}", "expected an .npz made by numpy.savez") from exc
+            raise DataError(
+                f"cannot read calibration file '{path}': {exc}", "expected an .npz made by numpy.savez"
+            ) from exc
         keys = {n[:-4] for n in self.zf.namelist() if n.endswith(".npy")}
         missing = [s.name for s in specs if s.name not in keys]
         if missing:
@@ -146,7 +148,9 @@ def _batch_axis(spec: InputSpec, rows: np.ndarray) -> np.ndarray:
 
 def _check_layout(spec: InputSpec, shape: tuple, dtype: np.dtype, where: str) -> None:
     if dtype != spec.dtype:
-        raise DataError(f"input '{spec.name}' in {where} is {dtype}, the model wants {spec.dtype}", "convert it before saving")
+        raise DataError(
+            f"input '{spec.name}' in {where} is {dtype}, the model wants {spec.dtype}", "convert it before saving"
+        )
     rank = len(spec.shape)
     if len(shape) == rank:
         sample = shape[1:]
@@ -242,7 +246,9 @@ class ReaderSource(Source):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def open_source(data, model: onnx.ModelProto, limit: int | None = None, prep: ImagePreprocessing | None = None) -> Source:
+def open_source(
+    data, model: onnx.ModelProto, limit: int | None = None, prep: ImagePreprocessing | None = None
+) -> Source:
     """Pick the source for `data`: a Source, a reader object, an .npz path or an image folder."""
     if isinstance(data, Source):
         return data
@@ -254,4 +260,6 @@ def open_source(data, model: onnx.ModelProto, limit: int | None = None, prep: Im
         return ImageFolderSource(path, specs, prep or ImagePreprocessing(), limit)
     if path.is_file():
         return NpzSource(path, specs, limit)
-    raise DataError(f"calibration data '{data}' does not exist", "give an .npz keyed by input names or a folder of images")
+    raise DataError(
+        f"calibration data '{data}' does not exist", "give an .npz keyed by input names or a folder of images"
+    )

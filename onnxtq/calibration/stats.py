@@ -93,14 +93,16 @@ class MomentAccumulator:
             n = blk.shape[1]
             self.moment[:, b, :n, :n] += blk @ blk.transpose(0, 2, 1)
 
-    def merge(self, other: "MomentAccumulator") -> None:
+    def merge(self, other: MomentAccumulator) -> None:
         self.count += other.count
         self.sum += other.sum
         self.moment += other.moment
 
     def finalize(self) -> LayerStats:
         n = max(self.count, 1)
-        return LayerStats(self.count, self.sum / n, self.mode, self.moment / n, self.block if self.mode == "blocked" else 0)
+        return LayerStats(
+            self.count, self.sum / n, self.mode, self.moment / n, self.block if self.mode == "blocked" else 0
+        )
 
 
 def choose_mode(dim: int, max_full_dim: int, requested: str = "auto") -> str:
@@ -120,7 +122,14 @@ def conv_patches(x: np.ndarray, geo: ConvGeometry):
     """Yield im2col chunks [P, g, (C/g)·kh·kw] of a conv input x [N, C, *spatial], bounded in size."""
     if x.ndim == 3:  # 1-D conv as a 2-D conv of height 1
         x = x[:, :, None, :]
-        geo = ConvGeometry((1, *geo.kernel), (1, *geo.strides), (0, geo.pads[0], 0, geo.pads[1]), (1, *geo.dilations), geo.group, geo.auto_pad)
+        geo = ConvGeometry(
+            (1, *geo.kernel),
+            (1, *geo.strides),
+            (0, geo.pads[0], 0, geo.pads[1]),
+            (1, *geo.dilations),
+            geo.group,
+            geo.auto_pad,
+        )
     n, c, h, w = x.shape
     (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.strides, geo.dilations
     if geo.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
