@@ -119,8 +119,8 @@ def quantize_groups(
     Steps are stored as `scale_dtype` (float32 or float16); codes are computed against the
     rounded step so the stored pair reproduces exactly what we measured.
     """
-    w = w.astype(np.float64)
-    h = np.ones_like(w) if h is None else h.astype(np.float64)
+    w = w.astype(np.float32)  # the search only ranks candidates: float32 is precise enough and twice as fast
+    h = np.ones_like(w) if h is None else h.astype(np.float32)
     best_scale, best_zp = _grid_for(w, 1.0, bits, symmetric)
     if clip:
         best_err = np.full(w.shape[0], np.inf)
@@ -136,5 +136,5 @@ def quantize_groups(
                 best_zp = np.where(better, zp, best_zp)
     tiny = float(np.finfo(scale_dtype).smallest_subnormal)
     stored = np.maximum(best_scale, tiny).astype(scale_dtype)  # the step ORT will use
-    q = _codes(w, stored.astype(np.float64), best_zp, bits, symmetric)
+    q = _codes(w.astype(np.float64), stored.astype(np.float64), best_zp, bits, symmetric)
     return GroupCode(q.astype(np.int32), stored, None if best_zp is None else best_zp.astype(np.int32), bits)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
 from onnxtq.emit import dequantized, emit_dequantize
 from onnxtq.model_io import tensor_nbytes
@@ -75,7 +76,7 @@ class RtnPass(Pass):
         stats = ctx.stats if (ctx.stats_fresh and self.config.weighted) else None
         if self.config.weighted and ctx.stats is not None and not ctx.stats_fresh:
             report.notes.append("statistics are stale after an earlier pass: plain weight MSE used")
-        for site in found.sites:
+        for site in tqdm(found.sites, desc=self.name, unit="weight", disable=None, leave=False):
             size = int(np.prod(site.shape))
             if size < self.config.min_elements:
                 report.records.append(
