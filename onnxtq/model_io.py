@@ -129,11 +129,18 @@ def save_atomic(model: onnx.ModelProto, path: str | os.PathLike, *, refuse: Path
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
     return len(data)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def session_options(threads: int = 0, exact: bool = True) -> ort.SessionOptions:
