@@ -21,8 +21,8 @@ class CalibrateConfig(CalibrationConfig):
     def __post_init__(self):
         if self.mode not in ("auto", "full", "blocked", "diag"):
             raise ValueError(f"mode must be auto, full, blocked or diag, not '{self.mode}'")
-        if self.batch < 1 or self.block < 1 or self.memory_mb < 1:
-            raise ValueError("batch, block and memory_mb must be positive")
+        if self.batch < 1 or self.block < 1 or self.memory_mb < 1 or self.max_positions < 0:
+            raise ValueError("batch, block and memory_mb must be positive, max_positions >= 0")
 
 
 class CalibratePass(Pass):

@@ -72,3 +72,15 @@ def test_dense_rows_and_transposed_input(rng):
     for chunk in dense_rows(a, trans_a=True):
         acc.update(chunk)
     np.testing.assert_allclose(acc.finalize().moment[0], a @ a.T / 9)
+
+
+def test_sampled_positions_estimate_the_moments(rng):
+    geo = ConvGeometry((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    x = rng.standard_normal((4, 3, 40, 40)) * np.arange(1, 4)[None, :, None, None]
+    exact, sampled = MomentAccumulator(1, 27, "full"), MomentAccumulator(1, 27, "full")
+    for chunk in conv_patches(x, geo):
+        exact.update(chunk)
+    for chunk in conv_patches(x, geo, max_positions=600, rng=np.random.default_rng(0)):
+        sampled.update(chunk)
+    assert sampled.count == 4 * 600 and exact.count == 4 * 1600
+    np.testing.assert_allclose(sampled.finalize().diag(), exact.finalize().diag(), rtol=0.15)

@@ -23,6 +23,10 @@ from onnxtq.graph import infer_shapes, tensor_shapes
 from onnxtq.weights import WeightSite
 
 
+#: Input bytes per onnxruntime run; larger samples run in smaller batches (ORT's arena grows with the batch).
+INPUT_BATCH_BYTES = 16 * 2**20
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     samples: int = 0  # 0 = every sample the source has
@@ -31,6 +35,8 @@ class CalibrationConfig:
     max_full_dim: int = 4096
     block: int = 512
     memory_mb: int = 512
+    max_positions: int = 2048  # conv output positions sampled per input (0: all)
+    seed: int = 0
     threads: int = 0
 
 
@@ -65,9 +71,9 @@ def _accumulator(site: WeightSite, config: CalibrationConfig) -> MomentAccumulat
     return MomentAccumulator(groups, dim, choose_mode(dim, config.max_full_dim, config.mode), config.block)
 
 
-def _chunks(site: WeightSite, x: np.ndarray):
+def _chunks(site: WeightSite, x: np.ndarray, config: CalibrationConfig, rng: np.random.Generator):
     if site.conv is not None:
-        return conv_patches(x, site.conv)
+        return conv_patches(x, site.conv, config.max_positions, rng)
     return dense_rows(x, site.trans_a)
 
 
@@ -126,12 +132,15 @@ def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, con
     for site in targets:
         by_key.setdefault(_key(site), (site, _accumulator(site, config)))
     tensors = sorted({k[0] for k in by_key if k[0] not in inputs})
-    first = next(iter(source.batches(config.batch)), None)
+    first = next(iter(source.batches(1)), None)
     if first is None:
         raise DataError("the calibration source yielded no samples")
-    sizes = _activation_bytes(model, first[1], tensors)
+    sample_bytes = sum(v.nbytes for v in first[1].values())
+    batch = min(config.batch, max(1, INPUT_BATCH_BYTES // max(sample_bytes, 1)))  # big inputs: small batches
+    sizes = {k: v * batch for k, v in _activation_bytes(model, first[1], tensors).items()}
     plan = _plan(tensors, sizes, config.memory_mb * 2**20) or [[]]
     limit = config.samples or source.num_samples
+    rngs = {key: np.random.default_rng([config.seed, i]) for i, key in enumerate(by_key)}
     for group_index, group in enumerate(plan):
         wanted = set(group) | (inputs if group_index == 0 else set())
         members = [(site, acc) for key, (site, acc) in by_key.items() if key[0] in wanted]
@@ -139,7 +148,7 @@ def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, con
         seen = 0
         desc = f"calibrate {group_index + 1}/{len(plan)}"
         with tqdm(total=limit, desc=desc, unit="sample", disable=None, leave=False) as bar:
-            for n, feed in source.batches(config.batch):
+            for n, feed in source.batches(batch):
                 if seen >= limit:
                     break
                 if seen + n > limit:  # trim the last batch to the sample budget
@@ -148,7 +157,7 @@ def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, con
                 outputs = dict(zip(group, sess.run(group, feed))) if group else {}
                 outputs.update({k: v for k, v in feed.items() if k in wanted})
                 for site, acc in members:
-                    for chunk in _chunks(site, outputs[site.activation]):
+                    for chunk in _chunks(site, outputs[site.activation], config, rngs[_key(site)]):
                         acc.update(chunk)
                 del outputs
                 seen += n

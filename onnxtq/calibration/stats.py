@@ -84,9 +84,13 @@ class MomentAccumulator:
         if self.mode == "diag":
             self.moment += np.einsum("pgd,pgd->gd", x, x)
             return
-        xt = x.transpose(1, 2, 0)  # [g, d, P]
+        if self.mode == "full" and self.groups == 1:
+            self.moment[0] += x[:, 0].T @ x[:, 0]
+            return
+        xg = np.ascontiguousarray(x.transpose(1, 0, 2))  # [g, P, d]: batched BLAS wants it contiguous
+        xt = xg.transpose(0, 2, 1)  # [g, d, P]
         if self.mode == "full":
-            self.moment += xt @ xt.transpose(0, 2, 1)
+            self.moment += xt @ xg
             return
         for b in range(self.moment.shape[1]):
             blk = xt[:, b * self.block : (b + 1) * self.block]
@@ -118,8 +122,12 @@ def _same_pads(size: int, k: int, s: int, d: int, upper: bool) -> tuple[int, int
     return (small, total - small) if upper else (total - small, small)
 
 
-def conv_patches(x: np.ndarray, geo: ConvGeometry):
-    """Yield im2col chunks [P, g, (C/g)·kh·kw] of a conv input x [N, C, *spatial], bounded in size."""
+def conv_patches(x: np.ndarray, geo: ConvGeometry, max_positions: int = 0, rng: np.random.Generator | None = None):
+    """Yield im2col chunks [P, g, (C/g)·kh·kw] of a conv input x [N, C, *spatial], bounded in size.
+
+    With `max_positions`, each sample contributes that many output positions drawn without
+    replacement (an unbiased estimate of the moments at bounded cost on large feature maps).
+    """
     if x.ndim == 3:  # 1-D conv as a 2-D conv of height 1
         x = x[:, :, None, :]
         geo = ConvGeometry(
@@ -146,6 +154,15 @@ def conv_patches(x: np.ndarray, geo: ConvGeometry):
         win = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(1, 2))
         win = win[:, ::sh, ::sw, ::dh, ::dw]  # [C, Ho, Wo, kh, kw]
         ho, wo = win.shape[1], win.shape[2]
+        if max_positions and ho * wo > max_positions:
+            rng = rng or np.random.default_rng(0)
+            picked = np.sort(rng.choice(ho * wo, max_positions, replace=False))
+            step = max(1, CHUNK_BYTES // max(1, c * kh * kw * 8))
+            for start in range(0, len(picked), step):
+                r, col = np.divmod(picked[start : start + step], wo)
+                chunk = win[:, r, col].transpose(1, 0, 2, 3)  # [K, C, kh, kw]
+                yield np.ascontiguousarray(chunk, dtype=np.float64).reshape(-1, g, dg)
+            continue
         rows = max(1, CHUNK_BYTES // max(1, wo * c * kh * kw * 8))
         for r in range(0, ho, rows):
             chunk = win[:, r : r + rows].transpose(1, 2, 0, 3, 4)  # [r, Wo, C, kh, kw]
