@@ -22,7 +22,6 @@ from onnxtq.errors import DataError
 from onnxtq.graph import infer_shapes, tensor_shapes
 from onnxtq.weights import WeightSite
 
-
 #: Input bytes per onnxruntime run; larger samples run in smaller batches (ORT's arena grows with the batch).
 INPUT_BATCH_BYTES = 16 * 2**20
 
