@@ -128,10 +128,6 @@ def _prep(args) -> ImagePreprocessing:
 def _compress(args) -> int:
     output = args.output or f"{Path(args.model).stem}.compressed.onnx"
     calib = _calib(args, args.model)
-    if calib is None and "calibrate" in args.pipeline:
-        raise DataError(
-            "the pipeline calibrates but no data was given", "pass --calib DATA, or put calib.npz beside the model"
-        )
     run = compress(
         args.model, output, args.pipeline, calib, _prep(args), args.verify_samples, args.min_sqnr, args.threads
     )

@@ -32,7 +32,8 @@ class CalibratePass(Pass):
     def run(self, ctx: Context) -> PassReport:
         if ctx.data is None:
             raise PreconditionError(
-                "'calibrate' has no data", "give --calib DATA (.npz keyed by input names, or an image folder)"
+                "'calibrate' has no data",
+                "give --calib DATA (.npz keyed by input names, or an image folder) or put calib.npz beside the model",
             )
         found = discover(ctx.graph)
         ctx.stats = collect(ctx.graph.model, found.sites, ctx.data, self.config)
