@@ -6,7 +6,8 @@ weighted by diag(H) = E[x²] of the layer input when calibration statistics exis
 the error that matters, the layer output's, is what is minimised). Codes are stored
 packed in INT2/INT4/INT8 (UINT with zero points when asymmetric) and decoded by
 DequantizeLinear. Depthwise convs are always per channel: their reduction axis has
-one input channel.
+one input channel. Weights under `min_elements` stay in float: on MobileNetV2 the first
+conv and the first two depthwise convs (5.7 KB in all) cost 5 dB of logit SQNR at 8 bits.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class RtnConfig(PassConfig):
     symmetric: str = "auto"  # auto (symmetric from 3 bits up) | true | false
     clip: bool = True  # search the MSE-optimal clipping ratio
     weighted: bool = True  # weight the error by diag(H) when statistics exist
-    min_elements: int = 0  # leave smaller weights in float
+    min_elements: int = 1024  # smaller weights stay in float: they cost little and are often sensitive
     scale_bits: int = 32  # 16: float16 steps (DequantizeLinear-23 output_dtype), half the side information
 
     def __post_init__(self):
@@ -81,7 +82,13 @@ class RtnPass(Pass):
             if size < self.config.min_elements:
                 report.records.append(
                     WeightRecord(
-                        site.name, site.node, site.op, "skipped", site.kind, site.shape, reason=f"{size} < min_elements"
+                        site.name,
+                        site.node,
+                        site.op,
+                        "skipped",
+                        site.kind,
+                        site.shape,
+                        reason=f"kept in float: {size} elements < min_elements={self.config.min_elements}",
                     )
                 )
                 continue

@@ -44,7 +44,9 @@ def test_inspect_and_verify(cnn, tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["opset"] == 21 and info["onnxtq_nodes"]["dequant"] == info["ops"]["DequantizeLinear"] == 8
+    assert info["opset"] == 21 and info["onnxtq_nodes"]["dequant"] == info["ops"]["DequantizeLinear"]
+    assert all(np.prod(w["shape"]) < 1024 for w in info["weights"])  # only small float weights are left
+    assert [s["reason"] for s in info["skipped"]].count("already quantized (fed by DequantizeLinear)") == 4
     assert main(["verify", str(cnn), str(out), "--calib", str(cnn.parent / "calib.npz"), "--samples", "16"]) == 0
     assert "SQNR" in capsys.readouterr().out
     assert main(["verify", str(cnn), str(out), "--samples", "4", "--min-sqnr", "200"]) == 3

@@ -41,7 +41,9 @@ def test_emitted_model_matches_numpy_reference(tmp_path, rng, bits, block, scale
     model = conv_model(c_in=8, c_out=8, pads=[1, 1, 1, 1])
     x = rng.standard_normal((4, 8, 10, 10)).astype(np.float32)
     out, reports = _compress(
-        model, f"fold-bn,calibrate,rtn{{bits={bits},block={block},scale_bits={scale_bits}}}", _data(tmp_path, model, x)
+        model,
+        f"fold-bn,calibrate,rtn{{bits={bits},block={block},scale_bits={scale_bits},min_elements=0}}",
+        _data(tmp_path, model, x),
     )
     onnx.checker.check_model(out, full_check=True)
     assert Graph(out).opset() == max(17, opset)  # upgraded only when the container needs it
@@ -65,7 +67,7 @@ def test_more_bits_less_error(tmp_path, rng):
     ref = run(model, {"x": x})[0]
     errors = []
     for bits in (2, 4, 8):
-        out, _ = _compress(model, f"fold-bn,rtn{{bits={bits}}}")
+        out, _ = _compress(model, f"fold-bn,rtn{{bits={bits},min_elements=0}}")
         errors.append(np.abs(run(out, {"x": x})[0] - ref).mean())
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.01 * np.abs(ref).mean()
@@ -75,7 +77,7 @@ def test_matmul_exact_session_keeps_fp32_numerics(rng):
     """Default ORT fuses DequantizeLinear→MatMul into MatMulNBits with int8 activations;
     onnxtq's sessions pin accuracy_level 0 so the output equals the numpy reference."""
     model = matmul_model()
-    out, reports = _compress(model, "rtn{bits=4,block=32}")
+    out, reports = _compress(model, "rtn{bits=4,block=32,min_elements=0}")
     x = rng.standard_normal((2, 5, 64)).astype(np.float32)
     ref = run(fold_dequantize(out), {"x": x})[0]
     exact = run(out, {"x": x}, exact=True)[0]
@@ -97,7 +99,7 @@ def test_shared_and_computed_weights_are_skipped_with_reasons():
     x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 8])
     model = make_model(nodes, [x], [y], {"w": w, "w2": w})
-    out, reports = _compress(model, "rtn{bits=4}")
+    out, reports = _compress(model, "rtn{bits=4,min_elements=0}")
     skipped = {r.name: r.reason for r in reports[-1].skipped}
     assert "shared by 2 consumers" in skipped["w"]
     assert not reports[-1].changed
@@ -105,6 +107,16 @@ def test_shared_and_computed_weights_are_skipped_with_reasons():
 
 
 def test_output_is_deterministic():
-    a, _ = _compress(conv_model(), "fold-bn,rtn{bits=4,block=2}")
-    b, _ = _compress(conv_model(), "fold-bn,rtn{bits=4,block=2}")
+    a, _ = _compress(conv_model(), "fold-bn,rtn{bits=4,block=2,min_elements=0}")
+    b, _ = _compress(conv_model(), "fold-bn,rtn{bits=4,block=2,min_elements=0}")
     assert a.SerializeToString() == b.SerializeToString()
+
+
+def test_small_weights_stay_in_float_by_default():
+    out, reports = _compress(conv_model(c_in=4, c_out=6), "fold-bn,rtn{bits=4}")
+    skipped = {r.name: r.reason for r in reports[-1].skipped}
+    assert skipped == {
+        "w": "kept in float: 216 elements < min_elements=1024",
+        "fc_w": "kept in float: 30 elements < min_elements=1024",
+    }
+    assert all(n.op_type != "DequantizeLinear" for n in out.graph.node)
