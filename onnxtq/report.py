@@ -22,6 +22,11 @@ class WeightRecord:
     output_sqnr_db: float | None = None  # same for the layer output, E‖Wx‖² / E‖(W − Ŵ)x‖², from calibration
     reason: str = ""
 
+    @classmethod
+    def of(cls, site, status: str, **fields) -> WeightRecord:
+        """A record for a WeightSite (anything with name, node, op, kind and shape)."""
+        return cls(site.name, site.node, site.op, status, site.kind, site.shape, **fields)
+
 
 @dataclass
 class PassReport:

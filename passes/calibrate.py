@@ -43,27 +43,10 @@ class CalibratePass(Pass):
             stats = ctx.stats.get(site)
             if stats is None:
                 report.records.append(
-                    WeightRecord(
-                        site.name,
-                        site.node,
-                        site.op,
-                        "skipped",
-                        site.kind,
-                        site.shape,
-                        reason="no activation statistics for this kind of layer",
-                    )
+                    WeightRecord.of(site, "skipped", reason="no activation statistics for this kind of layer")
                 )
             else:
-                report.records.append(
-                    WeightRecord(
-                        site.name,
-                        site.node,
-                        site.op,
-                        "observed",
-                        site.kind,
-                        site.shape,
-                        reason=f"{stats.mode} H, d={stats.dim}, groups={stats.groups}",
-                    )
-                )
+                detail = f"{stats.mode} H, d={stats.dim}, groups={stats.groups}"
+                report.records.append(WeightRecord.of(site, "observed", reason=detail))
         report.notes.append(f"{ctx.stats.samples} samples from {ctx.stats.description}")
         return report

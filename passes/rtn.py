@@ -80,17 +80,8 @@ class RtnPass(Pass):
         for site in tqdm(found.sites, desc=self.name, unit="weight", disable=None, leave=False):
             size = int(np.prod(site.shape))
             if size < self.config.min_elements:
-                report.records.append(
-                    WeightRecord(
-                        site.name,
-                        site.node,
-                        site.op,
-                        "skipped",
-                        site.kind,
-                        site.shape,
-                        reason=f"kept in float: {size} elements < min_elements={self.config.min_elements}",
-                    )
-                )
+                reason = f"kept in float: {size} elements < min_elements={self.config.min_elements}"
+                report.records.append(WeightRecord.of(site, "skipped", reason=reason))
                 continue
             report.records.append(self._quantize(ctx, site, stats))
         report.notes.append(
@@ -110,9 +101,7 @@ class RtnPass(Pass):
         code = quantize_groups(blocking.to_groups(w), cfg.bits, cfg.is_symmetric, cfg.clip, h, scale_dtype)
         w_hat = dequantized(blocking, code)
         after = emit_dequantize(g, site, blocking, code, self.name)
-        record = WeightRecord(
-            site.name, site.node, site.op, "quantized", site.kind, site.shape, before, after, bits=8 * after / w.size
-        )
+        record = WeightRecord.of(site, "quantized", bytes_before=before, bytes_after=after, bits=8 * after / w.size)
         err = (w.astype(np.float64) - w_hat) ** 2
         record.weight_sqnr_db = _db((w.astype(np.float64) ** 2).sum(), err.sum())
         layer = stats.get(site) if stats is not None else None
