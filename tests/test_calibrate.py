@@ -3,8 +3,8 @@ and the statistics of a Gemm input equal those computed from onnxruntime's own o
 
 import numpy as np
 import onnx
-
 from builders import bundled
+
 from onnxtq import model_io
 from onnxtq.calibration import CalibrationConfig, collect, open_source
 from onnxtq.compress import prepare
