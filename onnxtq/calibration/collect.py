@@ -22,6 +22,9 @@ from onnxtq.errors import DataError
 from onnxtq.graph import infer_shapes, tensor_shapes
 from onnxtq.weights import WeightSite
 
+#: Tensors exposed at once when probing sizes that shape inference cannot give.
+PROBE_TENSORS = 8
+
 #: Input bytes per onnxruntime run; larger samples run in smaller batches (ORT's arena grows with the batch).
 INPUT_BATCH_BYTES = 16 * 2**20
 
@@ -76,8 +79,12 @@ def _chunks(site: WeightSite, x: np.ndarray, config: CalibrationConfig, rng: np.
     return dense_rows(x, site.trans_a)
 
 
-def _activation_bytes(model: onnx.ModelProto, feed: dict[str, np.ndarray], names: list[str]) -> dict[str, int]:
-    """Bytes per batch of each named tensor, from shape inference on the concrete input shapes."""
+def _activation_bytes(
+    model: onnx.ModelProto, feed: dict[str, np.ndarray], names: list[str], threads: int
+) -> dict[str, int]:
+    """Bytes per sample of each named tensor: static shape inference on the concrete input shapes,
+    then a one-sample probe run, a few tensors at a time, for those whose shapes stay unknown
+    (e.g. behind a Pad whose pads are computed)."""
     fixed = copy.deepcopy(model)
     for vi in fixed.graph.input:
         if vi.name in feed:
@@ -91,8 +98,12 @@ def _activation_bytes(model: onnx.ModelProto, feed: dict[str, np.ndarray], names
         shape = shapes.get(name)
         if shape and all(isinstance(s, int) and s > 0 for s in shape):
             sizes[name] = int(np.prod(shape)) * 4
-    fallback = max(sizes.values(), default=64 * 2**20)
-    return {n: sizes.get(n, fallback) for n in names}
+    unknown = [n for n in names if n not in sizes]
+    for start in range(0, len(unknown), PROBE_TENSORS):
+        probe = unknown[start : start + PROBE_TENSORS]
+        values = model_io.session(_with_outputs(model, probe), threads).run(probe, feed)
+        sizes.update({n: v.nbytes for n, v in zip(probe, values)})
+    return sizes
 
 
 def _plan(names: list[str], sizes: dict[str, int], budget: int) -> list[list[str]]:
@@ -136,7 +147,7 @@ def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, con
         raise DataError("the calibration source yielded no samples")
     sample_bytes = sum(v.nbytes for v in first[1].values())
     batch = min(config.batch, max(1, INPUT_BATCH_BYTES // max(sample_bytes, 1)))  # big inputs: small batches
-    sizes = {k: v * batch for k, v in _activation_bytes(model, first[1], tensors).items()}
+    sizes = {k: v * batch for k, v in _activation_bytes(model, first[1], tensors, config.threads).items()}
     plan = _plan(tensors, sizes, config.memory_mb * 2**20) or [[]]
     limit = config.samples or source.num_samples
     rngs = {key: np.random.default_rng([config.seed, i]) for i, key in enumerate(by_key)}
