@@ -59,7 +59,7 @@ def main():
     epochs = 25
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * 63)
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    for epoch in range(epochs):
+    for _ in range(epochs):
         model.train()
         for idx in torch.randperm(len(xt)).split(64):
             loss = nn.functional.cross_entropy(model(shift(xt[idx], rng)), yt[idx])
@@ -72,9 +72,16 @@ def main():
         torch_logits = model(torch.from_numpy(x_test)).numpy()
     path = HERE / "mnist_cnn.onnx"
     torch.onnx.export(
-        model, torch.from_numpy(x_test[:1]), str(path), input_names=["image"], output_names=["logits"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-        do_constant_folding=False, dynamo=False, training=torch.onnx.TrainingMode.EVAL,
+        model,
+        torch.from_numpy(x_test[:1]),
+        str(path),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        do_constant_folding=False,
+        dynamo=False,
+        training=torch.onnx.TrainingMode.EVAL,
     )
     mnist_data.export_and_check(model, path, x_train[:256], x_test, y_test, torch_logits)
 

@@ -79,8 +79,14 @@ def main():
         torch_logits = model(torch.from_numpy(x_test)).numpy()
     path = HERE / "mnist_transformer.onnx"
     torch.onnx.export(
-        model, torch.from_numpy(x_test[:2]), str(path), input_names=["image"], output_names=["logits"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+        model,
+        torch.from_numpy(x_test[:2]),
+        str(path),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
     )
     mnist_data.export_and_check(model, path, x_train[:256], x_test, y_test, torch_logits)
 

@@ -1,0 +1,161 @@
+"""RTN baseline on the zoo: compress with onnxtq, then score with the zoo's evals (default onnxruntime options).
+
+usage: python run_rtn.py [--zoo /work/zoo] [--calib DIR] [--out DIR] [--configs w8 w4 w4b32] [--models ...]
+Needs the calibration files from make_calib.py (CALIB/<model>_calib<N>.npz). Appends one JSON line per run
+to OUT/rtn_results.jsonl; compressed models, reports and logs go to OUT/models. Only the standard library is
+used here; the evals run under the zoo's venv (ZOO/.venv/bin/python), onnxtq from this repo's .venv.
+"""
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {
+    "w8": "bits=8",
+    "w4": "bits=4",
+    "w4b32": "bits=4,block=32",
+    "w8s16": "bits=8,scale_bits=16,min_elements=0",
+}  # smallest 8-bit file: fp16 steps, every weight quantized
+MODELS = ["mobilenet_v2", "efficientnet_lite0", "ppocrv4_det", "ppocrv4_rec"]
+
+
+def sh(cmd, log):
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True)
+        f.write(r.stdout)
+    return r
+
+
+def evaluate(a, model, path):
+    """The zoo eval for one model; path is the model to score (FP32 or compressed)."""
+    z, py = a.zoo, os.path.join(a.zoo, ".venv", "bin", "python")
+    if model.startswith("ppocr"):
+        det = path if model == "ppocrv4_det" else os.path.join(z, "ppocrv4_det.onnx")
+        rec = path if model == "ppocrv4_rec" else os.path.join(z, "ppocrv4_rec.onnx")
+        cmd = [
+            py,
+            os.path.join(a.zoo_tools, "eval_ppocr.py"),
+            "--det",
+            det,
+            "--rec",
+            rec,
+            "--rec-keys",
+            os.path.join(z, "ppocrv4_rec.keys.txt"),
+        ]
+    else:
+        cmd = [py, os.path.join(a.zoo_tools, "eval_imagenet.py"), path, "--ref", os.path.join(z, model + ".onnx")]
+    r = sh(cmd, path[:-5] + ".eval.log")
+    return json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"error": f"eval rc={r.returncode}"}
+
+
+def metric(row):
+    e = row.get("eval") or {}
+    if "error" in e or not e:
+        return e.get("error", "not run")
+    if row["model"] == "ppocrv4_det":
+        pr = f"P {e['det_precision']:.3f} R {e['det_recall']:.3f}"
+        return f"det F1 {e['det_f1']:.3f} ({pr}), e2e CER {100 * e['e2e_cer']:.2f}%"
+    if row["model"] == "ppocrv4_rec":
+        return (
+            f"rec CER {100 * e['rec_cer']:.2f}% (line acc {e['rec_line_acc']:.2f}), e2e CER {100 * e['e2e_cer']:.2f}%"
+        )
+    return (
+        f"top-1 agr {e['top1_agreement']:.3f}, confident {e['top1_agreement_confident']:.3f} "
+        f"({e['confident_crops']} crops), KL {e['mean_kl']:.4f}"
+    )
+
+
+def table(path):
+    """Markdown table of a results .jsonl (the last row per model/config wins)."""
+    rows = {}
+    for line in open(path):
+        r = json.loads(line)
+        rows[r["model"], r["config"]] = r
+    out = [
+        "| model | config | bytes | vs FP32 | output SQNR (dB) | tool wall s | peak RSS MB | task metric |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (m, c), r in sorted(
+        rows.items(),
+        key=lambda kv: (MODELS.index(kv[0][0]), list(CONFIGS).index(kv[0][1]) + 1 if kv[0][1] in CONFIGS else 0),
+    ):
+        fp = rows.get((m, "fp32"), {}).get("bytes")
+        ratio = f"{fp / r['bytes']:.2f}x" if fp and r.get("bytes") else ""
+        sq = ", ".join(f"{v:.1f}" for v in r.get("sqnr_db", {}).values()) if c != "fp32" else "inf"
+        cells = [m, c, r.get("bytes", ""), ratio, sq, r.get("tool_wall_s", ""), r.get("tool_max_rss_mb", ""), metric(r)]
+        out.append("| " + " | ".join(str(x) for x in cells) + " |")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--zoo", default="/work/zoo")
+    ap.add_argument("--calib", default="/work/bench_out/calib")
+    ap.add_argument("--out", default="/work/bench_out")
+    ap.add_argument("--zoo-tools", default=os.path.join(REPO, "..", "shared", "zoo"))
+    ap.add_argument("--onnxtq", default=os.path.join(REPO, ".venv", "bin", "onnxtq"))
+    ap.add_argument("--models", nargs="*", default=MODELS)
+    ap.add_argument("--configs", nargs="*", default=["fp32", "w8", "w4", "w4b32"])
+    ap.add_argument("--table", action="store_true", help="only print the markdown table of OUT/rtn_results.jsonl")
+    a = ap.parse_args()
+    if a.table:
+        return print(table(os.path.join(a.out, "rtn_results.jsonl")))
+    mdir = os.path.join(a.out, "models")
+    os.makedirs(mdir, exist_ok=True)
+    for cfg in a.configs:
+        for model in a.models:
+            src = os.path.join(a.zoo, model + ".onnx")
+            row = dict(model=model, config=cfg)
+            if cfg == "fp32":
+                row.update(bytes=os.path.getsize(src), eval=evaluate(a, model, src))
+            else:
+                out, pipe = os.path.join(mdir, f"{model}_{cfg}.onnx"), f"fold-bn,calibrate,rtn{{{CONFIGS[cfg]}}}"
+                (calib,) = glob.glob(os.path.join(a.calib, model + "_calib*.npz"))
+                tfile = out[:-5] + ".time"
+                cmd = [
+                    "/usr/bin/time",
+                    "-f",
+                    "%e %M",
+                    "-o",
+                    tfile,
+                    a.onnxtq,
+                    "compress",
+                    src,
+                    "-o",
+                    out,
+                    "--pipeline",
+                    pipe,
+                    "--calib",
+                    calib,
+                    "--report",
+                    out[:-5] + ".report.json",
+                ]
+                r = sh(cmd, out[:-5] + ".compress.log")
+                wall, rss = open(tfile).read().split()[-2:]
+                row.update(
+                    pipeline=pipe,
+                    calib=os.path.basename(calib),
+                    rc=r.returncode,
+                    tool_wall_s=float(wall),
+                    tool_max_rss_mb=round(int(rss) / 1024),
+                )
+                if r.returncode == 0:
+                    rep = json.load(open(out[:-5] + ".report.json"))
+                    row.update(
+                        bytes=os.path.getsize(out),
+                        sqnr_db={k: v["sqnr_db"] for k, v in rep["verification"]["outputs"].items()},
+                        pass_seconds={p["spec"]: round(p["seconds"], 1) for p in rep["passes"]},
+                        eval=evaluate(a, model, out),
+                    )
+            with open(os.path.join(a.out, "rtn_results.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
