@@ -13,12 +13,13 @@ import os
 import subprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {
-    "w8": "bits=8",
-    "w4": "bits=4",
-    "w4b32": "bits=4,block=32",
-    "w8s16": "bits=8,scale_bits=16,min_elements=0",
-}  # smallest 8-bit file: fp16 steps, every weight quantized
+CONFIGS = {  # what follows `fold-bn,calibrate,` in the pipeline
+    "w8": "rtn{bits=8}",
+    "w4": "rtn{bits=4}",
+    "w4b32": "rtn{bits=4,block=32}",
+    "w8s16": "rtn{bits=8,scale_bits=16,min_elements=0}",  # fp16 steps, every weight quantized
+    "w8small": "rtn{bits=8,scale_bits=16,min_elements=0},compact-names",  # the smallest 8-bit file
+}
 MODELS = ["mobilenet_v2", "efficientnet_lite0", "ppocrv4_det", "ppocrv4_rec"]
 
 
@@ -114,7 +115,7 @@ def main():
             if cfg == "fp32":
                 row.update(bytes=os.path.getsize(src), eval=evaluate(a, model, src))
             else:
-                out, pipe = os.path.join(mdir, f"{model}_{cfg}.onnx"), f"fold-bn,calibrate,rtn{{{CONFIGS[cfg]}}}"
+                out, pipe = os.path.join(mdir, f"{model}_{cfg}.onnx"), "fold-bn,calibrate," + CONFIGS[cfg]
                 (calib,) = glob.glob(os.path.join(a.calib, model + "_calib*.npz"))
                 tfile = out[:-5] + ".time"
                 cmd = [

@@ -45,15 +45,6 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
     return work, report
 
 
-def keep_value_info(original: onnx.ModelProto, result: onnx.ModelProto) -> None:
-    """Keep only the shape annotations the input had: the opset converter adds one per tensor,
-    which runtimes recompute anyway and which cost a few percent of a small compressed file."""
-    had = {vi.name for vi in original.graph.value_info}
-    kept = [vi for vi in result.graph.value_info if vi.name in had]
-    del result.graph.value_info[:]
-    result.graph.value_info.extend(kept)
-
-
 def compress(
     source_path: str | os.PathLike,
     output_path: str | os.PathLike,
@@ -73,7 +64,6 @@ def compress(
         ctx = Context(Graph(work), data)
         reports = [prep_report] + manager.run(ctx)
         result = ctx.graph.model
-        keep_value_info(original, result)
         onnx.helper.set_model_props(
             result,
             {

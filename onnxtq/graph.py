@@ -162,6 +162,12 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
         ) from exc
     needed_ir = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", target)], ignore_unknown=True)
     converted.ir_version = max(converted.ir_version, needed_ir)
+    # The converter annotates every tensor with a shape, which runtimes recompute anyway and
+    # which costs a few percent of a small compressed file: keep only the annotations we had.
+    had = {vi.name for vi in model.graph.value_info}
+    kept = [vi for vi in converted.graph.value_info if vi.name in had]
+    del converted.graph.value_info[:]
+    converted.graph.value_info.extend(kept)
     return converted
 
 

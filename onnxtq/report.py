@@ -51,8 +51,10 @@ class PassReport:
 
     def summary(self) -> str:
         saved = sum(r.bytes_before - r.bytes_after for r in self.changed)
-        counts = f"changed={len(self.changed):4d} skipped={len(self.skipped):4d}"
-        return f"{self.spec:<28} {counts} saved={saved:+,d} B  {self.seconds:6.1f} s"
+        what = f"changed={len(self.changed):4d} skipped={len(self.skipped):4d} saved={saved:+,d} B"
+        if not self.records and self.notes:  # a pass that does not touch weights says what it did
+            what = self.notes[0]
+        return f"{self.spec:<28} {what}  {self.seconds:6.1f} s"
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """The built-in rewrite passes, installed as `onnxtq.passes`: an explicit table by name."""
 
 from onnxtq.passes.calibrate import CalibratePass
+from onnxtq.passes.compact_names import CompactNamesPass
 from onnxtq.passes.fold_bn import FoldBatchNormPass
 from onnxtq.passes.rtn import RtnPass
 
-REGISTRY = {p.name: p for p in (FoldBatchNormPass, CalibratePass, RtnPass)}
+REGISTRY = {p.name: p for p in (FoldBatchNormPass, CalibratePass, RtnPass, CompactNamesPass)}
 
-__all__ = ["REGISTRY", "CalibratePass", "FoldBatchNormPass", "RtnPass"]
+__all__ = ["REGISTRY", "CalibratePass", "CompactNamesPass", "FoldBatchNormPass", "RtnPass"]
