@@ -60,6 +60,12 @@ def blocking_for(site: WeightSite, block: int) -> Blocking:
     return Blocking(site.shape, out_axis, block, red_axis)
 
 
+def fp32_steps_only(site: WeightSite) -> bool:
+    """MatMul weights take float32 steps: with float16 ones, onnxruntime's (1.32) load-time fusion
+    of DequantizeLinear->MatMul into MatMulNBits builds a node it then rejects as mistyped."""
+    return site.op == "MatMul"
+
+
 class RtnPass(Pass):
     name = "rtn"
     Config = RtnConfig
@@ -87,6 +93,12 @@ class RtnPass(Pass):
         report.notes.append(
             "error weighted by calibration diag(H)" if stats else "error = plain weight MSE (no statistics)"
         )
+        kept = [s for s in found.sites if fp32_steps_only(s) and np.prod(s.shape) >= self.config.min_elements]
+        if self.config.scale_bits == 16 and kept:
+            report.notes.append(
+                f"float32 steps kept for {len(kept)} MatMul weights: onnxruntime fuses DequantizeLinear->MatMul "
+                "into MatMulNBits and then refuses float16 steps with float32 activations"
+            )
         return report
 
     def _quantize(self, ctx: Context, site: WeightSite, stats) -> WeightRecord:
@@ -97,7 +109,7 @@ class RtnPass(Pass):
         blocking = blocking_for(site, cfg.block)
         importance = stats.importance(site) if stats is not None else None
         h = None if importance is None else blocking.to_groups(importance)
-        scale_dtype = np.float16 if cfg.scale_bits == 16 else np.float32
+        scale_dtype = np.float16 if cfg.scale_bits == 16 and not fp32_steps_only(site) else np.float32
         code = quantize_groups(blocking.to_groups(w), cfg.bits, cfg.is_symmetric, cfg.clip, h, scale_dtype)
         w_hat = dequantized(blocking, code)
         after = emit_dequantize(g, site, blocking, code, self.name)

@@ -87,6 +87,18 @@ def test_matmul_exact_session_keeps_fp32_numerics(rng):
     assert reports[-1].changed[0].kind == "matmul"
 
 
+def test_matmul_weights_keep_float32_steps_so_onnxruntime_loads_them(rng):
+    """With float16 steps ORT's MatMulNBits fusion builds a node it then rejects at load."""
+    model = matmul_model()
+    out, reports = _compress(model, "rtn{bits=4,block=32,scale_bits=16,min_elements=0}")
+    scales = [t for t in out.graph.initializer if t.name.endswith("onnxtq.scale")]
+    assert [t.data_type for t in scales] == [onnx.TensorProto.FLOAT]
+    assert any("float32 steps kept for 1 MatMul" in n for n in reports[-1].notes)
+    x = rng.standard_normal((2, 5, 64)).astype(np.float32)
+    ref = run(fold_dequantize(out), {"x": x})[0]
+    np.testing.assert_allclose(run(out, {"x": x}, exact=False)[0], ref, rtol=0.05, atol=0.05 * np.abs(ref).max())
+
+
 def test_shared_and_computed_weights_are_skipped_with_reasons():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 8)).astype(np.float32)
