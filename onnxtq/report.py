@@ -20,6 +20,7 @@ class WeightRecord:
     bits: float | None = None  # stored bits per weight, scales and zero points included
     weight_sqnr_db: float | None = None  # 10·log10(‖W‖² / ‖W − Ŵ‖²)
     output_sqnr_db: float | None = None  # same for the layer output, E‖Wx‖² / E‖(W − Ŵ)x‖², from calibration
+    bias_corrected: bool = False  # the layer's bias absorbed the mean output error (onnxtq.bias)
     reason: str = ""
 
     @classmethod

@@ -77,7 +77,7 @@ class Discovery:
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (tensor, node, reason)
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
+def node_attr(node: onnx.NodeProto, name: str, default):
     for a in node.attribute:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
@@ -86,14 +86,14 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 def conv_geometry(node: onnx.NodeProto, weight_shape: tuple[int, ...]) -> ConvGeometry:
     spatial = len(weight_shape) - 2
-    kernel = tuple(_attr(node, "kernel_shape", weight_shape[2:]))
-    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    kernel = tuple(node_attr(node, "kernel_shape", weight_shape[2:]))
+    auto_pad = node_attr(node, "auto_pad", b"NOTSET")
     return ConvGeometry(
         kernel=kernel,
-        strides=tuple(_attr(node, "strides", [1] * spatial)),
-        pads=tuple(_attr(node, "pads", [0] * 2 * spatial)),
-        dilations=tuple(_attr(node, "dilations", [1] * spatial)),
-        group=int(_attr(node, "group", 1)),
+        strides=tuple(node_attr(node, "strides", [1] * spatial)),
+        pads=tuple(node_attr(node, "pads", [0] * 2 * spatial)),
+        dilations=tuple(node_attr(node, "dilations", [1] * spatial)),
+        group=int(node_attr(node, "group", 1)),
         auto_pad=auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad),
     )
 
@@ -119,16 +119,16 @@ def _site(graph: Graph, node: onnx.NodeProto, index: int, t: onnx.TensorProto) -
     if op == "Gemm" and index == 1:
         if len(shape) != 2:
             return "Gemm weight is not 2-D"
-        trans_b = bool(_attr(node, "transB", 0))
+        trans_b = bool(node_attr(node, "transB", 0))
         return WeightSite(
-            t.name, node.name, op, "gemm", shape, not trans_b, data, trans_a=bool(_attr(node, "transA", 0))
+            t.name, node.name, op, "gemm", shape, not trans_b, data, trans_a=bool(node_attr(node, "transA", 0))
         )
     if op == "MatMul" and index == 1:
         if len(shape) != 2:
             return f"MatMul weight has rank {len(shape)}; only 2-D weights are handled"
         return WeightSite(t.name, node.name, op, "matmul", shape, True, data)
     if op == "Gather" and index == 0:
-        if len(shape) != 2 or int(_attr(node, "axis", 0)) != 0:
+        if len(shape) != 2 or int(node_attr(node, "axis", 0)) != 0:
             return "only 2-D embedding tables gathered on axis 0 are handled"
         return WeightSite(t.name, node.name, op, "gather", shape, False, None)
     if op in ("Gemm", "MatMul") and index == 0:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from onnxtq.bias import bias_note, correct_bias, output_shift
 from onnxtq.emit import dequantized, emit_dequantize
 from onnxtq.model_io import tensor_nbytes
 from onnxtq.packing import min_opset
@@ -35,6 +36,7 @@ class RtnConfig(PassConfig):
     weighted: bool = True  # weight the error by diag(H) when statistics exist
     min_elements: int = 1024  # smaller weights stay in float: they cost little and are often sensitive
     scale_bits: int = 32  # 16: float16 steps (DequantizeLinear-23 output_dtype), half the side information
+    bias_correct: bool = True  # cancel the mean output error with the calibration input mean (needs statistics)
 
     def __post_init__(self):
         if self.bits not in (2, 3, 4, 5, 6, 7, 8):
@@ -80,7 +82,7 @@ class RtnPass(Pass):
         found = discover(ctx.graph)
         for name, node, reason in found.skipped:
             report.records.append(WeightRecord(name, node, "", "skipped", reason=reason))
-        stats = ctx.stats if (ctx.stats_fresh and self.config.weighted) else None
+        fresh = ctx.stats if ctx.stats_fresh else None
         if self.config.weighted and ctx.stats is not None and not ctx.stats_fresh:
             report.notes.append("statistics are stale after an earlier pass: plain weight MSE used")
         for site in tqdm(found.sites, desc=self.name, unit="weight", disable=None, leave=False):
@@ -89,10 +91,13 @@ class RtnPass(Pass):
                 reason = f"kept in float: {size} elements < min_elements={self.config.min_elements}"
                 report.records.append(WeightRecord.of(site, "skipped", reason=reason))
                 continue
-            report.records.append(self._quantize(ctx, site, stats))
+            report.records.append(self._quantize(ctx, site, fresh))
+        weighted = fresh is not None and self.config.weighted
         report.notes.append(
-            "error weighted by calibration diag(H)" if stats else "error = plain weight MSE (no statistics)"
+            "error weighted by calibration diag(H)" if weighted else "error = plain weight MSE (no statistics)"
         )
+        if self.config.bias_correct:
+            report.notes.append(bias_note(report.records, fresh is not None))
         kept = [s for s in found.sites if fp32_steps_only(s) and np.prod(s.shape) >= self.config.min_elements]
         if self.config.scale_bits == 16 and kept:
             report.notes.append(
@@ -107,16 +112,21 @@ class RtnPass(Pass):
         w = g.array(site.name)
         before = tensor_nbytes(g.initializers[site.name])
         blocking = blocking_for(site, cfg.block)
-        importance = stats.importance(site) if stats is not None else None
+        importance = stats.importance(site) if stats is not None and cfg.weighted else None
         h = None if importance is None else blocking.to_groups(importance)
         scale_dtype = np.float16 if cfg.scale_bits == 16 and not fp32_steps_only(site) else np.float32
         code = quantize_groups(blocking.to_groups(w), cfg.bits, cfg.is_symmetric, cfg.clip, h, scale_dtype)
         w_hat = dequantized(blocking, code)
+        layer = stats.get(site) if stats is not None else None
+        bias = ""
+        if cfg.bias_correct:
+            bias = correct_bias(g, site, output_shift(site, layer, w_hat - w)) if layer else "no statistics"
         after = emit_dequantize(g, site, blocking, code, self.name)
         record = WeightRecord.of(site, "quantized", bytes_before=before, bytes_after=after, bits=8 * after / w.size)
+        record.bias_corrected = cfg.bias_correct and not bias
+        record.reason = f"bias not corrected: {bias}" if bias else ""
         err = (w.astype(np.float64) - w_hat) ** 2
         record.weight_sqnr_db = _db((w.astype(np.float64) ** 2).sum(), err.sum())
-        layer = stats.get(site) if stats is not None else None
         if layer is not None:
             record.output_sqnr_db = _db(layer.quadratic(site.to_matrix(w)), layer.quadratic(site.to_matrix(w - w_hat)))
         return record

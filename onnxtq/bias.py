@@ -1,0 +1,84 @@
+"""Bias correction: cancel the mean output error that quantized weights add to a layer.
+
+    E[(Ŵ − W) x] = (Ŵ − W) m,   b' = b − (Ŵ − W) m
+
+with m the calibration mean of the layer's input patches (im2col columns for Conv, so
+zero padding is accounted for exactly). Weight error that is small per weight but shares
+a sign across a channel shifts every output of that channel; in MobileNetV2 the first
+depthwise conv's 8-bit error alone costs 20 dB of logit SQNR that way. Any pass that
+rewrites weights calls `correct_bias` after emitting them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxtq.calibration.stats import LayerStats
+from onnxtq.graph import Graph
+from onnxtq.weights import WeightSite, node_attr
+
+
+def output_shift(site: WeightSite, stats: LayerStats, delta: np.ndarray) -> np.ndarray:
+    """E[Δ x] per output channel for a weight error Δ = Ŵ − W in the stored layout."""
+    rows = site.to_matrix(delta).astype(np.float64).reshape(stats.groups, -1, stats.dim)
+    return np.einsum("gnd,gd->gn", rows, stats.mean).reshape(-1)
+
+
+def correct_bias(graph: Graph, site: WeightSite, shift: np.ndarray) -> str:
+    """Subtract `shift` from the bias of the layer that reads `site`; returns '' or why it could not.
+
+    Call it before the weight is replaced (the layer is found as the reader of the weight).
+    Conv and Gemm get a bias input when they have none; MatMul is corrected through the
+    constant operand of an Add that alone reads its output.
+    """
+    node = graph.consumers[site.name][0][0]
+    if site.op in ("Conv", "Gemm"):
+        beta = float(node_attr(node, "beta", 1.0)) if site.op == "Gemm" else 1.0
+        if beta == 0:
+            return "Gemm with beta=0 ignores its bias"
+        if len(node.input) > 2 and node.input[2]:
+            return _subtract(graph, node.input[2], shift / beta, node)
+        name = graph.unique(f"{site.name}/onnxtq.bias")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.initializers[site.name].data_type)
+        graph.set_initializer(numpy_helper.from_array((-shift / beta).astype(dtype), name))
+        del node.input[2:]
+        node.input.append(name)
+        graph.refresh()
+        return ""
+    if site.op == "MatMul":
+        readers = graph.consumers.get(node.output[0], [])
+        if len(readers) != 1 or readers[0][0] is None or readers[0][0].op_type != "Add":
+            return "MatMul output is not read by a single Add that could hold the correction"
+        add = readers[0][0]
+        other = add.input[1 - readers[0][1]]
+        return _subtract(graph, other, shift, add)
+    return f"no bias correction for {site.op}"
+
+
+def _subtract(graph: Graph, name: str, shift: np.ndarray, reader: onnx.NodeProto) -> str:
+    """b ← b − shift for a constant bias of shape [n] (or [1, n]) read only by `reader`."""
+    t = graph.initializers.get(name)
+    if t is None:
+        return "the bias is not a constant"
+    if len(graph.consumers.get(name, [])) != 1:
+        return "the bias is shared with other nodes"
+    b = numpy_helper.to_array(t)
+    if b.size != shift.size or (b.ndim > 1 and max(b.shape) != b.size):
+        return f"bias of shape {list(b.shape)} does not hold one value per output channel"
+    corrected = (b.astype(np.float64) - shift.reshape(b.shape)).astype(b.dtype)
+    graph.set_initializer(numpy_helper.from_array(corrected, name))
+    return ""
+
+
+def bias_note(records, have_stats: bool) -> str:
+    """One report line: how many quantized layers were bias-corrected, and why not the others."""
+    if not have_stats:
+        return "bias correction needs calibration statistics: not done"
+    done = [r for r in records if r.status == "quantized" and r.bias_corrected]
+    missed = [r for r in records if r.status == "quantized" and not r.bias_corrected]
+    reasons = sorted({r.reason.removeprefix("bias not corrected: ") for r in missed})
+    return f"bias corrected on {len(done)} of {len(done) + len(missed)} layers" + (
+        f" (not: {'; '.join(reasons)})" if reasons else ""
+    )
