@@ -12,10 +12,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxtq.bias import correct_bias, output_shift
+from onnxtq.calibration.stats import LayerStats
 from onnxtq.graph import Graph, tag
 from onnxtq.model_io import tensor_nbytes
 from onnxtq.packing import int_tensor
 from onnxtq.quantize import Blocking, GroupCode
+from onnxtq.report import WeightRecord
 from onnxtq.weights import WeightSite
 
 
@@ -57,3 +60,33 @@ def emit_dequantize(graph: Graph, site: WeightSite, blocking: Blocking, code: Gr
 def dequantized(blocking: Blocking, code: GroupCode) -> np.ndarray:
     """The float weight ORT will compute, in the stored layout (numpy reference)."""
     return blocking.from_groups(code.dequantize())
+
+
+def replace_weight(
+    graph: Graph,
+    site: WeightSite,
+    blocking: Blocking,
+    code: GroupCode,
+    layer: LayerStats | None,
+    pass_name: str,
+    bias_correct: bool,
+) -> WeightRecord:
+    """The common tail of every quantizing pass: correct the bias, emit, and account the weight."""
+    w = graph.array(site.name).astype(np.float64)
+    before = tensor_nbytes(graph.initializers[site.name])
+    w_hat = dequantized(blocking, code)
+    why_not = ""
+    if bias_correct:
+        why_not = correct_bias(graph, site, output_shift(site, layer, w_hat - w)) if layer else "no statistics"
+    after = emit_dequantize(graph, site, blocking, code, pass_name)
+    record = WeightRecord.of(site, "quantized", bytes_before=before, bytes_after=after, bits=8 * after / w.size)
+    record.bias_corrected = bias_correct and not why_not
+    record.reason = f"bias not corrected: {why_not}" if why_not else ""
+    record.weight_sqnr_db = db((w**2).sum(), ((w - w_hat) ** 2).sum())
+    if layer is not None:
+        record.output_sqnr_db = db(layer.quadratic(site.to_matrix(w)), layer.quadratic(site.to_matrix(w - w_hat)))
+    return record
+
+
+def db(signal: float, noise: float) -> float:
+    return float(10 * np.log10(signal / noise)) if noise > 0 else float("inf")

@@ -86,8 +86,8 @@ class GroupCode:
         return ((self.q - zp) * self.scale[:, None].astype(np.float64)).astype(np.float32)
 
 
-def _grid_for(w: np.ndarray, alpha: float, bits: int, symmetric: bool):
-    lo_q, hi_q = int_range(bits, symmetric)
+def _grid_for(w: np.ndarray, alpha: float, qrange: tuple[int, int], symmetric: bool):
+    lo_q, hi_q = qrange
     if symmetric:
         amax = np.abs(w).max(axis=1)
         scale = alpha * amax / max(hi_q, 1)
@@ -100,10 +100,9 @@ def _grid_for(w: np.ndarray, alpha: float, bits: int, symmetric: bool):
     return scale, zp
 
 
-def _codes(w, scale, zp, bits, symmetric):
-    lo_q, hi_q = int_range(bits, symmetric)
+def _codes(w, scale, zp, qrange: tuple[int, int]):
     z = 0 if zp is None else zp[:, None]
-    return np.clip(np.round(w / scale[:, None]) + z, lo_q, hi_q)
+    return np.clip(np.round(w / scale[:, None]) + z, *qrange)
 
 
 def quantize_groups(
@@ -113,20 +112,23 @@ def quantize_groups(
     clip: bool = True,
     h: np.ndarray | None = None,
     scale_dtype=np.float32,
+    qrange: tuple[int, int] | None = None,
 ) -> GroupCode:
     """Quantize each row of `w` [G, S]; `h` [G, S] weights the squared error (None = plain MSE).
 
     Steps are stored as `scale_dtype` (float32 or float16); codes are computed against the
-    rounded step so the stored pair reproduces exactly what we measured.
+    rounded step so the stored pair reproduces exactly what we measured. `qrange` narrows the
+    codes below the container's range (ternary: (-1, 1) in INT2).
     """
+    qrange = qrange or int_range(bits, symmetric)
     w = w.astype(np.float32)  # the search only ranks candidates: float32 is precise enough and twice as fast
     h = np.ones_like(w) if h is None else h.astype(np.float32)
-    best_scale, best_zp = _grid_for(w, 1.0, bits, symmetric)
+    best_scale, best_zp = _grid_for(w, 1.0, qrange, symmetric)
     if clip:
         best_err = np.full(w.shape[0], np.inf)
         for alpha in CLIP_GRID:
-            scale, zp = _grid_for(w, float(alpha), bits, symmetric)
-            q = _codes(w, scale, zp, bits, symmetric)
+            scale, zp = _grid_for(w, float(alpha), qrange, symmetric)
+            q = _codes(w, scale, zp, qrange)
             deq = (q - (0 if zp is None else zp[:, None])) * scale[:, None]
             err = (h * (w - deq) ** 2).sum(axis=1)
             better = err < best_err
@@ -136,5 +138,5 @@ def quantize_groups(
                 best_zp = np.where(better, zp, best_zp)
     tiny = float(np.finfo(scale_dtype).smallest_subnormal)
     stored = np.maximum(best_scale, tiny).astype(scale_dtype)  # the step ORT will use
-    q = _codes(w.astype(np.float64), stored.astype(np.float64), best_zp, bits, symmetric)
+    q = _codes(w.astype(np.float64), stored.astype(np.float64), best_zp, qrange)
     return GroupCode(q.astype(np.int32), stored, None if best_zp is None else best_zp.astype(np.int32), bits)

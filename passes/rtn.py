@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from onnxtq.bias import bias_note, correct_bias, output_shift
-from onnxtq.emit import dequantized, emit_dequantize
-from onnxtq.model_io import tensor_nbytes
+from onnxtq.bias import bias_note
+from onnxtq.emit import replace_weight
 from onnxtq.packing import min_opset
 from onnxtq.pass_infra import Context, Pass, PassConfig
 from onnxtq.quantize import Blocking, quantize_groups
@@ -108,29 +107,11 @@ class RtnPass(Pass):
 
     def _quantize(self, ctx: Context, site: WeightSite, stats) -> WeightRecord:
         cfg = self.config
-        g = ctx.graph
-        w = g.array(site.name)
-        before = tensor_nbytes(g.initializers[site.name])
         blocking = blocking_for(site, cfg.block)
         importance = stats.importance(site) if stats is not None and cfg.weighted else None
         h = None if importance is None else blocking.to_groups(importance)
         scale_dtype = np.float16 if cfg.scale_bits == 16 and not fp32_steps_only(site) else np.float32
+        w = ctx.graph.array(site.name)
         code = quantize_groups(blocking.to_groups(w), cfg.bits, cfg.is_symmetric, cfg.clip, h, scale_dtype)
-        w_hat = dequantized(blocking, code)
         layer = stats.get(site) if stats is not None else None
-        bias = ""
-        if cfg.bias_correct:
-            bias = correct_bias(g, site, output_shift(site, layer, w_hat - w)) if layer else "no statistics"
-        after = emit_dequantize(g, site, blocking, code, self.name)
-        record = WeightRecord.of(site, "quantized", bytes_before=before, bytes_after=after, bits=8 * after / w.size)
-        record.bias_corrected = cfg.bias_correct and not bias
-        record.reason = f"bias not corrected: {bias}" if bias else ""
-        err = (w.astype(np.float64) - w_hat) ** 2
-        record.weight_sqnr_db = _db((w.astype(np.float64) ** 2).sum(), err.sum())
-        if layer is not None:
-            record.output_sqnr_db = _db(layer.quadratic(site.to_matrix(w)), layer.quadratic(site.to_matrix(w - w_hat)))
-        return record
-
-
-def _db(signal: float, noise: float) -> float:
-    return float(10 * np.log10(signal / noise)) if noise > 0 else float("inf")
+        return replace_weight(ctx.graph, site, blocking, code, layer, self.name, cfg.bias_correct)

@@ -1,0 +1,162 @@
+"""Layer-wise reconstruction: codes on a fixed grid that minimise the layer-output error.
+
+    D(Ŵ) = tr((Ŵ − W) H (Ŵ − W)ᵀ) = E‖(Ŵ − W) x‖²,   H = E[x xᵀ] from calibration
+
+Rows (output channels) are independent under D, so every tool here is exact per row:
+* `gptq`: error-feedback rounding (OBQ/GPTQ): round one column, push its error onto the
+  columns not yet rounded through the Cholesky factor of H⁻¹, so later roundings compensate.
+* `cluster_pull`: cluster-regularized quantization (CRQ) carried into post-training, as ADMM on
+  D + ρ‖W − Z‖² with Z on the grid: the float weights are pulled toward the grid points nearest
+  them while D stays small, ρ annealed upward until W sits on the grid.
+* `refit_steps`: with codes fixed, each row's step that minimises D, in closed form.
+
+A layer is cut into independent `Problems` [P, rows, d] that share H within a problem: one per
+conv group (a depthwise conv has one per channel), times one per diagonal block when H is kept
+block-diagonal (or per column when only diag(H) is known, where everything reduces to rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxtq.calibration.stats import LayerStats
+
+#: Relative damping of H (fraction of its mean diagonal) that keeps H⁻¹ well conditioned.
+DAMP = 0.01
+#: Columns rounded between two lazy (matrix-matrix) updates in GPTQ.
+GPTQ_BLOCK = 128
+
+
+@dataclass
+class Grid:
+    """Per-weight uniform grid: value = step·(q − zero), q integer in [lo, hi]."""
+
+    step: np.ndarray  # same shape as the weights
+    zero: np.ndarray  # same shape, integer-valued
+    lo: int
+    hi: int
+
+    def codes(self, w: np.ndarray, sl=...) -> np.ndarray:
+        return np.clip(np.round(w / self.step[sl]) + self.zero[sl], self.lo, self.hi)
+
+    def values(self, q: np.ndarray, sl=...) -> np.ndarray:
+        return self.step[sl] * (q - self.zero[sl])
+
+    def project(self, w: np.ndarray) -> np.ndarray:
+        return self.values(self.codes(w))
+
+
+class Problems:
+    """A layer's weight matrix [n, D] cut into problems [P, r, d] with their Hessians [P, d, d]."""
+
+    def __init__(self, stats: LayerStats, n: int):
+        self.stats = stats
+        self.groups, self.dim, self.rows = stats.groups, stats.dim, n // stats.groups
+        if stats.mode == "full":
+            self.width, self.blocks = self.dim, 1
+            self.hessian = stats.moment
+        elif stats.mode == "blocked":
+            self.width, self.blocks = stats.block, stats.moment.shape[1]
+            self.hessian = stats.moment.reshape(-1, self.width, self.width)
+        else:  # diag: every column is its own problem
+            self.width, self.blocks = 1, self.dim
+            self.hessian = stats.moment.reshape(-1, 1, 1)
+
+    def split(self, m: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """[n, d] (rows of each group together) → [P, r, width]."""
+        g, r = self.groups, self.rows
+        pad = self.blocks * self.width - self.dim
+        m = m.reshape(g, r, self.dim)
+        if pad:
+            m = np.concatenate([m, np.full((g, r, pad), fill, m.dtype)], axis=2)
+        return m.reshape(g, r, self.blocks, self.width).transpose(0, 2, 1, 3).reshape(-1, r, self.width)
+
+    def join(self, p: np.ndarray) -> np.ndarray:
+        g, r = self.groups, self.rows
+        m = p.reshape(g, self.blocks, r, self.width).transpose(0, 2, 1, 3).reshape(g, r, -1)
+        return m[:, :, : self.dim].reshape(g * r, self.dim)
+
+    def row_error(self, delta: np.ndarray) -> np.ndarray:
+        """D per row of the layer, [n], for a difference given as problems [P, r, width]."""
+        per = np.einsum("prd,pde,pre->pr", delta, self.hessian, delta)
+        return per.reshape(self.groups, self.blocks, self.rows).sum(axis=1).reshape(-1)
+
+
+def _damped(h: np.ndarray, damp: float) -> np.ndarray:
+    """H + damp·mean(diag)·I, with dead inputs (zero diagonal) made harmless."""
+    h = h.astype(np.float64, copy=True)
+    diag = np.einsum("pdd->pd", h)
+    dead = diag <= 0
+    idx = np.arange(h.shape[1])
+    h[:, idx, idx] += np.where(dead, 1.0, 0.0)
+    mean = np.maximum(np.einsum("pdd->pd", h).mean(axis=1), 1e-30)
+    h[:, idx, idx] += damp * mean[:, None]
+    return h
+
+
+def gptq(w0: np.ndarray, hessian: np.ndarray, grid: Grid, damp: float = DAMP) -> np.ndarray:
+    """Error-feedback rounding of w0 [P, r, d] onto `grid`; returns the integer codes."""
+    h = _damped(hessian, damp)
+    # upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U): its rows give the optimal error propagation
+    u = np.swapaxes(np.linalg.cholesky(np.linalg.inv(h)), 1, 2)
+    w = w0.astype(np.float64, copy=True)
+    q = np.empty_like(w)
+    d = w.shape[2]
+    for i1 in range(0, d, GPTQ_BLOCK):
+        i2 = min(i1 + GPTQ_BLOCK, d)
+        errors = np.empty(w.shape[:2] + (i2 - i1,))
+        for j in range(i1, i2):
+            q[:, :, j] = grid.codes(w[:, :, j], (slice(None), slice(None), j))
+            err = (w[:, :, j] - grid.values(q[:, :, j], (slice(None), slice(None), j))) / u[:, j, j][:, None]
+            w[:, :, j:i2] -= err[:, :, None] * u[:, None, j, j:i2]
+            errors[:, :, j - i1] = err
+        w[:, :, i2:] -= errors @ u[:, i1:i2, i2:]
+    return q
+
+
+def cluster_pull(
+    w0: np.ndarray, hessian: np.ndarray, grid: Grid, iterations: int = 40, growth: float = 1.25
+) -> np.ndarray:
+    """ADMM on D(W) + indicator(Z on grid), W = Z: returns the codes of the best Z it visited.
+
+    W ← (2·W0·H + ρ(Z − U))(2H + ρI)⁻¹ via one eigendecomposition of H; Z ← grid(W + U);
+    U ← U + W − Z; ρ grows geometrically from a twentieth of H's mean diagonal.
+    """
+    h = _damped(hessian, 1e-6)
+    lam, vec = np.linalg.eigh(h)
+    target = 2 * w0 @ h  # [P, r, d]
+    rho = 0.05 * lam.mean(axis=1)[:, None, None]
+    z = grid.project(w0)
+    u = np.zeros_like(z)
+    best = grid.codes(w0)
+    best_err = np.einsum("prd,pde,pre->pr", z - w0, h, z - w0)
+    for _ in range(iterations):
+        rhs = (target + rho * (z - u)) @ vec
+        w = (rhs / (2 * lam[:, None, :] + rho)) @ np.swapaxes(vec, 1, 2)
+        codes = grid.codes(w + u)
+        z = grid.values(codes)
+        u += w - z
+        rho *= growth
+        err = np.einsum("prd,pde,pre->pr", z - w0, h, z - w0)
+        better = err < best_err
+        best = np.where(better[:, :, None], codes, best)
+        best_err = np.where(better, err, best_err)
+    return best
+
+
+def refit_steps(problems: Problems, w0: np.ndarray, codes: np.ndarray, grid: Grid) -> np.ndarray:
+    """Per-row step minimising D for fixed codes: Σ c·H·w0 / Σ c·H·c over the row's problems.
+
+    Only for grids with one step per row (per-channel); returns the new steps [n].
+    """
+    c = codes - grid.zero
+    h = problems.hessian
+    num = np.einsum("prd,pde,pre->pr", c, h, w0)
+    den = np.einsum("prd,pde,pre->pr", c, h, c)
+    g, nb, r = problems.groups, problems.blocks, problems.rows
+    num = num.reshape(g, nb, r).sum(axis=1).reshape(-1)
+    den = den.reshape(g, nb, r).sum(axis=1).reshape(-1)
+    old = problems.join(grid.step)[:, 0]
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), old)
