@@ -159,4 +159,5 @@ def refit_steps(problems: Problems, w0: np.ndarray, codes: np.ndarray, grid: Gri
     num = num.reshape(g, nb, r).sum(axis=1).reshape(-1)
     den = den.reshape(g, nb, r).sum(axis=1).reshape(-1)
     old = problems.join(grid.step)[:, 0]
-    return np.where(den > 0, num / np.where(den > 0, den, 1.0), old)
+    new = num / np.where(den > 0, den, 1.0)
+    return np.where((den > 0) & (new > 0), new, old)

@@ -2,9 +2,10 @@
 
 from onnxtq.passes.calibrate import CalibratePass
 from onnxtq.passes.compact_names import CompactNamesPass
+from onnxtq.passes.crq import CrqPass
 from onnxtq.passes.fold_bn import FoldBatchNormPass
 from onnxtq.passes.rtn import RtnPass
 
-REGISTRY = {p.name: p for p in (FoldBatchNormPass, CalibratePass, RtnPass, CompactNamesPass)}
+REGISTRY = {p.name: p for p in (FoldBatchNormPass, CalibratePass, RtnPass, CrqPass, CompactNamesPass)}
 
-__all__ = ["REGISTRY", "CalibratePass", "CompactNamesPass", "FoldBatchNormPass", "RtnPass"]
+__all__ = ["REGISTRY", "CalibratePass", "CompactNamesPass", "CrqPass", "FoldBatchNormPass", "RtnPass"]

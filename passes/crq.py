@@ -1,0 +1,159 @@
+"""crq: ternary and low-bit weights by layer-wise reconstruction on calibration statistics.
+
+Cluster-regularized quantization (Hu et al., 2019) pulls full-precision weights toward their
+cluster centres while retraining. Without labels or a training loop we do the same per layer
+on the calibration Hessian H = E[x xᵀ] (onnxtq.reconstruct):
+
+1. a starting grid per channel (or block): RTN with the output-weighted MSE-optimal clip;
+2. `method=crq`: ADMM pulls the weights onto that grid while keeping the layer output error
+   tr(ΔW H ΔWᵀ) small, the steps are refitted in closed form, and GPTQ error-feedback rounding
+   finishes on the refitted grid; `method=gptq`: GPTQ rounding and step refits only;
+3. per output channel, the candidate (RTN, ADMM, GPTQ) with the smallest output error is kept,
+   so a layer never ends worse than RTN on its own objective; then the bias is corrected.
+
+`ternary=true` restricts 2-bit codes to {−1, 0, +1} (INT2 container, opset 25). The first and
+last quantized layers and depthwise convs are sensitive and small: they get `first_last_bits`
+and `depthwise_bits` (0: same as `bits`), and the report says what each kept layer costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnxtq.passes.rtn import blocking_for, fp32_steps_only
+from tqdm import tqdm
+
+from onnxtq.bias import bias_note
+from onnxtq.emit import replace_weight
+from onnxtq.packing import min_opset
+from onnxtq.pass_infra import Context, Pass, PassConfig
+from onnxtq.quantize import GroupCode, int_range, quantize_groups
+from onnxtq.reconstruct import Grid, Problems, cluster_pull, gptq, refit_steps
+from onnxtq.report import PassReport, WeightRecord
+from onnxtq.weights import WeightSite, discover
+
+
+@dataclass(frozen=True)
+class CrqConfig(PassConfig):
+    bits: int = 2
+    ternary: bool = False  # 2-bit codes limited to {-1, 0, +1}, one step per group
+    block: int = 0  # 0 = per output channel
+    method: str = "crq"  # crq (cluster pull + GPTQ) | gptq
+    first_last_bits: int = 8  # bits of the first and last quantized layers (0: same as bits)
+    depthwise_bits: int = 8  # bits of depthwise convs (0: same as bits)
+    min_elements: int = 1024
+    scale_bits: int = 32
+    bias_correct: bool = True
+
+    def __post_init__(self):
+        if self.bits not in range(2, 9):
+            raise ValueError(f"bits must be 2..8, not {self.bits}")
+        if self.ternary and self.bits != 2:
+            raise ValueError("ternary needs bits=2")
+        if self.method not in ("crq", "gptq"):
+            raise ValueError(f"method must be crq or gptq, not '{self.method}'")
+        for name in ("first_last_bits", "depthwise_bits"):
+            if getattr(self, name) not in (0, *range(2, 9)):
+                raise ValueError(f"{name} must be 0 or 2..8")
+        if self.block and (self.block < 2 or self.block & (self.block - 1)):
+            raise ValueError(f"block must be 0 or a power of two >= 2, not {self.block}")
+        if self.scale_bits not in (16, 32):
+            raise ValueError(f"scale_bits must be 16 or 32, not {self.scale_bits}")
+
+
+class CrqPass(Pass):
+    name = "crq"
+    Config = CrqConfig
+    needs_stats = True
+
+    def min_opset(self) -> int:
+        cfg = self.config
+        lowest = min(b or cfg.bits for b in (cfg.bits, cfg.first_last_bits, cfg.depthwise_bits))
+        return max(min_opset(lowest), 21 if cfg.block else 13, 23 if cfg.scale_bits == 16 else 0)
+
+    def run(self, ctx: Context) -> PassReport:
+        report = self.new_report()
+        found = discover(ctx.graph)
+        for name, node, reason in found.skipped:
+            report.records.append(WeightRecord(name, node, "", "skipped", reason=reason))
+        sites = [s for s in found.sites if np.prod(s.shape) >= self.config.min_elements]
+        for site in found.sites:
+            if site not in sites:
+                reason = f"kept in float: {np.prod(site.shape)} elements < min_elements={self.config.min_elements}"
+                report.records.append(WeightRecord.of(site, "skipped", reason=reason))
+        ends = {sites[0].name, sites[-1].name} if sites else set()
+        kept = []
+        for site in tqdm(sites, desc=self.name, unit="weight", disable=None, leave=False):
+            bits = self._bits_for(site, ends)
+            record = self._quantize(ctx, site, bits)
+            report.records.append(record)
+            if bits != self.config.bits:
+                kept.append(f"{site.name} ({site.kind}, {bits} bits, {record.bytes_after:,d} B)")
+        if kept:
+            report.notes.append(f"kept at higher precision: {', '.join(kept)}")
+        if self.config.bias_correct:
+            report.notes.append(bias_note(report.records, True))
+        return report
+
+    def _bits_for(self, site: WeightSite, ends: set[str]) -> int:
+        cfg = self.config
+        if site.name in ends and cfg.first_last_bits:
+            return cfg.first_last_bits
+        if site.kind == "depthwise" and cfg.depthwise_bits:
+            return cfg.depthwise_bits
+        return cfg.bits
+
+    def _quantize(self, ctx: Context, site: WeightSite, bits: int) -> WeightRecord:
+        cfg = self.config
+        w = ctx.graph.array(site.name)
+        blocking = blocking_for(site, cfg.block)
+        layer = ctx.stats.get(site)
+        ternary = cfg.ternary and bits == 2
+        symmetric = ternary or bits >= 3
+        qrange = (-1, 1) if ternary else int_range(bits, symmetric)
+        importance = ctx.stats.importance(site)
+        h = None if importance is None else blocking.to_groups(importance)
+        scale_dtype = np.float16 if cfg.scale_bits == 16 and not fp32_steps_only(site) else np.float32
+        code = quantize_groups(blocking.to_groups(w), bits, symmetric, True, h, scale_dtype, qrange)
+        if layer is not None and site.to_matrix(w).shape[1] == layer.dim:
+            code = self._reconstruct(site, w, blocking, code, layer, qrange, scale_dtype)
+        return replace_weight(ctx.graph, site, blocking, code, layer, self.name, cfg.bias_correct)
+
+    def _reconstruct(self, site, w, blocking, code: GroupCode, layer, qrange, scale_dtype) -> GroupCode:
+        """Per output channel, the best of RTN, (ADMM →) refit → GPTQ on the layer objective."""
+        per_channel = not blocking.block
+        size = blocking.to_groups(w).shape[1]
+
+        def layout(per_group: np.ndarray) -> np.ndarray:  # per-group values → matrix of the weight's shape
+            full = np.repeat(per_group.astype(np.float64)[:, None], size, axis=1)
+            return site.to_matrix(blocking.from_groups(full))
+
+        problems = Problems(layer, site.rows)
+        w0 = problems.split(site.to_matrix(w).astype(np.float64))
+        zero = code.zero_point if code.zero_point is not None else np.zeros(len(code.scale))
+        start = Grid(problems.split(layout(code.scale.astype(np.float64)), 1.0), problems.split(layout(zero)), *qrange)
+        candidates = [(start.codes(w0), start)]  # RTN
+        grid = start
+        if self.config.method == "crq":
+            pulled = cluster_pull(w0, problems.hessian, start)
+            candidates.append((pulled, start))
+            if per_channel:
+                grid = Grid(problems.split(layout(refit_steps(problems, w0, pulled, start)), 1.0), start.zero, *qrange)
+        for _ in range(2):
+            codes = gptq(w0, problems.hessian, grid)
+            candidates.append((codes, grid))
+            if not per_channel:
+                break
+            grid = Grid(problems.split(layout(refit_steps(problems, w0, codes, grid)), 1.0), grid.zero, *qrange)
+            candidates.append((codes, grid))
+        errors = np.stack([problems.row_error(g.values(c) - w0) for c, g in candidates])  # [candidates, n]
+        best = errors.argmin(axis=0)
+        q_rows = np.stack([problems.join(c) for c, _ in candidates])[best, np.arange(site.rows)]
+        q = blocking.to_groups(site.from_matrix(q_rows)).astype(np.int32)
+        scale = code.scale
+        if per_channel:
+            steps = np.stack([problems.join(g.step)[:, 0] for _, g in candidates])[best, np.arange(site.rows)]
+            scale = np.where(steps > 0, steps, code.scale).astype(scale_dtype)
+            q = np.clip(q, *qrange)
+        return GroupCode(q, scale, code.zero_point, code.bits)
