@@ -70,14 +70,24 @@ def replace_weight(
     layer: LayerStats | None,
     pass_name: str,
     bias_correct: bool,
+    reference: LayerStats | None = None,
 ) -> WeightRecord:
-    """The common tail of every quantizing pass: correct the bias, emit, and account the weight."""
+    """The common tail of every quantizing pass: correct the bias, emit, and account the weight.
+
+    `layer` describes the inputs the layer will see; when those come from an already quantized
+    network, `reference` describes the original inputs, and the bias then absorbs E[Ŵx̃] − E[Wx].
+    """
     w = graph.array(site.name).astype(np.float64)
     before = tensor_nbytes(graph.initializers[site.name])
     w_hat = dequantized(blocking, code)
     why_not = ""
-    if bias_correct:
-        why_not = correct_bias(graph, site, output_shift(site, layer, w_hat - w)) if layer else "no statistics"
+    if bias_correct and layer is None:
+        why_not = "no statistics"
+    elif bias_correct:
+        shift = output_shift(site, layer, w_hat - w)
+        if reference is not None:
+            shift += output_shift(site, layer, w) - output_shift(site, reference, w)
+        why_not = correct_bias(graph, site, shift)
     after = emit_dequantize(graph, site, blocking, code, pass_name)
     record = WeightRecord.of(site, "quantized", bytes_before=before, bytes_after=after, bits=8 * after / w.size)
     record.bias_corrected = bias_correct and not why_not

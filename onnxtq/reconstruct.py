@@ -80,11 +80,16 @@ class Problems:
 
     def row_error(self, delta: np.ndarray) -> np.ndarray:
         """D per row of the layer, [n], for a difference given as problems [P, r, width]."""
-        per = np.einsum("prd,pde,pre->pr", delta, self.hessian, delta)
+        per = _quadratic(delta, self.hessian)
         return per.reshape(self.groups, self.blocks, self.rows).sum(axis=1).reshape(-1)
 
 
-def _damped(h: np.ndarray, damp: float) -> np.ndarray:
+def _quadratic(delta: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """δᵀ H δ for every row of every problem, [P, r] (a BLAS product, not a 3-operand einsum)."""
+    return ((delta @ h) * delta).sum(axis=2)
+
+
+def damped(h: np.ndarray, damp: float) -> np.ndarray:
     """H + damp·mean(diag)·I, with dead inputs (zero diagonal) made harmless."""
     h = h.astype(np.float64, copy=True)
     diag = np.einsum("pdd->pd", h)
@@ -96,9 +101,29 @@ def _damped(h: np.ndarray, damp: float) -> np.ndarray:
     return h
 
 
-def gptq(w0: np.ndarray, hessian: np.ndarray, grid: Grid, damp: float = DAMP) -> np.ndarray:
-    """Error-feedback rounding of w0 [P, r, d] onto `grid`; returns the integer codes."""
-    h = _damped(hessian, damp)
+def gptq(w0: np.ndarray, hessian: np.ndarray, grid: Grid, damp: float = DAMP, act_order: bool = True) -> np.ndarray:
+    """Error-feedback rounding of w0 [P, r, d] onto `grid`; returns the integer codes.
+
+    Columns go in order of decreasing H_jj ("act order"): the inputs that matter most are
+    rounded first, while the most columns remain to absorb their error.
+    """
+    if not act_order:
+        return _gptq_in_order(w0, hessian, grid, damp)
+    order = np.argsort(-np.einsum("pdd->pd", hessian), axis=1, kind="stable")  # [P, d]
+    take = np.arange(len(order))[:, None]
+    inverse = np.argsort(order, axis=1)
+    permuted = Grid(_columns(grid.step, order), _columns(grid.zero, order), grid.lo, grid.hi)
+    h = hessian[take[:, :, None], order[:, :, None], order[:, None, :]]
+    return _columns(_gptq_in_order(_columns(w0, order), h, permuted, damp), inverse)
+
+
+def _columns(a: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """a [P, r, d] with each problem's columns taken in `order` [P, d]."""
+    return np.take_along_axis(a, order[:, None, :], axis=2)
+
+
+def _gptq_in_order(w0: np.ndarray, hessian: np.ndarray, grid: Grid, damp: float) -> np.ndarray:
+    h = damped(hessian, damp)
     # upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U): its rows give the optimal error propagation
     u = np.swapaxes(np.linalg.cholesky(np.linalg.inv(h)), 1, 2)
     w = w0.astype(np.float64, copy=True)
@@ -124,14 +149,14 @@ def cluster_pull(
     W ← (2·W0·H + ρ(Z − U))(2H + ρI)⁻¹ via one eigendecomposition of H; Z ← grid(W + U);
     U ← U + W − Z; ρ grows geometrically from a twentieth of H's mean diagonal.
     """
-    h = _damped(hessian, 1e-6)
+    h = damped(hessian, 1e-6)
     lam, vec = np.linalg.eigh(h)
     target = 2 * w0 @ h  # [P, r, d]
     rho = 0.05 * lam.mean(axis=1)[:, None, None]
     z = grid.project(w0)
     u = np.zeros_like(z)
     best = grid.codes(w0)
-    best_err = np.einsum("prd,pde,pre->pr", z - w0, h, z - w0)
+    best_err = _quadratic(z - w0, h)
     for _ in range(iterations):
         rhs = (target + rho * (z - u)) @ vec
         w = (rhs / (2 * lam[:, None, :] + rho)) @ np.swapaxes(vec, 1, 2)
@@ -139,7 +164,7 @@ def cluster_pull(
         z = grid.values(codes)
         u += w - z
         rho *= growth
-        err = np.einsum("prd,pde,pre->pr", z - w0, h, z - w0)
+        err = _quadratic(z - w0, h)
         better = err < best_err
         best = np.where(better[:, :, None], codes, best)
         best_err = np.where(better, err, best_err)
@@ -153,8 +178,9 @@ def refit_steps(problems: Problems, w0: np.ndarray, codes: np.ndarray, grid: Gri
     """
     c = codes - grid.zero
     h = problems.hessian
-    num = np.einsum("prd,pde,pre->pr", c, h, w0)
-    den = np.einsum("prd,pde,pre->pr", c, h, c)
+    ch = c @ h
+    num = (ch * w0).sum(axis=2)
+    den = (ch * c).sum(axis=2)
     g, nb, r = problems.groups, problems.blocks, problems.rows
     num = num.reshape(g, nb, r).sum(axis=1).reshape(-1)
     den = den.reshape(g, nb, r).sum(axis=1).reshape(-1)

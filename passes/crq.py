@@ -8,6 +8,7 @@ on the calibration Hessian H = E[x xᵀ] (onnxtq.reconstruct):
 2. `method=crq`: ADMM pulls the weights onto that grid while keeping the layer output error
    tr(ΔW H ΔWᵀ) small, the steps are refitted in closed form, and GPTQ error-feedback rounding
    finishes on the refitted grid; `method=gptq`: GPTQ rounding and step refits only;
+   `method=rtn`: step 1 alone, the baseline at the same bits and precision policy;
 3. per output channel, the candidate (RTN, ADMM, GPTQ) with the smallest output error is kept,
    so a layer never ends worse than RTN on its own objective; then the bias is corrected.
 
@@ -21,17 +22,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 from onnxtq.passes.rtn import blocking_for, fp32_steps_only
 from tqdm import tqdm
 
 from onnxtq.bias import bias_note
+from onnxtq.calibration import CalibrationConfig, collect_drift, importance
 from onnxtq.emit import replace_weight
 from onnxtq.packing import min_opset
 from onnxtq.pass_infra import Context, Pass, PassConfig
 from onnxtq.quantize import GroupCode, int_range, quantize_groups
-from onnxtq.reconstruct import Grid, Problems, cluster_pull, gptq, refit_steps
+from onnxtq.reconstruct import DAMP, Grid, Problems, cluster_pull, gptq, refit_steps
 from onnxtq.report import PassReport, WeightRecord
 from onnxtq.weights import WeightSite, discover
+
+#: Sequential fitting needs this many calibration patches per input dimension; below it (a classifier
+#: on a few hundred images) a layer would memorise its calibration outputs, so it keeps the original target.
+MIN_PATCHES_PER_INPUT = 16
+#: Above this depth the grid is fine enough that the cluster pull gains nothing GPTQ does not.
+CLUSTER_PULL_MAX_BITS = 4
 
 
 @dataclass(frozen=True)
@@ -39,20 +48,21 @@ class CrqConfig(PassConfig):
     bits: int = 2
     ternary: bool = False  # 2-bit codes limited to {-1, 0, +1}, one step per group
     block: int = 0  # 0 = per output channel
-    method: str = "crq"  # crq (cluster pull + GPTQ) | gptq
+    method: str = "crq"  # crq (cluster pull + GPTQ) | gptq | rtn (the same grids and policy, no reconstruction)
     first_last_bits: int = 8  # bits of the first and last quantized layers (0: same as bits)
     depthwise_bits: int = 8  # bits of depthwise convs (0: same as bits)
     min_elements: int = 1024
     scale_bits: int = 32
     bias_correct: bool = True
+    sequential: bool = False  # fit each layer to the inputs of the network quantized before it
 
     def __post_init__(self):
         if self.bits not in range(2, 9):
             raise ValueError(f"bits must be 2..8, not {self.bits}")
         if self.ternary and self.bits != 2:
             raise ValueError("ternary needs bits=2")
-        if self.method not in ("crq", "gptq"):
-            raise ValueError(f"method must be crq or gptq, not '{self.method}'")
+        if self.method not in ("crq", "gptq", "rtn"):
+            raise ValueError(f"method must be crq, gptq or rtn, not '{self.method}'")
         for name in ("first_last_bits", "depthwise_bits"):
             if getattr(self, name) not in (0, *range(2, 9)):
                 raise ValueError(f"{name} must be 0 or 2..8")
@@ -83,17 +93,33 @@ class CrqPass(Pass):
                 reason = f"kept in float: {np.prod(site.shape)} elements < min_elements={self.config.min_elements}"
                 report.records.append(WeightRecord.of(site, "skipped", reason=reason))
         ends = {sites[0].name, sites[-1].name} if sites else set()
+        reference = onnx.ModelProto()
+        reference.CopyFrom(ctx.graph.model)
         kept = []
-        for site in tqdm(sites, desc=self.name, unit="weight", disable=None, leave=False):
-            bits = self._bits_for(site, ends)
-            record = self._quantize(ctx, site, bits)
-            report.records.append(record)
-            if bits != self.config.bits:
-                kept.append(f"{site.name} ({site.kind}, {bits} bits, {record.bytes_after:,d} B)")
+        with tqdm(total=len(sites), desc=self.name, unit="weight", disable=None, leave=False) as bar:
+            for stage in _stages(sites) if self.config.sequential else [sites]:
+                drift = {}
+                if self.config.sequential:
+                    drift = collect_drift(reference, ctx.graph.model, stage, ctx.data, CalibrationConfig())
+                for site in stage:
+                    bits = self._bits_for(site, ends)
+                    record = self._quantize(ctx, site, bits, drift.get(site.name))
+                    report.records.append(record)
+                    if bits != self.config.bits:
+                        kept.append(f"{site.name} ({site.kind}, {bits} bits, {record.bytes_after:,d} B)")
+                    bar.update()
         if kept:
             report.notes.append(f"kept at higher precision: {', '.join(kept)}")
         if self.config.bias_correct:
             report.notes.append(bias_note(report.records, True))
+        if self.config.sequential:
+            report.notes.append("each layer fitted to the inputs of the network quantized before it")
+        few = [s.name for s in sites if (st := ctx.stats.get(s)) is not None and not _enough(st)]
+        if few and self.config.sequential:
+            report.notes.append(
+                f"fitted to the original inputs (fewer than {MIN_PATCHES_PER_INPUT} calibration patches per input "
+                "dimension to fit the quantized network's): " + ", ".join(few)
+            )
         return report
 
     def _bits_for(self, site: WeightSite, ends: set[str]) -> int:
@@ -104,21 +130,34 @@ class CrqPass(Pass):
             return cfg.depthwise_bits
         return cfg.bits
 
-    def _quantize(self, ctx: Context, site: WeightSite, bits: int) -> WeightRecord:
+    def _quantize(self, ctx: Context, site: WeightSite, bits: int, drift=None) -> WeightRecord:
+        """Quantize one weight; `drift` = (stats of the inputs it really gets, cross moment with the originals)."""
         cfg = self.config
         w = ctx.graph.array(site.name)
         blocking = blocking_for(site, cfg.block)
-        layer = ctx.stats.get(site)
+        reference = ctx.stats.get(site)
+        layer, target = reference, w
+        if drift is not None and _enough(drift[0]):
+            layer, cross = drift
+            target = site.from_matrix(_drift_target(site, site.to_matrix(w), layer, cross)).astype(w.dtype)
         ternary = cfg.ternary and bits == 2
         symmetric = ternary or bits >= 3
         qrange = (-1, 1) if ternary else int_range(bits, symmetric)
-        importance = ctx.stats.importance(site)
-        h = None if importance is None else blocking.to_groups(importance)
+        h = None if layer is None else blocking.to_groups(importance(site, layer))
         scale_dtype = np.float16 if cfg.scale_bits == 16 and not fp32_steps_only(site) else np.float32
-        code = quantize_groups(blocking.to_groups(w), bits, symmetric, True, h, scale_dtype, qrange)
-        if layer is not None and site.to_matrix(w).shape[1] == layer.dim:
-            code = self._reconstruct(site, w, blocking, code, layer, qrange, scale_dtype)
-        return replace_weight(ctx.graph, site, blocking, code, layer, self.name, cfg.bias_correct)
+        code = quantize_groups(blocking.to_groups(target), bits, symmetric, True, h, scale_dtype, qrange)
+        if cfg.method != "rtn" and layer is not None and site.to_matrix(w).shape[1] == layer.dim:
+            code = self._reconstruct(site, target, blocking, code, layer, qrange, scale_dtype)
+        return replace_weight(
+            ctx.graph,
+            site,
+            blocking,
+            code,
+            layer,
+            self.name,
+            cfg.bias_correct,
+            reference if layer is not reference else None,
+        )
 
     def _reconstruct(self, site, w, blocking, code: GroupCode, layer, qrange, scale_dtype) -> GroupCode:
         """Per output channel, the best of RTN, (ADMM →) refit → GPTQ on the layer objective."""
@@ -135,7 +174,7 @@ class CrqPass(Pass):
         start = Grid(problems.split(layout(code.scale.astype(np.float64)), 1.0), problems.split(layout(zero)), *qrange)
         candidates = [(start.codes(w0), start)]  # RTN
         grid = start
-        if self.config.method == "crq":
+        if self.config.method == "crq" and code.bits <= CLUSTER_PULL_MAX_BITS:
             pulled = cluster_pull(w0, problems.hessian, start)
             candidates.append((pulled, start))
             if per_channel:
@@ -157,3 +196,32 @@ class CrqPass(Pass):
             scale = np.where(steps > 0, steps, code.scale).astype(scale_dtype)
             q = np.clip(q, *qrange)
         return GroupCode(q, scale, code.zero_point, code.bits)
+
+
+def _enough(stats) -> bool:
+    return stats.count >= MIN_PATCHES_PER_INPUT * stats.dim
+
+
+def _stages(sites: list[WeightSite]) -> list[list[WeightSite]]:
+    """Sites in order, those reading the same input together: one calibration run per stage."""
+    stages: dict = {}
+    for site in sites:
+        stages.setdefault(site.activation or site.name, []).append(site)
+    return list(stages.values())
+
+
+def _drift_target(site: WeightSite, w: np.ndarray, own, cross) -> np.ndarray:
+    """The weight that best maps the inputs x̃ a layer really gets to the outputs W·x it should give.
+
+    Minimises E‖W·x − W*·x̃‖² + λ‖W* − W‖² (C = E[x̃ xᵀ], H̃ = E[x̃ x̃ᵀ]):
+    W* = (W·Cᵀ + λW)(H̃ + λI)⁻¹, with λ = DAMP·mean(diag H̃) keeping W* at W in the input
+    directions calibration never visits (rank-deficient H̃), where fitting would only memorise.
+    """
+    problems = Problems(own, site.rows)
+    h = problems.hessian
+    lam = DAMP * np.maximum(np.einsum("pdd->pd", h).mean(axis=1), 1e-30)[:, None, None]
+    w0 = problems.split(w.astype(np.float64))
+    c = Problems(cross, site.rows).hessian
+    rhs = w0 @ np.swapaxes(c, 1, 2) + lam * w0
+    eye = np.eye(h.shape[1])[None]
+    return problems.join(np.linalg.solve(h + lam * eye, np.swapaxes(rhs, 1, 2)).swapaxes(1, 2))

@@ -54,13 +54,15 @@ class StatsStore:
         return self.by_site.get(site.name)
 
     def importance(self, site: WeightSite) -> np.ndarray | None:
-        """diag(H) broadcast to the stored weight's layout: how much each weight's error costs."""
         stats = self.get(site)
-        if stats is None:
-            return None
-        h = np.maximum(stats.diag(), 0.0)  # [g, d]
-        rows = np.repeat(h, site.rows // stats.groups, axis=0)  # row o belongs to group o // (n/g)
-        return site.from_matrix(rows)
+        return None if stats is None else importance(site, stats)
+
+
+def importance(site: WeightSite, stats: LayerStats) -> np.ndarray:
+    """diag(H) broadcast to the stored weight's layout: how much each weight's error costs."""
+    h = np.maximum(stats.diag(), 0.0)  # [g, d]
+    rows = np.repeat(h, site.rows // stats.groups, axis=0)  # row o belongs to group o // (n/g)
+    return site.from_matrix(rows)
 
 
 def _key(site: WeightSite):
@@ -132,6 +134,15 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
     return exposed.SerializeToString()
 
 
+def _first_batch(source: Source, config: CalibrationConfig) -> tuple[tuple[int, dict], int]:
+    """The first sample, and the batch size that keeps one run's input under INPUT_BATCH_BYTES."""
+    first = next(iter(source.batches(1)), None)
+    if first is None:
+        raise DataError("the calibration source yielded no samples")
+    sample_bytes = sum(v.nbytes for v in first[1].values())
+    return first, min(config.batch, max(1, INPUT_BATCH_BYTES // max(sample_bytes, 1)))  # big inputs: small batches
+
+
 def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, config: CalibrationConfig) -> StatsStore:
     """Statistics for every site with an activation, from one or more streamed passes over `source`."""
     targets = [s for s in sites if s.activation is not None]
@@ -142,11 +153,7 @@ def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, con
     for site in targets:
         by_key.setdefault(_key(site), (site, _accumulator(site, config)))
     tensors = sorted({k[0] for k in by_key if k[0] not in inputs})
-    first = next(iter(source.batches(1)), None)
-    if first is None:
-        raise DataError("the calibration source yielded no samples")
-    sample_bytes = sum(v.nbytes for v in first[1].values())
-    batch = min(config.batch, max(1, INPUT_BATCH_BYTES // max(sample_bytes, 1)))  # big inputs: small batches
+    first, batch = _first_batch(source, config)
     sizes = {k: v * batch for k, v in _activation_bytes(model, first[1], tensors, config.threads).items()}
     plan = _plan(tensors, sizes, config.memory_mb * 2**20) or [[]]
     limit = config.samples or source.num_samples
@@ -177,3 +184,40 @@ def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, con
     for site in targets:
         by_site[site.name] = finalized[_key(site)]
     return StatsStore(by_site, min(limit, source.num_samples), source.description)
+
+
+def collect_drift(
+    reference: onnx.ModelProto,
+    current: onnx.ModelProto,
+    sites: list[WeightSite],
+    source: Source,
+    config: CalibrationConfig,
+) -> dict[str, tuple[LayerStats, LayerStats]]:
+    """What `sites` see in `current`, a partly quantized copy of `reference`, on the same inputs.
+
+    Per site: the statistics (E[x̃], E[x̃ x̃ᵀ]) of its input x̃ in `current`, and the cross moment
+    E[x̃ xᵀ] with its input x in `reference`, over identical patches. A layer fitted to these
+    reproduces the reference output from the inputs it will really get (no error accumulation).
+    """
+    inputs = {vi.name for vi in reference.graph.input}
+    exposed = sorted({s.activation for s in sites} - inputs)
+    runs = [model_io.session(_with_outputs(m, exposed), config.threads) for m in (reference, current)]
+    _, batch = _first_batch(source, config)
+    accs = {s.name: (_accumulator(s, config), _accumulator(s, config)) for s in sites}
+    rng = np.random.default_rng(config.seed)
+    limit, seen = config.samples or source.num_samples, 0
+    for n, feed in source.batches(batch):
+        if seen >= limit:
+            break
+        feed = {k: v[: limit - seen] for k, v in feed.items()}
+        ref, cur = ({**dict(zip(exposed, sess.run(exposed, feed))), **feed} for sess in runs)
+        for site in sites:
+            seed = int(rng.integers(2**63))  # the same patch positions in both models
+            x_ref = _chunks(site, ref[site.activation], config, np.random.default_rng(seed))
+            x_cur = _chunks(site, cur[site.activation], config, np.random.default_rng(seed))
+            own, cross = accs[site.name]
+            for a, b in zip(x_cur, x_ref):
+                own.update(a)
+                cross.update(a, b)
+        seen += min(n, limit - seen)
+    return {name: (own.finalize(), cross.finalize()) for name, (own, cross) in accs.items()}

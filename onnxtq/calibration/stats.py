@@ -77,25 +77,27 @@ class MomentAccumulator:
         else:
             raise ValueError(f"unknown statistics mode '{mode}'")
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
+        """Add patches x [P, g, d]; with y (the same patches elsewhere), accumulate E[x yᵀ] instead of E[x xᵀ]."""
         x = x.astype(np.float64, copy=False)
+        y = x if y is None else y.astype(np.float64, copy=False)
         self.count += x.shape[0]
         self.sum += x.sum(axis=0)
         if self.mode == "diag":
-            self.moment += np.einsum("pgd,pgd->gd", x, x)
+            self.moment += np.einsum("pgd,pgd->gd", x, y)
             return
         if self.mode == "full" and self.groups == 1:
-            self.moment[0] += x[:, 0].T @ x[:, 0]
+            self.moment[0] += x[:, 0].T @ y[:, 0]
             return
-        xg = np.ascontiguousarray(x.transpose(1, 0, 2))  # [g, P, d]: batched BLAS wants it contiguous
-        xt = xg.transpose(0, 2, 1)  # [g, d, P]
+        xt = np.ascontiguousarray(x.transpose(1, 2, 0))  # [g, d, P]: batched BLAS wants it contiguous
+        yg = xt.transpose(0, 2, 1) if y is x else np.ascontiguousarray(y.transpose(1, 0, 2))  # [g, P, d]
         if self.mode == "full":
-            self.moment += xt @ xg
+            self.moment += xt @ yg
             return
         for b in range(self.moment.shape[1]):
-            blk = xt[:, b * self.block : (b + 1) * self.block]
-            n = blk.shape[1]
-            self.moment[:, b, :n, :n] += blk @ blk.transpose(0, 2, 1)
+            cols = slice(b * self.block, (b + 1) * self.block)
+            n = xt[:, cols].shape[1]
+            self.moment[:, b, :n, :n] += xt[:, cols] @ yg[:, :, cols]
 
     def merge(self, other: MomentAccumulator) -> None:
         self.count += other.count

@@ -1,8 +1,9 @@
-"""RTN baseline on the zoo: compress with onnxtq, then score with the zoo's evals (default onnxruntime options).
+"""onnxtq on the zoo: compress with named configs, then score with the zoo's evals (default onnxruntime options).
 
-usage: python run_rtn.py [--zoo /work/zoo] [--calib DIR] [--out DIR] [--configs w8 w4 w4b32] [--models ...]
+usage: python run_zoo.py [--zoo /work/zoo] [--calib DIR] [--out DIR] [--configs w8 w4 ...] [--models ...]
+                         [--results NAME.jsonl] [--table]
 Needs the calibration files from make_calib.py (CALIB/<model>_calib<N>.npz). Appends one JSON line per run
-to OUT/rtn_results.jsonl; compressed models, reports and logs go to OUT/models. Only the standard library is
+to OUT/RESULTS; compressed models, reports and logs go to OUT/models. Only the standard library is
 used here; the evals run under the zoo's venv (ZOO/.venv/bin/python), onnxtq from this repo's .venv.
 """
 
@@ -19,6 +20,14 @@ CONFIGS = {  # what follows `fold-bn,calibrate,` in the pipeline
     "w4b32": "rtn{bits=4,block=32}",
     "w8s16": "rtn{bits=8,scale_bits=16,min_elements=0}",  # fp16 steps, every weight quantized
     "w8small": "rtn{bits=8,scale_bits=16,min_elements=0},compact-names",  # the smallest 8-bit file
+    # crq: first/last layers and depthwise convs at 8 bits; method=rtn is RTN with that same policy
+    "t-rtn": "crq{bits=2,ternary=true,method=rtn}",
+    "t-crq": "crq{bits=2,ternary=true}",
+    "w2-rtn": "crq{bits=2,method=rtn}",
+    "w2-crq": "crq{bits=2}",
+    "w3-rtn": "crq{bits=3,method=rtn}",
+    "w3-crq": "crq{bits=3}",
+    "w4-crq": "crq{bits=4}",
 }
 MODELS = ["mobilenet_v2", "efficientnet_lite0", "ppocrv4_det", "ppocrv4_rec"]
 
@@ -102,10 +111,11 @@ def main():
     ap.add_argument("--onnxtq", default=os.path.join(REPO, ".venv", "bin", "onnxtq"))
     ap.add_argument("--models", nargs="*", default=MODELS)
     ap.add_argument("--configs", nargs="*", default=["fp32", "w8", "w4", "w4b32"])
-    ap.add_argument("--table", action="store_true", help="only print the markdown table of OUT/rtn_results.jsonl")
+    ap.add_argument("--results", default="rtn_results.jsonl", help="file under OUT that collects the rows")
+    ap.add_argument("--table", action="store_true", help="only print the markdown table of OUT/RESULTS")
     a = ap.parse_args()
     if a.table:
-        return print(table(os.path.join(a.out, "rtn_results.jsonl")))
+        return print(table(os.path.join(a.out, a.results)))
     mdir = os.path.join(a.out, "models")
     os.makedirs(mdir, exist_ok=True)
     for cfg in a.configs:
@@ -153,7 +163,7 @@ def main():
                         pass_seconds={p["spec"]: round(p["seconds"], 1) for p in rep["passes"]},
                         eval=evaluate(a, model, out),
                     )
-            with open(os.path.join(a.out, "rtn_results.jsonl"), "a") as f:
+            with open(os.path.join(a.out, a.results), "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
 
