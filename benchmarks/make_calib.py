@@ -1,6 +1,6 @@
 """Calibration .npz files for the benchmark zoo, with each model's deployment preprocessing.
 
-usage: python make_calib.py ZOO_DIR OUT_DIR [--zoo-tools DIR]   (run with the zoo's venv: needs PIL, rapidocr)
+usage: python make_calib.py ZOO_DIR OUT_DIR [--zoo-tools DIR] [--holdout]   (zoo's venv: needs PIL, rapidocr)
 
 Writes OUT_DIR/<model>_calib<N>.npz keyed by the model's input name (axis 0 = samples, float32):
   mobilenet_v2, efficientnet_lite0: 256 random-resized crops of the zoo photos made by the zoo's
@@ -10,6 +10,8 @@ Writes OUT_DIR/<model>_calib<N>.npz keyed by the model's input name (axis 0 = sa
       centre-cropped to 4:3, all 640x480, fed through rapidocr_onnxruntime; the det session's feeds are recorded.
   ppocrv4_rec: 256 x [3,48,320]: rapidocr rec feeds for zoo_text.render_line lines (seed 100), padded with 0
       (rapidocr's pad value after normalisation) or cropped to width 320.
+--holdout writes <model>_holdout64.npz instead: 64 inputs from other seeds (imagenet 7, rec 107), on which the
+benchmark measures output SQNR away from the calibration data (reconstruction can fit the calibration set).
 The zoo tools are imported from ../shared/zoo relative to the repository unless --zoo-tools is given.
 """
 
@@ -111,19 +113,21 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--zoo-tools", default=os.path.join(REPO, "..", "shared", "zoo"))
     ap.add_argument("--only", nargs="*", help="subset of the four models")
+    ap.add_argument("--holdout", action="store_true", help="64 held-out inputs per model (other seeds; no det)")
     a = ap.parse_args()
     sys.path.insert(0, os.path.abspath(a.zoo_tools))
     os.makedirs(a.out, exist_ok=True)
-    for model in a.only or ["mobilenet_v2", "efficientnet_lite0", "ppocrv4_rec", "ppocrv4_det"]:
+    models = a.only or ["mobilenet_v2", "efficientnet_lite0", "ppocrv4_rec"] + ([] if a.holdout else ["ppocrv4_det"])
+    for model in models:
         note = ""
         if model == "ppocrv4_det":
             x = ppocr_det(a.zoo)
         elif model == "ppocrv4_rec":
-            x, cropped = ppocr_rec(a.zoo)
+            x, cropped = ppocr_rec(a.zoo, **(dict(n=64, seed=107) if a.holdout else {}))
             note = f" ({cropped} of {len(x)} lines were wider than 320 and cropped)"
         else:
-            x = imagenet(a.zoo, model)
-        path = os.path.join(a.out, f"{model}_calib{len(x)}.npz")
+            x = imagenet(a.zoo, model, **(dict(n=64, seed=7) if a.holdout else {}))
+        path = os.path.join(a.out, f"{model}_{'holdout' if a.holdout else 'calib'}{len(x)}.npz")
         np.savez(path, **{input_name(os.path.join(a.zoo, model + ".onnx")): x})
         print(
             f"{path}: {list(x.shape)} mean {x.mean():.3f} std {x.std():.3f} range [{x.min():.2f}, {x.max():.2f}]{note}",

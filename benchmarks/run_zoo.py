@@ -80,6 +80,16 @@ def metric(row):
     )
 
 
+def holdout_sqnr(a, model, src, out):
+    """Output SQNR on the held-out inputs of make_calib.py --holdout, where they exist."""
+    found = glob.glob(os.path.join(a.calib, model + "_holdout*.npz"))
+    if not found:
+        return {}
+    r = sh([a.onnxtq, "verify", src, out, "--calib", found[0], "--samples", "64"], out[:-5] + ".holdout.log")
+    lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith("output ")]
+    return {parts[1].rstrip(":"): float(parts[3]) for parts in lines}
+
+
 def table(path):
     """Markdown table of a results .jsonl (the last row per model/config wins)."""
     rows = {}
@@ -87,8 +97,8 @@ def table(path):
         r = json.loads(line)
         rows[r["model"], r["config"]] = r
     out = [
-        "| model | config | bytes | vs FP32 | output SQNR (dB) | tool wall s | peak RSS MB | task metric |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | config | bytes | vs FP32 | SQNR dB calib | SQNR dB held-out | tool s | RSS MB | task metric |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (m, c), r in sorted(
         rows.items(),
@@ -97,7 +107,18 @@ def table(path):
         fp = rows.get((m, "fp32"), {}).get("bytes")
         ratio = f"{fp / r['bytes']:.2f}x" if fp and r.get("bytes") else ""
         sq = ", ".join(f"{v:.1f}" for v in r.get("sqnr_db", {}).values()) if c != "fp32" else "inf"
-        cells = [m, c, r.get("bytes", ""), ratio, sq, r.get("tool_wall_s", ""), r.get("tool_max_rss_mb", ""), metric(r)]
+        held = ", ".join(f"{v:.1f}" for v in r.get("holdout_sqnr_db", {}).values())
+        cells = [
+            m,
+            c,
+            r.get("bytes", ""),
+            ratio,
+            sq,
+            held,
+            r.get("tool_wall_s", ""),
+            r.get("tool_max_rss_mb", ""),
+            metric(r),
+        ]
         out.append("| " + " | ".join(str(x) for x in cells) + " |")
     return "\n".join(out)
 
@@ -161,6 +182,7 @@ def main():
                         bytes=os.path.getsize(out),
                         sqnr_db={k: v["sqnr_db"] for k, v in rep["verification"]["outputs"].items()},
                         pass_seconds={p["spec"]: round(p["seconds"], 1) for p in rep["passes"]},
+                        holdout_sqnr_db=holdout_sqnr(a, model, src, out),
                         eval=evaluate(a, model, out),
                     )
             with open(os.path.join(a.out, a.results), "a") as f:

@@ -26,14 +26,12 @@ def output_shift(site: WeightSite, stats: LayerStats, delta: np.ndarray) -> np.n
     return np.einsum("gnd,gd->gn", rows, stats.mean).reshape(-1)
 
 
-def correct_bias(graph: Graph, site: WeightSite, shift: np.ndarray) -> str:
-    """Subtract `shift` from the bias of the layer that reads `site`; returns '' or why it could not.
+def correct_bias(graph: Graph, node: onnx.NodeProto, site: WeightSite, shift: np.ndarray, dtype) -> str:
+    """Subtract `shift` from the bias of `node`, the layer that reads `site`; returns '' or why it could not.
 
-    Call it before the weight is replaced (the layer is found as the reader of the weight).
-    Conv and Gemm get a bias input when they have none; MatMul is corrected through the
-    constant operand of an Add that alone reads its output.
+    Conv and Gemm get a bias input (of `dtype`) when they have none; MatMul is corrected through
+    the constant operand of an Add that alone reads its output.
     """
-    node = graph.consumers[site.name][0][0]
     if site.op in ("Conv", "Gemm"):
         beta = float(node_attr(node, "beta", 1.0)) if site.op == "Gemm" else 1.0
         if beta == 0:
@@ -41,7 +39,6 @@ def correct_bias(graph: Graph, site: WeightSite, shift: np.ndarray) -> str:
         if len(node.input) > 2 and node.input[2]:
             return _subtract(graph, node.input[2], shift / beta, node)
         name = graph.unique(f"{site.name}/onnxtq.bias")
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.initializers[site.name].data_type)
         graph.set_initializer(numpy_helper.from_array((-shift / beta).astype(dtype), name))
         del node.input[2:]
         node.input.append(name)

@@ -47,6 +47,7 @@ def emit_dequantize(graph: Graph, site: WeightSite, blocking: Blocking, code: Gr
         "DequantizeLinear", inputs, [out], name=graph.unique(f"{site.node}/onnxtq.dequant"), **attrs
     )
     tag(node, pass_name, "dequant")
+    graph.originals[out] = (site, numpy_helper.to_array(original))  # for passes that refine the codes later
     for t in stored:
         graph.set_initializer(t)
     for consumer, index in graph.consumers[site.name]:
@@ -77,7 +78,8 @@ def replace_weight(
     `layer` describes the inputs the layer will see; when those come from an already quantized
     network, `reference` describes the original inputs, and the bias then absorbs E[Ŵx̃] − E[Wx].
     """
-    w = graph.array(site.name).astype(np.float64)
+    stored_weight = graph.array(site.name)
+    w = stored_weight.astype(np.float64)
     before = tensor_nbytes(graph.initializers[site.name])
     w_hat = dequantized(blocking, code)
     why_not = ""
@@ -87,7 +89,7 @@ def replace_weight(
         shift = output_shift(site, layer, w_hat - w)
         if reference is not None:
             shift += output_shift(site, layer, w) - output_shift(site, reference, w)
-        why_not = correct_bias(graph, site, shift)
+        why_not = correct_bias(graph, graph.consumers[site.name][0][0], site, shift, stored_weight.dtype)
     after = emit_dequantize(graph, site, blocking, code, pass_name)
     record = WeightRecord.of(site, "quantized", bytes_before=before, bytes_after=after, bits=8 * after / w.size)
     record.bias_corrected = bias_correct and not why_not

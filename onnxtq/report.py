@@ -12,7 +12,7 @@ class WeightRecord:
     name: str
     node: str
     op: str
-    status: str  # quantized | folded | observed | skipped
+    status: str  # quantized | folded | refined | observed | skipped
     kind: str = ""
     shape: tuple = ()
     bytes_before: int = 0
@@ -40,7 +40,7 @@ class PassReport:
 
     @property
     def changed(self) -> list[WeightRecord]:
-        return [r for r in self.records if r.status in ("quantized", "folded")]
+        return [r for r in self.records if r.status in ("quantized", "folded", "refined")]
 
     @property
     def skipped(self) -> list[WeightRecord]:

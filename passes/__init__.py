@@ -4,8 +4,9 @@ from onnxtq.passes.calibrate import CalibratePass
 from onnxtq.passes.compact_names import CompactNamesPass
 from onnxtq.passes.crq import CrqPass
 from onnxtq.passes.fold_bn import FoldBatchNormPass
+from onnxtq.passes.refine import RefinePass
 from onnxtq.passes.rtn import RtnPass
 
-REGISTRY = {p.name: p for p in (FoldBatchNormPass, CalibratePass, RtnPass, CrqPass, CompactNamesPass)}
+REGISTRY = {p.name: p for p in (FoldBatchNormPass, CalibratePass, RtnPass, CrqPass, RefinePass, CompactNamesPass)}
 
-__all__ = ["REGISTRY", "CalibratePass", "CompactNamesPass", "CrqPass", "FoldBatchNormPass", "RtnPass"]
+__all__ = ["REGISTRY", "CalibratePass", "CompactNamesPass", "CrqPass", "FoldBatchNormPass", "RefinePass", "RtnPass"]

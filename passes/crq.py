@@ -39,6 +39,9 @@ from onnxtq.weights import WeightSite, discover
 #: Sequential fitting needs this many calibration patches per input dimension; below it (a classifier
 #: on a few hundred images) a layer would memorise its calibration outputs, so it keeps the original target.
 MIN_PATCHES_PER_INPUT = 16
+#: Sequential statistics are gathered once per layer (twice the moments of `calibrate`): fewer conv
+#: positions per input keep that affordable; 512 x 256 inputs still give 100+ patches per input dimension.
+DRIFT_CALIBRATION = CalibrationConfig(max_positions=512)
 #: Above this depth the grid is fine enough that the cluster pull gains nothing GPTQ does not.
 CLUSTER_PULL_MAX_BITS = 4
 
@@ -100,7 +103,7 @@ class CrqPass(Pass):
             for stage in _stages(sites) if self.config.sequential else [sites]:
                 drift = {}
                 if self.config.sequential:
-                    drift = collect_drift(reference, ctx.graph.model, stage, ctx.data, CalibrationConfig())
+                    drift = collect_drift(reference, ctx.graph.model, stage, ctx.data, DRIFT_CALIBRATION)
                 for site in stage:
                     bits = self._bits_for(site, ends)
                     record = self._quantize(ctx, site, bits, drift.get(site.name))
@@ -147,7 +150,7 @@ class CrqPass(Pass):
         scale_dtype = np.float16 if cfg.scale_bits == 16 and not fp32_steps_only(site) else np.float32
         code = quantize_groups(blocking.to_groups(target), bits, symmetric, True, h, scale_dtype, qrange)
         if cfg.method != "rtn" and layer is not None and site.to_matrix(w).shape[1] == layer.dim:
-            code = self._reconstruct(site, target, blocking, code, layer, qrange, scale_dtype)
+            code = reconstruct(site, target, blocking, code, layer, qrange, scale_dtype, cfg.method)
         return replace_weight(
             ctx.graph,
             site,
@@ -158,44 +161,6 @@ class CrqPass(Pass):
             cfg.bias_correct,
             reference if layer is not reference else None,
         )
-
-    def _reconstruct(self, site, w, blocking, code: GroupCode, layer, qrange, scale_dtype) -> GroupCode:
-        """Per output channel, the best of RTN, (ADMM →) refit → GPTQ on the layer objective."""
-        per_channel = not blocking.block
-        size = blocking.to_groups(w).shape[1]
-
-        def layout(per_group: np.ndarray) -> np.ndarray:  # per-group values → matrix of the weight's shape
-            full = np.repeat(per_group.astype(np.float64)[:, None], size, axis=1)
-            return site.to_matrix(blocking.from_groups(full))
-
-        problems = Problems(layer, site.rows)
-        w0 = problems.split(site.to_matrix(w).astype(np.float64))
-        zero = code.zero_point if code.zero_point is not None else np.zeros(len(code.scale))
-        start = Grid(problems.split(layout(code.scale.astype(np.float64)), 1.0), problems.split(layout(zero)), *qrange)
-        candidates = [(start.codes(w0), start)]  # RTN
-        grid = start
-        if self.config.method == "crq" and code.bits <= CLUSTER_PULL_MAX_BITS:
-            pulled = cluster_pull(w0, problems.hessian, start)
-            candidates.append((pulled, start))
-            if per_channel:
-                grid = Grid(problems.split(layout(refit_steps(problems, w0, pulled, start)), 1.0), start.zero, *qrange)
-        for _ in range(2):
-            codes = gptq(w0, problems.hessian, grid)
-            candidates.append((codes, grid))
-            if not per_channel:
-                break
-            grid = Grid(problems.split(layout(refit_steps(problems, w0, codes, grid)), 1.0), grid.zero, *qrange)
-            candidates.append((codes, grid))
-        errors = np.stack([problems.row_error(g.values(c) - w0) for c, g in candidates])  # [candidates, n]
-        best = errors.argmin(axis=0)
-        q_rows = np.stack([problems.join(c) for c, _ in candidates])[best, np.arange(site.rows)]
-        q = blocking.to_groups(site.from_matrix(q_rows)).astype(np.int32)
-        scale = code.scale
-        if per_channel:
-            steps = np.stack([problems.join(g.step)[:, 0] for _, g in candidates])[best, np.arange(site.rows)]
-            scale = np.where(steps > 0, steps, code.scale).astype(scale_dtype)
-            q = np.clip(q, *qrange)
-        return GroupCode(q, scale, code.zero_point, code.bits)
 
 
 def _enough(stats) -> bool:
@@ -225,3 +190,42 @@ def _drift_target(site: WeightSite, w: np.ndarray, own, cross) -> np.ndarray:
     rhs = w0 @ np.swapaxes(c, 1, 2) + lam * w0
     eye = np.eye(h.shape[1])[None]
     return problems.join(np.linalg.solve(h + lam * eye, np.swapaxes(rhs, 1, 2)).swapaxes(1, 2))
+
+
+def reconstruct(site, w, blocking, code: GroupCode, layer, qrange, scale_dtype, method: str = "crq") -> GroupCode:
+    """Per output channel, the best of RTN, (ADMM →) refit → GPTQ on the layer objective."""
+    per_channel = not blocking.block
+    size = blocking.to_groups(w).shape[1]
+
+    def layout(per_group: np.ndarray) -> np.ndarray:  # per-group values → matrix of the weight's shape
+        full = np.repeat(per_group.astype(np.float64)[:, None], size, axis=1)
+        return site.to_matrix(blocking.from_groups(full))
+
+    problems = Problems(layer, site.rows)
+    w0 = problems.split(site.to_matrix(w).astype(np.float64))
+    zero = code.zero_point if code.zero_point is not None else np.zeros(len(code.scale))
+    start = Grid(problems.split(layout(code.scale.astype(np.float64)), 1.0), problems.split(layout(zero)), *qrange)
+    candidates = [(start.codes(w0), start)]  # RTN
+    grid = start
+    if method == "crq" and code.bits <= CLUSTER_PULL_MAX_BITS:
+        pulled = cluster_pull(w0, problems.hessian, start)
+        candidates.append((pulled, start))
+        if per_channel:
+            grid = Grid(problems.split(layout(refit_steps(problems, w0, pulled, start)), 1.0), start.zero, *qrange)
+    for _ in range(2):
+        codes = gptq(w0, problems.hessian, grid)
+        candidates.append((codes, grid))
+        if not per_channel:
+            break
+        grid = Grid(problems.split(layout(refit_steps(problems, w0, codes, grid)), 1.0), grid.zero, *qrange)
+        candidates.append((codes, grid))
+    errors = np.stack([problems.row_error(g.values(c) - w0) for c, g in candidates])  # [candidates, n]
+    best = errors.argmin(axis=0)
+    q_rows = np.stack([problems.join(c) for c, _ in candidates])[best, np.arange(site.rows)]
+    q = blocking.to_groups(site.from_matrix(q_rows)).astype(np.int32)
+    scale = code.scale
+    if per_channel:
+        steps = np.stack([problems.join(g.step)[:, 0] for _, g in candidates])[best, np.arange(site.rows)]
+        scale = np.where(steps > 0, steps, code.scale).astype(scale_dtype)
+        q = np.clip(q, *qrange)
+    return GroupCode(q, scale, code.zero_point, code.bits)

@@ -6,7 +6,7 @@ import onnx
 from builders import bundled
 
 from onnxtq import model_io
-from onnxtq.calibration import CalibrationConfig, collect, open_source
+from onnxtq.calibration import CalibrationConfig, collect, collect_drift, open_source
 from onnxtq.compress import prepare
 from onnxtq.graph import Graph
 from onnxtq.weights import discover
@@ -43,3 +43,40 @@ def test_gemm_statistics_match_the_runtime_activation():
     assert stats.count == 20 and stats.mode == "full"
     np.testing.assert_allclose(stats.moment[0], rows.T.astype(np.float64) @ rows / 20, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(stats.mean[0], rows.mean(0), rtol=1e-5, atol=1e-7)
+
+
+def test_drift_statistics_of_an_unchanged_model_are_its_own_statistics():
+    """With nothing quantized yet, x̃ = x: E[x̃ x̃ᵀ] and E[x̃ xᵀ] both equal the calibration H."""
+    model, sites, source = _setup()
+    config = CalibrationConfig(batch=6, samples=12)
+    store = collect(model, sites, source, config)
+    drift = collect_drift(model, model, sites, source, config)
+    for site in sites:
+        own, cross = drift[site.name]
+        expected = store.get(site)
+        assert own.count == cross.count == expected.count > 0
+        np.testing.assert_allclose(own.moment, expected.moment, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(cross.moment, expected.moment, rtol=1e-9, atol=1e-12)
+
+
+def test_drift_cross_moment_sees_the_changed_model(rng):
+    """After a weight changes upstream, the cross moment pairs the new inputs with the old ones."""
+    model, sites, source = _setup()
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    first = next(t for t in changed.graph.initializer if t.name == sites[0].name)
+    w = onnx.numpy_helper.to_array(first)
+    first.CopyFrom(onnx.numpy_helper.from_array(w + rng.normal(0, 0.1, w.shape).astype(w.dtype), first.name))
+    gemm = next(s for s in sites if s.op == "Gemm")
+    own, cross = collect_drift(model, changed, [gemm], source, CalibrationConfig(batch=8, samples=16))[gemm.name]
+    runs = []
+    for m in (model, changed):
+        exposed = onnx.ModelProto()
+        exposed.CopyFrom(m)
+        exposed.graph.output.append(onnx.helper.make_empty_tensor_value_info(gemm.activation))
+        sess = model_io.session(exposed)
+        runs.append(np.concatenate([sess.run([gemm.activation], f)[0] for _, f in source.batches(8)])[:16])
+    x, x_new = (r.astype(np.float64) for r in runs)
+    np.testing.assert_allclose(own.moment[0], x_new.T @ x_new / 16, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(cross.moment[0], x_new.T @ x / 16, rtol=1e-6, atol=1e-9)
+    assert not np.allclose(cross.moment[0], x.T @ x / 16, rtol=1e-3)

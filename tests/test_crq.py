@@ -72,3 +72,53 @@ def test_crq_needs_statistics_and_valid_options():
         parse("crq{bits=3,ternary=true}")
     with pytest.raises(UsageError, match="method"):
         parse("crq{method=adaround}")
+
+
+def _heldout_sqnr(original, compressed, name):
+    image = np.load(bundled(name)[0].parent / "eval.npz")["image"][:500]
+    ref = run(onnx.load(str(original)), {"image": image})[0]
+    out = run(onnx.load(str(compressed)), {"image": image})[0]
+    return 10 * np.log10((ref**2).sum() / ((ref - out) ** 2).sum())
+
+
+def test_sequential_fitting_beats_parallel_on_held_out_digits(tmp_path):
+    """Layers fitted to the inputs of the already-quantized network stop errors from accumulating.
+    Measured when written (500 held-out digits): parallel 17.3 dB / 97.5%, sequential 21.4 dB / 97.6%."""
+    path, calib = bundled("mnist_cnn")
+    spec = "bits=2,first_last_bits=0"
+    compress(path, tmp_path / "par.onnx", f"fold-bn,calibrate,crq{{{spec}}}", calib=calib)
+    report = compress(path, tmp_path / "seq.onnx", f"fold-bn,calibrate,crq{{{spec},sequential=true}}", calib=calib)
+    assert any("quantized before it" in n for n in report.passes[-1].notes)
+    parallel = _heldout_sqnr(path, tmp_path / "par.onnx", "mnist_cnn")
+    sequential = _heldout_sqnr(path, tmp_path / "seq.onnx", "mnist_cnn")
+    assert sequential > parallel + 2, (parallel, sequential)
+    assert _accuracy(tmp_path / "seq.onnx", "mnist_cnn") >= _accuracy(tmp_path / "par.onnx", "mnist_cnn")
+
+
+def test_refine_after_rtn_keeps_the_grid_and_reproduces_the_layers(tmp_path):
+    """refine re-chooses the codes RTN stored: same containers and bytes, far better outputs.
+    Measured when written (500 held-out digits): rtn 4-bit 22.4 dB, rtn + refine 35.5 dB."""
+    path, calib = bundled("mnist_cnn")
+    compress(path, tmp_path / "rtn.onnx", "fold-bn,calibrate,rtn{bits=4}", calib=calib)
+    report = compress(path, tmp_path / "ref.onnx", "fold-bn,calibrate,rtn{bits=4},refine", calib=calib)
+    refined = report.passes[-1].changed
+    assert refined and all(r.status == "refined" and "->" in r.reason for r in refined)
+    assert abs((tmp_path / "ref.onnx").stat().st_size - (tmp_path / "rtn.onnx").stat().st_size) < 64
+    assert (
+        _heldout_sqnr(path, tmp_path / "ref.onnx", "mnist_cnn")
+        > _heldout_sqnr(path, tmp_path / "rtn.onnx", "mnist_cnn") + 5
+    )
+    model = onnx.load(str(tmp_path / "ref.onnx"))
+    image = np.load(path.parent / "eval.npz")["image"][:32]
+    np.testing.assert_allclose(
+        run(model, {"image": image})[0], run(fold_dequantize(model), {"image": image})[0], rtol=1e-4, atol=1e-4
+    )
+
+
+def test_refine_keeps_ternary_codes_ternary(tmp_path):
+    path, calib = bundled("mnist_cnn")
+    pipeline = "fold-bn,calibrate,crq{bits=2,ternary=true,first_last_bits=0},refine{method=gptq}"
+    compress(path, tmp_path / "t.onnx", pipeline, calib=calib)
+    model = onnx.load(str(tmp_path / "t.onnx"))
+    int2 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT2]
+    assert int2 and all(set(np.unique(numpy_helper.to_array(t)).tolist()) <= {-1, 0, 1} for t in int2)

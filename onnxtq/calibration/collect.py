@@ -201,7 +201,9 @@ def collect_drift(
     """
     inputs = {vi.name for vi in reference.graph.input}
     exposed = sorted({s.activation for s in sites} - inputs)
-    runs = [model_io.session(_with_outputs(m, exposed), config.threads) for m in (reference, current)]
+    runs = [
+        model_io.session(_with_outputs(m, exposed), config.threads, fold_dequantize=True) for m in (reference, current)
+    ]
     _, batch = _first_batch(source, config)
     accs = {s.name: (_accumulator(s, config), _accumulator(s, config)) for s in sites}
     rng = np.random.default_rng(config.seed)

@@ -1,0 +1,111 @@
+"""refine: re-choose the codes of weights an earlier pass quantized, by layer-wise reconstruction.
+
+After any pass that stores weights as DequantizeLinear codes (rtn, crq, ...), each weight keeps
+its grid as stored (steps, zero points, and the range of codes it already uses, so a ternary
+weight stays ternary) and its codes are re-chosen with the crq machinery (cluster pull, GPTQ,
+and step refits where the grid is per channel) to reproduce the layer output rather than the
+weight. The bias absorbs the change in mean output. Needs fresh calibration statistics and the
+float weights the earlier pass replaced in the same run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnxtq.passes.crq import reconstruct
+from onnxtq.passes.rtn import blocking_for
+from tqdm import tqdm
+
+from onnxtq.bias import correct_bias, output_shift
+from onnxtq.emit import db
+from onnxtq.model_io import tensor_nbytes
+from onnxtq.packing import int_tensor
+from onnxtq.pass_infra import Context, Pass, PassConfig
+from onnxtq.quantize import Blocking, GroupCode
+from onnxtq.report import PassReport, WeightRecord
+
+_CODE_TYPES = {
+    onnx.TensorProto.INT2: (2, True),
+    onnx.TensorProto.UINT2: (2, False),
+    onnx.TensorProto.INT4: (4, True),
+    onnx.TensorProto.UINT4: (4, False),
+    onnx.TensorProto.INT8: (8, True),
+    onnx.TensorProto.UINT8: (8, False),
+}
+
+
+@dataclass(frozen=True)
+class RefineConfig(PassConfig):
+    method: str = "crq"  # crq (cluster pull + GPTQ) | gptq
+    bias_correct: bool = True
+
+    def __post_init__(self):
+        if self.method not in ("crq", "gptq"):
+            raise ValueError(f"method must be crq or gptq, not '{self.method}'")
+
+
+class RefinePass(Pass):
+    name = "refine"
+    Config = RefineConfig
+    needs_stats = True
+
+    def run(self, ctx: Context) -> PassReport:
+        report = self.new_report()
+        g = ctx.graph
+        nodes = [n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in g.originals]
+        for node in tqdm(nodes, desc=self.name, unit="weight", disable=None, leave=False):
+            site, w = g.originals[node.output[0]]
+            record = self._refine(ctx, node, site, w)
+            report.records.append(record)
+        if not nodes:
+            report.notes.append("no weight quantized earlier in this run: nothing to refine")
+        return report
+
+    def _refine(self, ctx: Context, dq: onnx.NodeProto, site, w: np.ndarray) -> WeightRecord:
+        g = ctx.graph
+        layer = ctx.stats.get(site)
+        codes_t = g.initializers[dq.input[0]]
+        bits, signed = _CODE_TYPES.get(codes_t.data_type, (0, False))
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
+        blocking = blocking_for(site, int(attrs.get("block_size", 0)))
+        axis = blocking.block_axis if blocking.block else blocking.axis
+        if layer is None or not bits or attrs.get("axis", 1) != axis or len(dq.input) < 2:
+            return WeightRecord.of(site, "skipped", reason="no statistics, or a grid layout refine does not read")
+        scale_t = g.initializers[dq.input[1]]
+        zero_t = g.initializers[dq.input[2]] if len(dq.input) > 2 and dq.input[2] else None
+        q = numpy_helper.to_array(codes_t).astype(np.int32)
+        scale = numpy_helper.to_array(scale_t)
+        zero = None if zero_t is None else _groups_of(blocking, numpy_helper.to_array(zero_t).astype(np.int32))
+        old = GroupCode(blocking.to_groups(q), _groups_of(blocking, scale), zero, bits)
+        qrange = (int(q.min()), int(q.max()))  # never widen what the earlier pass chose (ternary stays ternary)
+        new = reconstruct(site, w, blocking, old, layer, qrange, scale.dtype, self.config.method)
+        w_old, w_new = (blocking.from_groups(c.dequantize()).astype(np.float64) for c in (old, new))
+        g.set_initializer(int_tensor(codes_t.name, blocking.from_groups(new.q), bits, signed))
+        g.set_initializer(
+            numpy_helper.from_array(blocking.scales_to_shape(new.scale).astype(scale.dtype), scale_t.name)
+        )
+        reader = g.consumers[dq.output[0]][0][0]
+        why_not = ""
+        if self.config.bias_correct:
+            why_not = correct_bias(g, reader, site, output_shift(site, layer, w_new - w_old), w.dtype)
+        stored = sum(tensor_nbytes(t) for t in (g.initializers[name] for name in dq.input[:3] if name))
+        record = WeightRecord.of(site, "refined", bytes_before=stored, bytes_after=stored, bits=8 * stored / w.size)
+        signal = site.to_matrix(w.astype(np.float64))
+        before = db(layer.quadratic(signal), layer.quadratic(signal - site.to_matrix(w_old)))
+        record.output_sqnr_db = db(layer.quadratic(signal), layer.quadratic(signal - site.to_matrix(w_new)))
+        record.weight_sqnr_db = db((w.astype(np.float64) ** 2).sum(), ((w - w_new) ** 2).sum())
+        record.bias_corrected = self.config.bias_correct and not why_not
+        record.reason = f"layer output SQNR {before:.1f} -> {record.output_sqnr_db:.1f} dB" + (
+            f"; bias not corrected: {why_not}" if why_not else ""
+        )
+        return record
+
+
+def _groups_of(blocking: Blocking, per_group: np.ndarray) -> np.ndarray:
+    """DequantizeLinear's scale (or zero point) tensor back to one value per group, [G]."""
+    if not blocking.block:
+        return per_group.reshape(-1)
+    return np.moveaxis(per_group, blocking.block_axis, -1).reshape(-1)
