@@ -22,12 +22,11 @@ CONFIGS = {  # what follows `fold-bn,calibrate,` in the pipeline
     "w8small": "rtn{bits=8,scale_bits=16,min_elements=0},compact-names",  # the smallest 8-bit file
     # crq: first/last layers and depthwise convs at 8 bits; method=rtn is RTN with that same policy
     "t-rtn": "crq{bits=2,ternary=true,method=rtn}",
-    "t-crq": "crq{bits=2,ternary=true}",
+    "t-crq": "crq{bits=2,ternary=true,sequential=true}",
     "w2-rtn": "crq{bits=2,method=rtn}",
-    "w2-crq": "crq{bits=2}",
-    "w3-rtn": "crq{bits=3,method=rtn}",
-    "w3-crq": "crq{bits=3}",
-    "w4-crq": "crq{bits=4}",
+    "w2-crq": "crq{bits=2,sequential=true}",
+    "w4-rtn": "crq{bits=4,method=rtn}",
+    "w4-crq": "crq{bits=4,sequential=true}",
 }
 MODELS = ["mobilenet_v2", "efficientnet_lite0", "ppocrv4_det", "ppocrv4_rec"]
 
