@@ -37,7 +37,7 @@ def correct_bias(graph: Graph, node: onnx.NodeProto, site: WeightSite, shift: np
         if beta == 0:
             return "Gemm with beta=0 ignores its bias"
         if len(node.input) > 2 and node.input[2]:
-            return _subtract(graph, node.input[2], shift / beta, node)
+            return _subtract(graph, node.input[2], shift / beta)
         name = graph.unique(f"{site.name}/onnxtq.bias")
         graph.set_initializer(numpy_helper.from_array((-shift / beta).astype(dtype), name))
         del node.input[2:]
@@ -50,12 +50,12 @@ def correct_bias(graph: Graph, node: onnx.NodeProto, site: WeightSite, shift: np
             return "MatMul output is not read by a single Add that could hold the correction"
         add = readers[0][0]
         other = add.input[1 - readers[0][1]]
-        return _subtract(graph, other, shift, add)
+        return _subtract(graph, other, shift)
     return f"no bias correction for {site.op}"
 
 
-def _subtract(graph: Graph, name: str, shift: np.ndarray, reader: onnx.NodeProto) -> str:
-    """b ← b − shift for a constant bias of shape [n] (or [1, n]) read only by `reader`."""
+def _subtract(graph: Graph, name: str, shift: np.ndarray) -> str:
+    """b ← b − shift for a constant bias of shape [n] (or [1, n]) that only this layer reads."""
     t = graph.initializers.get(name)
     if t is None:
         return "the bias is not a constant"

@@ -101,14 +101,12 @@ def damped(h: np.ndarray, damp: float) -> np.ndarray:
     return h
 
 
-def gptq(w0: np.ndarray, hessian: np.ndarray, grid: Grid, damp: float = DAMP, act_order: bool = True) -> np.ndarray:
+def gptq(w0: np.ndarray, hessian: np.ndarray, grid: Grid, damp: float = DAMP) -> np.ndarray:
     """Error-feedback rounding of w0 [P, r, d] onto `grid`; returns the integer codes.
 
     Columns go in order of decreasing H_jj ("act order"): the inputs that matter most are
     rounded first, while the most columns remain to absorb their error.
     """
-    if not act_order:
-        return _gptq_in_order(w0, hessian, grid, damp)
     order = np.argsort(-np.einsum("pdd->pd", hessian), axis=1, kind="stable")  # [P, d]
     take = np.arange(len(order))[:, None]
     inverse = np.argsort(order, axis=1)

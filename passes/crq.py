@@ -12,6 +12,10 @@ on the calibration Hessian H = E[x xᵀ] (onnxtq.reconstruct):
 3. per output channel, the candidate (RTN, ADMM, GPTQ) with the smallest output error is kept,
    so a layer never ends worse than RTN on its own objective; then the bias is corrected.
 
+With `sequential=true` each layer is fitted, in order, to the inputs x̃ it gets from the network
+quantized before it (statistics from onnxruntime runs of both networks, `collect_drift`): the
+target becomes the weight that maps x̃ to the original outputs W·x, so errors stop accumulating.
+
 `ternary=true` restricts 2-bit codes to {−1, 0, +1} (INT2 container, opset 25). The first and
 last quantized layers and depthwise convs are sensitive and small: they get `first_last_bits`
 and `depthwise_bits` (0: same as `bits`), and the report says what each kept layer costs.
@@ -117,8 +121,8 @@ class CrqPass(Pass):
             report.notes.append(bias_note(report.records, True))
         if self.config.sequential:
             report.notes.append("each layer fitted to the inputs of the network quantized before it")
-        few = [s.name for s in sites if (st := ctx.stats.get(s)) is not None and not _enough(st)]
-        if few and self.config.sequential:
+        few = [s.name for s in sites if self.config.sequential and (st := ctx.stats.get(s)) and not _enough(st)]
+        if few:
             report.notes.append(
                 f"fitted to the original inputs (fewer than {MIN_PATCHES_PER_INPUT} calibration patches per input "
                 "dimension to fit the quantized network's): " + ", ".join(few)
