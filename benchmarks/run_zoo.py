@@ -11,7 +11,9 @@ import argparse
 import glob
 import json
 import os
+import re
 import subprocess
+from collections import Counter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {  # what follows `fold-bn,calibrate,` in the pipeline
@@ -89,16 +91,28 @@ def holdout_sqnr(a, model, src, out):
     return {parts[1].rstrip(":"): float(parts[3]) for parts in lines}
 
 
+def kept(out_dir, model, config):
+    """'N layers, B bytes' that a crq run kept at higher precision (from its report), or ''."""
+    path = os.path.join(out_dir, "models", f"{model}_{config}.report.json")
+    if not os.path.exists(path):
+        return ""
+    notes = [n for p in json.load(open(path))["passes"] for n in p["notes"] if n.startswith("kept at higher")]
+    layers = re.findall(r"\(([\w-]+), (\d+) bits, ([\d,]+) B\)", " ".join(notes))
+    if not layers:
+        return ""
+    kinds = Counter(kind for kind, _, _ in layers)
+    total = sum(int(b.replace(",", "")) for _, _, b in layers)
+    return f"{', '.join(f'{n} {k}' for k, n in kinds.items())}: {total:,d} B"
+
+
 def table(path):
     """Markdown table of a results .jsonl (the last row per model/config wins)."""
     rows = {}
     for line in open(path):
         r = json.loads(line)
         rows[r["model"], r["config"]] = r
-    out = [
-        "| model | config | bytes | vs FP32 | SQNR dB calib | SQNR dB held-out | tool s | RSS MB | task metric |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    columns = "model|config|bytes|vs FP32|kept at 8 bits|SQNR dB calib|SQNR dB held-out|tool s|RSS MB|task metric"
+    out = [f"| {columns.replace('|', ' | ')} |", "|---" * (columns.count("|") + 1) + "|"]
     for (m, c), r in sorted(
         rows.items(),
         key=lambda kv: (MODELS.index(kv[0][0]), list(CONFIGS).index(kv[0][1]) + 1 if kv[0][1] in CONFIGS else 0),
@@ -112,6 +126,7 @@ def table(path):
             c,
             r.get("bytes", ""),
             ratio,
+            kept(os.path.dirname(path), m, c),
             sq,
             held,
             r.get("tool_wall_s", ""),
