@@ -47,7 +47,7 @@ def emit_dequantize(graph: Graph, site: WeightSite, blocking: Blocking, code: Gr
         "DequantizeLinear", inputs, [out], name=graph.unique(f"{site.node}/onnxtq.dequant"), **attrs
     )
     tag(node, pass_name, "dequant")
-    graph.originals[out] = (site, numpy_helper.to_array(original))  # for passes that refine the codes later
+    graph.originals[out] = (site, original)  # the float tensor, for passes that refine the codes later
     for t in stored:
         graph.set_initializer(t)
     for consumer, index in graph.consumers[site.name]:

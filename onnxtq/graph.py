@@ -25,7 +25,7 @@ class Graph:
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self._used_names: set[str] = set()
-        # float weights replaced during this run, by the DequantizeLinear output that now stands for them
+        # float weight tensors replaced during this run, by the DequantizeLinear output that now stands for them
         self.originals: dict[str, tuple] = {}
         self.refresh()
 

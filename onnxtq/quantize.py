@@ -71,6 +71,12 @@ class Blocking:
         nb = moved.pop(self.block_axis)
         return np.moveaxis(s.reshape(*moved, nb), -1, self.block_axis)
 
+    def scales_from_shape(self, t: np.ndarray) -> np.ndarray:
+        """DequantizeLinear's scale (or zero point) tensor back to one value per group, [G]."""
+        if not self.block:
+            return t.reshape(-1)
+        return np.moveaxis(t, self.block_axis, -1).reshape(-1)
+
 
 @dataclass
 class GroupCode:

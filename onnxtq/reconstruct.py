@@ -52,7 +52,6 @@ class Problems:
     """A layer's weight matrix [n, D] cut into problems [P, r, d] with their Hessians [P, d, d]."""
 
     def __init__(self, stats: LayerStats, n: int):
-        self.stats = stats
         self.groups, self.dim, self.rows = stats.groups, stats.dim, n // stats.groups
         if stats.mode == "full":
             self.width, self.blocks = self.dim, 1

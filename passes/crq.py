@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnxtq.passes.rtn import blocking_for, fp32_steps_only
+from onnxtq.passes.rtn import blocking_for, fp32_steps_only, quantizable
 from tqdm import tqdm
 
 from onnxtq.bias import bias_note
@@ -91,17 +91,11 @@ class CrqPass(Pass):
 
     def run(self, ctx: Context) -> PassReport:
         report = self.new_report()
-        found = discover(ctx.graph)
-        for name, node, reason in found.skipped:
-            report.records.append(WeightRecord(name, node, "", "skipped", reason=reason))
-        sites = [s for s in found.sites if np.prod(s.shape) >= self.config.min_elements]
-        for site in found.sites:
-            if site not in sites:
-                reason = f"kept in float: {np.prod(site.shape)} elements < min_elements={self.config.min_elements}"
-                report.records.append(WeightRecord.of(site, "skipped", reason=reason))
+        sites = quantizable(discover(ctx.graph), self.config.min_elements, report)
         ends = {sites[0].name, sites[-1].name} if sites else set()
-        reference = onnx.ModelProto()
-        reference.CopyFrom(ctx.graph.model)
+        if self.config.sequential:  # the network before any weight changes, to run beside the current one
+            reference = onnx.ModelProto()
+            reference.CopyFrom(ctx.graph.model)
         kept = []
         with tqdm(total=len(sites), desc=self.name, unit="weight", disable=None, leave=False) as bar:
             for stage in _stages(sites) if self.config.sequential else [sites]:

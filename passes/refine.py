@@ -24,7 +24,7 @@ from onnxtq.emit import db
 from onnxtq.model_io import tensor_nbytes
 from onnxtq.packing import int_tensor
 from onnxtq.pass_infra import Context, Pass, PassConfig
-from onnxtq.quantize import Blocking, GroupCode
+from onnxtq.quantize import GroupCode
 from onnxtq.report import PassReport, WeightRecord
 
 _CODE_TYPES = {
@@ -57,8 +57,8 @@ class RefinePass(Pass):
         g = ctx.graph
         nodes = [n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in g.originals]
         for node in tqdm(nodes, desc=self.name, unit="weight", disable=None, leave=False):
-            site, w = g.originals[node.output[0]]
-            record = self._refine(ctx, node, site, w)
+            site, original = g.originals[node.output[0]]
+            record = self._refine(ctx, node, site, numpy_helper.to_array(original))
             report.records.append(record)
         if not nodes:
             report.notes.append("no weight quantized earlier in this run: nothing to refine")
@@ -78,8 +78,8 @@ class RefinePass(Pass):
         zero_t = g.initializers[dq.input[2]] if len(dq.input) > 2 and dq.input[2] else None
         q = numpy_helper.to_array(codes_t).astype(np.int32)
         scale = numpy_helper.to_array(scale_t)
-        zero = None if zero_t is None else _groups_of(blocking, numpy_helper.to_array(zero_t).astype(np.int32))
-        old = GroupCode(blocking.to_groups(q), _groups_of(blocking, scale), zero, bits)
+        zero = None if zero_t is None else blocking.scales_from_shape(numpy_helper.to_array(zero_t).astype(np.int32))
+        old = GroupCode(blocking.to_groups(q), blocking.scales_from_shape(scale), zero, bits)
         qrange = (int(q.min()), int(q.max()))  # never widen what the earlier pass chose (ternary stays ternary)
         new = reconstruct(site, w, blocking, old, layer, qrange, scale.dtype, self.config.method)
         w_old, w_new = (blocking.from_groups(c.dequantize()).astype(np.float64) for c in (old, new))
@@ -102,10 +102,3 @@ class RefinePass(Pass):
             f"; bias not corrected: {why_not}" if why_not else ""
         )
         return record
-
-
-def _groups_of(blocking: Blocking, per_group: np.ndarray) -> np.ndarray:
-    """DequantizeLinear's scale (or zero point) tensor back to one value per group, [G]."""
-    if not blocking.block:
-        return per_group.reshape(-1)
-    return np.moveaxis(per_group, blocking.block_axis, -1).reshape(-1)

@@ -67,6 +67,21 @@ def fp32_steps_only(site: WeightSite) -> bool:
     return site.op == "MatMul"
 
 
+def quantizable(found, min_elements: int, report: PassReport) -> list[WeightSite]:
+    """The sites a quantizing pass rewrites; every other candidate is recorded as skipped, with why."""
+    for name, node, reason in found.skipped:
+        report.records.append(WeightRecord(name, node, "", "skipped", reason=reason))
+    sites = []
+    for site in found.sites:
+        size = int(np.prod(site.shape))
+        if size < min_elements:
+            reason = f"kept in float: {size} elements < min_elements={min_elements}"
+            report.records.append(WeightRecord.of(site, "skipped", reason=reason))
+        else:
+            sites.append(site)
+    return sites
+
+
 class RtnPass(Pass):
     name = "rtn"
     Config = RtnConfig
@@ -78,18 +93,11 @@ class RtnPass(Pass):
 
     def run(self, ctx: Context) -> PassReport:
         report = self.new_report()
-        found = discover(ctx.graph)
-        for name, node, reason in found.skipped:
-            report.records.append(WeightRecord(name, node, "", "skipped", reason=reason))
+        sites = quantizable(discover(ctx.graph), self.config.min_elements, report)
         fresh = ctx.stats if ctx.stats_fresh else None
         if self.config.weighted and ctx.stats is not None and not ctx.stats_fresh:
             report.notes.append("statistics are stale after an earlier pass: plain weight MSE used")
-        for site in tqdm(found.sites, desc=self.name, unit="weight", disable=None, leave=False):
-            size = int(np.prod(site.shape))
-            if size < self.config.min_elements:
-                reason = f"kept in float: {size} elements < min_elements={self.config.min_elements}"
-                report.records.append(WeightRecord.of(site, "skipped", reason=reason))
-                continue
+        for site in tqdm(sites, desc=self.name, unit="weight", disable=None, leave=False):
             report.records.append(self._quantize(ctx, site, fresh))
         weighted = fresh is not None and self.config.weighted
         report.notes.append(
@@ -97,7 +105,7 @@ class RtnPass(Pass):
         )
         if self.config.bias_correct:
             report.notes.append(bias_note(report.records, fresh is not None))
-        kept = [s for s in found.sites if fp32_steps_only(s) and np.prod(s.shape) >= self.config.min_elements]
+        kept = [s for s in sites if fp32_steps_only(s)]
         if self.config.scale_bits == 16 and kept:
             report.notes.append(
                 f"float32 steps kept for {len(kept)} MatMul weights: onnxruntime fuses DequantizeLinear->MatMul "
