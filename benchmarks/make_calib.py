@@ -1,24 +1,35 @@
 """Calibration .npz files for the benchmark zoo, with each model's deployment preprocessing.
 
-usage: python make_calib.py ZOO_DIR OUT_DIR [--zoo-tools DIR] [--holdout]   (zoo's venv: needs PIL, rapidocr)
+usage: python make_calib.py ZOO_DIR OUT_DIR [--zoo-tools DIR] [--holdout] [--only MODEL ...]
+       (zoo's venv: needs PIL, rapidocr, tokenizers)
 
-Writes OUT_DIR/<model>_calib<N>.npz keyed by the model's input name (axis 0 = samples, float32):
-  mobilenet_v2, efficientnet_lite0: 256 random-resized crops of the zoo photos made by the zoo's
-      eval_imagenet.crops() with seed 1 (the eval uses seed 0; its deterministic centre crops are dropped).
-      Same 27 photos as the eval: no other photos exist offline. Normalised as the eval does.
+Writes OUT_DIR/<model>_calib<N>.npz keyed by the model's input names (axis 0 = samples):
+  mobilenet_v2, efficientnet_lite0/1/2: 256 random-resized crops of the zoo photos made by the zoo's
+      eval_imagenet.crops() with seed 1 (the eval uses seed 0; its deterministic centre crops are dropped), at the
+      model's own input resolution (read from the ONNX file: 224, 240, 260). Same 27 photos as the eval: no other
+      photos exist offline. Normalised as the eval does. float32.
   ppocrv4_det: 100 x [3,736,992]: 80 pages rendered by zoo_text (seed 100; the eval uses 0/1) + 20 zoo photos
       centre-cropped to 4:3, all 640x480, fed through rapidocr_onnxruntime; the det session's feeds are recorded.
   ppocrv4_rec: 256 x [3,48,320]: rapidocr rec feeds for zoo_text.render_line lines (seed 100), padded with 0
       (rapidocr's pad value after normalisation) or cropped to width 320.
---holdout writes <model>_holdout64.npz instead: 64 inputs from other seeds (imagenet 7, rec 107), on which the
+  minilm_l6: 256 x [64] int64 input_ids / attention_mask / token_type_ids (zeros): paragraphs of Python
+      standard-library docstrings (not the eval's numpy/scipy/sklearn/skimage text_pairs.json), tokenized with
+      the zoo tokenizer as eval_minilm.py does (64-token truncation), every sample padded to exactly 64 tokens.
+      Paragraphs are split by a hash of their text into a calibration pool (3/4) and a held-out pool (1/4).
+--holdout writes <model>_holdout64.npz instead: 64 inputs from other seeds (imagenet 7, rec 107, minilm 7 on
+its held-out pool), on which the
 benchmark measures output SQNR away from the calibration data (reconstruction can fit the calibration set).
 The zoo tools are imported from ../shared/zoo relative to the repository unless --zoo-tools is given.
 """
 
 import argparse
 import glob
+import importlib
+import inspect
 import os
+import re
 import sys
+import zlib
 
 import numpy as np
 
@@ -31,15 +42,24 @@ def input_name(path):
     return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).get_inputs()[0].name
 
 
+def input_res(path):
+    """Square input resolution of an NCHW image model (224 when the ONNX file leaves it symbolic, as the eval)."""
+    import onnxruntime as ort
+
+    shape = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).get_inputs()[0].shape
+    return shape[2] if isinstance(shape[2], int) else 224
+
+
 def imagenet(zoo, model, n=256, seed=1):
     from eval_imagenet import crops
 
+    res = input_res(os.path.join(zoo, model + ".onnx"))
     paths = sorted(
         glob.glob(os.path.join(zoo, "data", "images", "*.jpg"))
         + glob.glob(os.path.join(zoo, "data", "images", "*.png"))
     )
     per = -(-n // len(paths))  # random crops per photo
-    x = np.stack([c for i, c in enumerate(crops(paths, 224, per, seed=seed)) if i % (per + 1)])  # drop centre crops
+    x = np.stack([c for i, c in enumerate(crops(paths, res, per, seed=seed)) if i % (per + 1)])  # drop centre crops
     x = x[np.sort(np.random.default_rng(seed).permutation(len(x))[:n])].astype(np.float32)
     x = (x - 127.0) / 128.0 if "lite" in model else (x / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
     return x.transpose(0, 3, 1, 2).astype(np.float32)
@@ -107,17 +127,70 @@ def ppocr_rec(zoo, n=256, seed=100, width=320):
     return x, sum(f.shape[-1] > width for f in samples)
 
 
+STDLIB_MODULES = """abc argparse ast asyncio.events asyncio.streams asyncio.tasks base64 bisect calendar codecs
+    collections concurrent.futures configparser contextlib copy csv dataclasses datetime decimal difflib doctest
+    email.message email.parser email.utils enum fnmatch fractions ftplib functools gettext glob gzip hashlib heapq
+    hmac html.parser http.client http.cookiejar http.cookies http.server imaplib inspect io ipaddress itertools json
+    json.decoder json.encoder locale logging logging.handlers mailbox mimetypes multiprocessing.pool numbers
+    operator optparse os os.path pathlib pickle pprint queue random re sched secrets selectors shlex shutil signal
+    smtplib socket socketserver sqlite3 statistics string subprocess tarfile tempfile textwrap threading timeit
+    tokenize traceback typing unittest.case unittest.mock urllib.parse urllib.request uuid warnings wave weakref
+    xml.dom.minidom xml.etree.ElementTree zipfile""".split()
+
+
+def stdlib_paragraphs(min_words=6):
+    """Prose paragraphs of the docstrings of standard-library modules, their classes, functions and methods."""
+    docs = []
+    for name in STDLIB_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        docs.append(inspect.getdoc(mod))
+        for _, obj in inspect.getmembers(mod, lambda o: inspect.isclass(o) or inspect.isroutine(o)):
+            if getattr(obj, "__module__", None) != mod.__name__:
+                continue  # re-exported from elsewhere: counted where it is defined
+            docs.append(inspect.getdoc(obj))
+            if inspect.isclass(obj):
+                docs += [inspect.getdoc(m) for k, m in sorted(vars(obj).items()) if inspect.isroutine(m)]
+    out = {}
+    for doc in docs:
+        for para in re.split(r"\n\s*\n", doc or ""):
+            if ">>>" in para:
+                continue  # doctest examples are code, not prose
+            text = " ".join(para.split())
+            if len(text.split()) >= min_words and sum(c.isalpha() for c in text) > 0.6 * len(text):
+                out[text] = None  # dict: de-duplicated, first-seen order
+    return list(out)
+
+
+def minilm(zoo, n=256, seed=1, holdout=False, maxlen=64):
+    from tokenizers import Tokenizer
+
+    pool = [t for t in stdlib_paragraphs() if (zlib.crc32(t.encode()) % 4 == 0) == holdout]
+    texts = [pool[i] for i in np.sort(np.random.default_rng(seed).permutation(len(pool))[:n])]
+    tok = Tokenizer.from_file(os.path.join(zoo, "minilm_l6_tokenizer", "tokenizer.json"))
+    tok.enable_truncation(maxlen)
+    tok.enable_padding(pad_id=0, pad_token="[PAD]", length=maxlen)
+    enc = tok.encode_batch(texts)
+    ids = np.array([e.ids for e in enc], np.int64)
+    mask = np.array([e.attention_mask for e in enc], np.int64)
+    note = f" ({len(pool)} paragraphs in the pool, {int((mask.sum(1) == maxlen).sum())} of {n} truncated)"
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}, note
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("zoo")
     ap.add_argument("out")
     ap.add_argument("--zoo-tools", default=os.path.join(REPO, "..", "shared", "zoo"))
-    ap.add_argument("--only", nargs="*", help="subset of the four models")
+    ap.add_argument("--only", nargs="*", help="subset of the models (default: all; no det with --holdout)")
     ap.add_argument("--holdout", action="store_true", help="64 held-out inputs per model (other seeds; no det)")
     a = ap.parse_args()
     sys.path.insert(0, os.path.abspath(a.zoo_tools))
     os.makedirs(a.out, exist_ok=True)
-    models = a.only or ["mobilenet_v2", "efficientnet_lite0", "ppocrv4_rec"] + ([] if a.holdout else ["ppocrv4_det"])
+    imagenet_models = ["mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    models = a.only or imagenet_models + ["ppocrv4_rec", "minilm_l6"] + ([] if a.holdout else ["ppocrv4_det"])
     for model in models:
         note = ""
         if model == "ppocrv4_det":
@@ -125,14 +198,18 @@ def main():
         elif model == "ppocrv4_rec":
             x, cropped = ppocr_rec(a.zoo, **(dict(n=64, seed=107) if a.holdout else {}))
             note = f" ({cropped} of {len(x)} lines were wider than 320 and cropped)"
+        elif model == "minilm_l6":
+            x, note = minilm(a.zoo, **(dict(n=64, seed=7, holdout=True) if a.holdout else {}))
         else:
             x = imagenet(a.zoo, model, **(dict(n=64, seed=7) if a.holdout else {}))
-        path = os.path.join(a.out, f"{model}_{'holdout' if a.holdout else 'calib'}{len(x)}.npz")
-        np.savez(path, **{input_name(os.path.join(a.zoo, model + ".onnx")): x})
-        print(
-            f"{path}: {list(x.shape)} mean {x.mean():.3f} std {x.std():.3f} range [{x.min():.2f}, {x.max():.2f}]{note}",
-            flush=True,
-        )
+        feeds = x if isinstance(x, dict) else {input_name(os.path.join(a.zoo, model + ".onnx")): x}
+        n = len(next(iter(feeds.values())))
+        path = os.path.join(a.out, f"{model}_{'holdout' if a.holdout else 'calib'}{n}.npz")
+        np.savez(path, **feeds)
+        for k, v in feeds.items():
+            stats = f"mean {v.mean():.3f} std {v.std():.3f} range [{v.min():.2f}, {v.max():.2f}]"
+            print(f"{path} {k}: {list(v.shape)} {v.dtype} {stats}{note}", flush=True)
+            note = ""
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {  # what follows `fold-bn,calibrate,` in the pipeline
     "w8": "rtn{bits=8}",
     "w4": "rtn{bits=4}",
+    "w3": "rtn{bits=3}",  # per-channel RTN at 3 and 2 bits
+    "w2": "rtn{bits=2}",
     "w4b32": "rtn{bits=4,block=32}",
     "w8s16": "rtn{bits=8,scale_bits=16,min_elements=0}",  # fp16 steps, every weight quantized
     "w8small": "rtn{bits=8,scale_bits=16,min_elements=0},compact-names",  # the smallest 8-bit file
@@ -29,8 +31,13 @@ CONFIGS = {  # what follows `fold-bn,calibrate,` in the pipeline
     "w2-crq": "crq{bits=2,sequential=true}",
     "w4-rtn": "crq{bits=4,method=rtn}",
     "w4-crq": "crq{bits=4,sequential=true}",
+    # tq: transform quantization at a target rate in bits per weight
+    "tq2": "tq{rate=2}",
+    "tq3": "tq{rate=3}",
+    "tq4": "tq{rate=4}",
 }
-MODELS = ["mobilenet_v2", "efficientnet_lite0", "ppocrv4_det", "ppocrv4_rec"]
+IMAGENET = ["mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+MODELS = IMAGENET + ["ppocrv4_det", "ppocrv4_rec", "minilm_l6"]
 
 
 def sh(cmd, log):
@@ -58,6 +65,9 @@ def evaluate(a, model, path):
             "--rec-keys",
             os.path.join(z, "ppocrv4_rec.keys.txt"),
         ]
+    elif model == "minilm_l6":
+        cmd = [py, os.path.join(a.zoo_tools, "eval_minilm.py"), path, "--ref", os.path.join(z, model + ".onnx")]
+        cmd += ["--data", os.path.join(z, "data"), "--tokenizer", os.path.join(z, "minilm_l6_tokenizer")]
     else:
         cmd = [py, os.path.join(a.zoo_tools, "eval_imagenet.py"), path, "--ref", os.path.join(z, model + ".onnx")]
     r = sh(cmd, path[:-5] + ".eval.log")
@@ -75,6 +85,11 @@ def metric(row):
         return (
             f"rec CER {100 * e['rec_cer']:.2f}% (line acc {e['rec_line_acc']:.2f}), e2e CER {100 * e['e2e_cer']:.2f}%"
         )
+    if row["model"] == "minilm_l6":
+        return (
+            f"R@1 {e['recall_at_1']:.3f}, MRR {e['mrr']:.3f}, top-1 retrieval agr {e['top1_agreement']:.3f}, "
+            f"cos to FP32 {e['mean_cos_to_ref']:.4f}"
+        )
     return (
         f"top-1 agr {e['top1_agreement']:.3f}, confident {e['top1_agreement_confident']:.3f} "
         f"({e['confident_crops']} crops), KL {e['mean_kl']:.4f}"
@@ -91,12 +106,22 @@ def holdout_sqnr(a, model, src, out):
     return {parts[1].rstrip(":"): float(parts[3]) for parts in lines}
 
 
+def passes(out_dir, model, config):
+    """The pass reports of a run (from OUT/models/<model>_<config>.report.json), or []."""
+    path = os.path.join(out_dir, "models", f"{model}_{config}.report.json")
+    return json.load(open(path))["passes"] if os.path.exists(path) else []
+
+
+def rate_note(out_dir, model, config):
+    """'nominal X, container Y b/w' from a tq pass's rate note, or ''."""
+    notes = [n for p in passes(out_dir, model, config) if p["pass_name"] == "tq" for n in p["notes"]]
+    m = re.search(r"nominal ([\d.]+) b/w, container ([\d.]+) b/w", " ".join(notes))
+    return f"tq nominal {m[1]}, container {m[2]} b/w" if m else ""
+
+
 def kept(out_dir, model, config):
     """'N layers, B bytes' that a crq run kept at higher precision (from its report), or ''."""
-    path = os.path.join(out_dir, "models", f"{model}_{config}.report.json")
-    if not os.path.exists(path):
-        return ""
-    notes = [n for p in json.load(open(path))["passes"] for n in p["notes"] if n.startswith("kept at higher")]
+    notes = [n for p in passes(out_dir, model, config) for n in p["notes"] if n.startswith("kept at higher")]
     layers = re.findall(r"\(([\w-]+), (\d+) bits, ([\d,]+) B\)", " ".join(notes))
     if not layers:
         return ""
@@ -111,7 +136,7 @@ def table(path):
     for line in open(path):
         r = json.loads(line)
         rows[r["model"], r["config"]] = r
-    columns = "model|config|bytes|vs FP32|kept at 8 bits|SQNR dB calib|SQNR dB held-out|tool s|RSS MB|task metric"
+    columns = "model|config|bytes|vs FP32|kept at 8 bits|SQNR dB calib|SQNR dB held-out|tool s|RSS MB|task metric|notes"
     out = [f"| {columns.replace('|', ' | ')} |", "|---" * (columns.count("|") + 1) + "|"]
     for (m, c), r in sorted(
         rows.items(),
@@ -132,6 +157,7 @@ def table(path):
             r.get("tool_wall_s", ""),
             r.get("tool_max_rss_mb", ""),
             metric(r),
+            rate_note(os.path.dirname(path), m, c),
         ]
         out.append("| " + " | ".join(str(x) for x in cells) + " |")
     return "\n".join(out)

@@ -8,6 +8,8 @@ asymmetric codes) a zero point; the consumer reads the DequantizeLinear output.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -19,43 +21,218 @@ from onnxtq.model_io import tensor_nbytes
 from onnxtq.packing import int_tensor
 from onnxtq.quantize import Blocking, GroupCode
 from onnxtq.report import WeightRecord
-from onnxtq.weights import WeightSite
+from onnxtq.weights import WeightSite, node_attr
+
+
+def _dequantize_node(
+    graph: Graph,
+    base: str,
+    node_base: str,
+    codes,
+    scale,
+    zero_point,
+    bits: int,
+    attrs: dict,
+    float_type: int,
+    pass_name: str,
+) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """A DequantizeLinear node over new initializers (codes packed, `scale` as stored); not yet in the graph."""
+    signed = zero_point is None
+    q = int_tensor(graph.unique(f"{base}/onnxtq.q"), codes, bits, signed)
+    scale_t = numpy_helper.from_array(scale, graph.unique(f"{base}/onnxtq.scale"))
+    stored = [q, scale_t]
+    if not signed:
+        stored.append(int_tensor(graph.unique(f"{base}/onnxtq.zero_point"), zero_point, bits, False))
+    attrs = dict(attrs)
+    if scale.dtype != onnx.helper.tensor_dtype_to_np_dtype(float_type):
+        attrs["output_dtype"] = float_type  # DequantizeLinear-23: fp16 steps decode straight to the weight's type
+    out = graph.unique(f"{base}/onnxtq.dequant")
+    node = onnx.helper.make_node(
+        "DequantizeLinear", [t.name for t in stored], [out], name=graph.unique(f"{node_base}/onnxtq.dequant"), **attrs
+    )
+    tag(node, pass_name, "dequant")
+    for t in stored:
+        graph.set_initializer(t)
+    return node, stored
+
+
+def _scale_values(scale: np.ndarray, float_type: int) -> np.ndarray:
+    """Steps as stored: float16 where the pass chose them (half the side information), else the weight's type."""
+    weight_dtype = onnx.helper.tensor_dtype_to_np_dtype(float_type)
+    return scale if scale.dtype.itemsize < np.dtype(weight_dtype).itemsize else scale.astype(weight_dtype)
+
+
+def _replace_initializer(graph: Graph, site: WeightSite, new_name: str) -> None:
+    """Point every reader of the site's weight at `new_name` and drop the float tensor."""
+    original = graph.initializers[site.name]
+    for consumer, index in graph.consumers[site.name]:
+        consumer.input[index] = new_name
+    graph.graph.initializer.remove(original)
 
 
 def emit_dequantize(graph: Graph, site: WeightSite, blocking: Blocking, code: GroupCode, pass_name: str) -> int:
     """Replace the weight of `site` by DequantizeLinear over `code`; returns the bytes now stored."""
     original = graph.initializers[site.name]
-    float_type = onnx.helper.tensor_dtype_to_np_dtype(original.data_type)
-    signed = code.zero_point is None
-    q = int_tensor(graph.unique(f"{site.name}/onnxtq.q"), blocking.from_groups(code.q), code.bits, signed)
-    narrow = code.scale.dtype.itemsize < np.dtype(float_type).itemsize  # fp16 steps for an fp32 weight
-    scale_values = blocking.scales_to_shape(code.scale).astype(code.scale.dtype if narrow else float_type)
-    scale = numpy_helper.from_array(scale_values, graph.unique(f"{site.name}/onnxtq.scale"))
-    inputs = [q.name, scale.name]
-    stored = [q, scale]
-    if not signed:
-        zp = int_tensor(
-            graph.unique(f"{site.name}/onnxtq.zero_point"), blocking.scales_to_shape(code.zero_point), code.bits, False
-        )
-        inputs.append(zp.name)
-        stored.append(zp)
+    scale = _scale_values(blocking.scales_to_shape(code.scale), original.data_type)
+    zp = None if code.zero_point is None else blocking.scales_to_shape(code.zero_point)
     attrs = {"axis": blocking.block_axis, "block_size": blocking.block} if blocking.block else {"axis": blocking.axis}
-    if narrow:
-        attrs["output_dtype"] = original.data_type  # DequantizeLinear-23: decode straight to the weight's type
-    out = graph.unique(f"{site.name}/onnxtq.dequant")
-    node = onnx.helper.make_node(
-        "DequantizeLinear", inputs, [out], name=graph.unique(f"{site.node}/onnxtq.dequant"), **attrs
+    node, stored = _dequantize_node(
+        graph,
+        site.name,
+        site.node,
+        blocking.from_groups(code.q),
+        scale,
+        zp,
+        code.bits,
+        attrs,
+        original.data_type,
+        pass_name,
     )
-    tag(node, pass_name, "dequant")
+    out = node.output[0]
     graph.originals[out] = (site, original)  # the float tensor, for passes that refine the codes later
-    for t in stored:
-        graph.set_initializer(t)
-    for consumer, index in graph.consumers[site.name]:
-        consumer.input[index] = out
+    _replace_initializer(graph, site, out)
     graph.graph.node.insert(0, node)
-    graph.graph.initializer.remove(original)
     graph.refresh()
     return sum(tensor_nbytes(t) for t in stored)
+
+
+@dataclass
+class Piece:
+    """Codes of one slice of a weight (stored layout), with one step per channel along `axis`."""
+
+    q: np.ndarray
+    scale: np.ndarray  # [q.shape[axis]]
+    zero_point: np.ndarray | None
+    bits: int
+    axis: int
+
+
+def _pieces_node(
+    graph: Graph, base: str, node_base: str, pieces: list[Piece], concat_axis: int, float_type: int, pass_name: str
+) -> tuple[str, list[onnx.NodeProto], int]:
+    """DequantizeLinear per piece, joined by Concat along `concat_axis`: (float output, nodes, bytes stored)."""
+    nodes, stored = [], 0
+    for i, p in enumerate(pieces):
+        node, tensors = _dequantize_node(
+            graph,
+            f"{base}/band{i}",
+            node_base,
+            p.q,
+            _scale_values(p.scale, float_type),
+            p.zero_point,
+            p.bits,
+            {"axis": p.axis},
+            float_type,
+            pass_name,
+        )
+        nodes.append(node)
+        stored += sum(tensor_nbytes(t) for t in tensors)
+    if len(nodes) == 1:
+        return nodes[0].output[0], nodes, stored
+    out = graph.unique(f"{base}/onnxtq.concat")
+    concat = onnx.helper.make_node(
+        "Concat",
+        [n.output[0] for n in nodes],
+        [out],
+        name=graph.unique(f"{node_base}/onnxtq.concat"),
+        axis=concat_axis,
+    )
+    nodes.append(tag(concat, pass_name, "concat"))
+    return out, nodes, stored
+
+
+def emit_pieces(graph: Graph, site: WeightSite, pieces: list[Piece], concat_axis: int, pass_name: str) -> int:
+    """Replace the weight of `site` by the concatenation of dequantized pieces; returns bytes stored."""
+    original = graph.initializers[site.name]
+    out, nodes, stored = _pieces_node(graph, site.name, site.node, pieces, concat_axis, original.data_type, pass_name)
+    _replace_initializer(graph, site, out)
+    for node in reversed(nodes):
+        graph.graph.node.insert(0, node)
+    graph.refresh()
+    return stored
+
+
+def emit_transformed(
+    graph: Graph, site: WeightSite, pieces: list[Piece], basis: Piece, factored: bool, pass_name: str
+) -> int:
+    """Replace W by coefficients T (pieces along the input axis) and a basis B with W = T·B.
+
+    factored: the layer reads a new bias-free 1×1 map by B of its input (Conv 1×1 / Gemm / MatMul),
+    so both nodes run on K ≤ C channels; folded: W = T·B is computed in the graph from the stored
+    codes (onnxruntime folds it at load with `session.disable_quant_qdq=1`) and feeds the layer.
+    `basis.q` is [K, C] for Conv and Gemm(transB=1), [C, K] for weights stored transposed.
+    """
+    original = graph.initializers[site.name]
+    ftype = original.data_type
+    node = graph.consumers[site.name][0][0]
+    in_axis = 0 if site.transposed else 1
+    t_out, t_nodes, stored = _pieces_node(graph, site.name, site.node, pieces, in_axis, ftype, pass_name)
+    b_node, b_tensors = _dequantize_node(
+        graph,
+        f"{site.name}/basis",
+        site.node,
+        basis.q,
+        _scale_values(basis.scale, ftype),
+        basis.zero_point,
+        basis.bits,
+        {"axis": basis.axis},
+        ftype,
+        pass_name,
+    )
+    stored += sum(tensor_nbytes(t) for t in b_tensors)
+    new_nodes = [*t_nodes, b_node]
+    k = basis.q.shape[1 if site.transposed else 0]
+    if factored:
+        z = graph.unique(f"{site.node}/onnxtq.basis_out")
+        if site.op == "Conv":
+            spatial = len(site.shape) - 2
+            shape = graph.unique(f"{site.name}/basis/onnxtq.shape")
+            graph.set_initializer(numpy_helper.from_array(np.array([k, -1] + [1] * spatial, np.int64), shape))
+            weight = graph.unique(f"{site.name}/basis/onnxtq.weight")
+            new_nodes.append(
+                onnx.helper.make_node(
+                    "Reshape", [b_node.output[0], shape], [weight], name=graph.unique(f"{site.node}/onnxtq.basis_shape")
+                )
+            )
+            basis_node = onnx.helper.make_node("Conv", [node.input[0], weight], [z], kernel_shape=[1] * spatial)
+        elif site.op == "Gemm":
+            trans_a = int(node_attr(node, "transA", 0))
+            basis_node = onnx.helper.make_node("Gemm", [node.input[0], b_node.output[0]], [z], transA=trans_a, transB=1)
+            _set_attr(node, "transA", 0)
+        else:
+            basis_node = onnx.helper.make_node("MatMul", [node.input[0], b_node.output[0]], [z])
+        basis_node.name = graph.unique(f"{site.node}/onnxtq.basis")
+        new_nodes.append(tag(basis_node, pass_name, "basis"))
+        node.input[0] = z
+        weight_out = t_out
+    else:
+        weight_out = graph.unique(f"{site.name}/onnxtq.product")
+        # one Einsum: onnxruntime's QDQ propagation would move DequantizeLinear past a Transpose or Reshape
+        # and lose its output_dtype (float16 steps), so the product reads the dequantized tensors directly
+        taps = "hwd"[: len(site.shape) - 2]
+        if site.op == "Conv":  # W[n,C,taps] = T[n,K,taps] ×_K B[K,C]
+            equation = f"nk{taps},kc->nc{taps}"
+        else:  # stored [C, n] = Bᵀ[C, K]·T[K, n], or [n, C] = T[n, K]·B[K, C]
+            equation = "ck,kn->cn" if site.transposed else "nk,kc->nc"
+        operands = [b_node.output[0], t_out] if site.transposed else [t_out, b_node.output[0]]
+        product = onnx.helper.make_node(
+            "Einsum", operands, [weight_out], name=graph.unique(f"{site.node}/onnxtq.product"), equation=equation
+        )
+        new_nodes.append(tag(product, pass_name, "product"))
+    _replace_initializer(graph, site, weight_out)
+    position = list(graph.graph.node).index(node)
+    for n in reversed(new_nodes):
+        graph.graph.node.insert(position, n)
+    graph.refresh()
+    return stored
+
+
+def _set_attr(node: onnx.NodeProto, name: str, value: int) -> None:
+    for a in node.attribute:
+        if a.name == name:
+            a.i = value
+            return
+    node.attribute.append(onnx.helper.make_attribute(name, value))
 
 
 def dequantized(blocking: Blocking, code: GroupCode) -> np.ndarray:

@@ -31,15 +31,18 @@ GPTQ_BLOCK = 128
 
 @dataclass
 class Grid:
-    """Per-weight uniform grid: value = step·(q − zero), q integer in [lo, hi]."""
+    """Per-weight uniform grid: value = step·(q − zero), q integer in [lo, hi].
+
+    lo and hi are one range for all weights, or arrays of the weights' shape (mixed bit depths).
+    """
 
     step: np.ndarray  # same shape as the weights
     zero: np.ndarray  # same shape, integer-valued
-    lo: int
-    hi: int
+    lo: int | np.ndarray
+    hi: int | np.ndarray
 
     def codes(self, w: np.ndarray, sl=...) -> np.ndarray:
-        return np.clip(np.round(w / self.step[sl]) + self.zero[sl], self.lo, self.hi)
+        return np.clip(np.round(w / self.step[sl]) + self.zero[sl], _at(self.lo, sl), _at(self.hi, sl))
 
     def values(self, q: np.ndarray, sl=...) -> np.ndarray:
         return self.step[sl] * (q - self.zero[sl])
@@ -109,14 +112,18 @@ def gptq(w0: np.ndarray, hessian: np.ndarray, grid: Grid, damp: float = DAMP) ->
     order = np.argsort(-np.einsum("pdd->pd", hessian), axis=1, kind="stable")  # [P, d]
     take = np.arange(len(order))[:, None]
     inverse = np.argsort(order, axis=1)
-    permuted = Grid(_columns(grid.step, order), _columns(grid.zero, order), grid.lo, grid.hi)
+    permuted = Grid(*(_columns(a, order) for a in (grid.step, grid.zero, grid.lo, grid.hi)))
     h = hessian[take[:, :, None], order[:, :, None], order[:, None, :]]
     return _columns(_gptq_in_order(_columns(w0, order), h, permuted, damp), inverse)
 
 
-def _columns(a: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """a [P, r, d] with each problem's columns taken in `order` [P, d]."""
-    return np.take_along_axis(a, order[:, None, :], axis=2)
+def _columns(a, order: np.ndarray):
+    """a [P, r, d] with each problem's columns taken in `order` [P, d] (a scalar stays as it is)."""
+    return a if np.isscalar(a) else np.take_along_axis(a, order[:, None, :], axis=2)
+
+
+def _at(bound, sl):
+    return bound if np.isscalar(bound) else bound[sl]
 
 
 def _gptq_in_order(w0: np.ndarray, hessian: np.ndarray, grid: Grid, damp: float) -> np.ndarray:

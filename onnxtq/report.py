@@ -21,6 +21,9 @@ class WeightRecord:
     weight_sqnr_db: float | None = None  # 10·log10(‖W‖² / ‖W − Ŵ‖²)
     output_sqnr_db: float | None = None  # same for the layer output, E‖Wx‖² / E‖(W − Ŵ)x‖², from calibration
     bias_corrected: bool = False  # the layer's bias absorbed the mean output error (onnxtq.bias)
+    nominal_bits: float | None = None  # code bits per weight at their bit depths, before containers and steps
+    bound_bits: float | None = None  # Gaussian rate-distortion bound at the output error reached, bits per weight
+    detail: str = ""  # how the pass coded it (transform, bands, bit depths)
     reason: str = ""
 
     @classmethod

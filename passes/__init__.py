@@ -6,7 +6,19 @@ from onnxtq.passes.crq import CrqPass
 from onnxtq.passes.fold_bn import FoldBatchNormPass
 from onnxtq.passes.refine import RefinePass
 from onnxtq.passes.rtn import RtnPass
+from onnxtq.passes.tq import TqPass
 
-REGISTRY = {p.name: p for p in (FoldBatchNormPass, CalibratePass, RtnPass, CrqPass, RefinePass, CompactNamesPass)}
+REGISTRY = {
+    p.name: p for p in (FoldBatchNormPass, CalibratePass, RtnPass, CrqPass, TqPass, RefinePass, CompactNamesPass)
+}
 
-__all__ = ["REGISTRY", "CalibratePass", "CompactNamesPass", "CrqPass", "FoldBatchNormPass", "RefinePass", "RtnPass"]
+__all__ = [
+    "REGISTRY",
+    "CalibratePass",
+    "CompactNamesPass",
+    "CrqPass",
+    "FoldBatchNormPass",
+    "RefinePass",
+    "RtnPass",
+    "TqPass",
+]

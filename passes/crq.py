@@ -31,21 +31,16 @@ from onnxtq.passes.rtn import blocking_for, fp32_steps_only, quantizable
 from tqdm import tqdm
 
 from onnxtq.bias import bias_note
-from onnxtq.calibration import CalibrationConfig, collect_drift, importance
+from onnxtq.calibration import collect_drift, importance
 from onnxtq.emit import replace_weight
 from onnxtq.packing import min_opset
 from onnxtq.pass_infra import Context, Pass, PassConfig
 from onnxtq.quantize import GroupCode, int_range, quantize_groups
-from onnxtq.reconstruct import DAMP, Grid, Problems, cluster_pull, gptq, refit_steps
+from onnxtq.reconstruct import Grid, Problems, cluster_pull, gptq, refit_steps
 from onnxtq.report import PassReport, WeightRecord
+from onnxtq.sequential import DRIFT_CALIBRATION, MIN_PATCHES_PER_INPUT, drift_target, enough, stages
 from onnxtq.weights import WeightSite, discover
 
-#: Sequential fitting needs this many calibration patches per input dimension; below it (a classifier
-#: on a few hundred images) a layer would memorise its calibration outputs, so it keeps the original target.
-MIN_PATCHES_PER_INPUT = 16
-#: Sequential statistics are gathered once per layer (twice the moments of `calibrate`): fewer conv
-#: positions per input keep that affordable; 512 x 256 inputs still give 100+ patches per input dimension.
-DRIFT_CALIBRATION = CalibrationConfig(max_positions=512)
 #: Above this depth the grid is fine enough that the cluster pull gains nothing GPTQ does not.
 CLUSTER_PULL_MAX_BITS = 4
 
@@ -98,7 +93,7 @@ class CrqPass(Pass):
             reference.CopyFrom(ctx.graph.model)
         kept = []
         with tqdm(total=len(sites), desc=self.name, unit="weight", disable=None, leave=False) as bar:
-            for stage in _stages(sites) if self.config.sequential else [sites]:
+            for stage in stages(sites) if self.config.sequential else [sites]:
                 drift = {}
                 if self.config.sequential:
                     drift = collect_drift(reference, ctx.graph.model, stage, ctx.data, DRIFT_CALIBRATION)
@@ -115,7 +110,7 @@ class CrqPass(Pass):
             report.notes.append(bias_note(report.records, True))
         if self.config.sequential:
             report.notes.append("each layer fitted to the inputs of the network quantized before it")
-        few = [s.name for s in sites if self.config.sequential and (st := ctx.stats.get(s)) and not _enough(st)]
+        few = [s.name for s in sites if self.config.sequential and (st := ctx.stats.get(s)) and not enough(st)]
         if few:
             report.notes.append(
                 f"fitted to the original inputs (fewer than {MIN_PATCHES_PER_INPUT} calibration patches per input "
@@ -138,9 +133,9 @@ class CrqPass(Pass):
         blocking = blocking_for(site, cfg.block)
         reference = ctx.stats.get(site)
         layer, target = reference, w
-        if drift is not None and _enough(drift[0]):
+        if drift is not None and enough(drift[0]):
             layer, cross = drift
-            target = site.from_matrix(_drift_target(site, site.to_matrix(w), layer, cross)).astype(w.dtype)
+            target = site.from_matrix(drift_target(site, site.to_matrix(w), layer, cross)).astype(w.dtype)
         ternary = cfg.ternary and bits == 2
         symmetric = ternary or bits >= 3
         qrange = (-1, 1) if ternary else int_range(bits, symmetric)
@@ -159,35 +154,6 @@ class CrqPass(Pass):
             cfg.bias_correct,
             reference if layer is not reference else None,
         )
-
-
-def _enough(stats) -> bool:
-    return stats.count >= MIN_PATCHES_PER_INPUT * stats.dim
-
-
-def _stages(sites: list[WeightSite]) -> list[list[WeightSite]]:
-    """Sites in order, those reading the same input together: one calibration run per stage."""
-    stages: dict = {}
-    for site in sites:
-        stages.setdefault(site.activation or site.name, []).append(site)
-    return list(stages.values())
-
-
-def _drift_target(site: WeightSite, w: np.ndarray, own, cross) -> np.ndarray:
-    """The weight that best maps the inputs x̃ a layer really gets to the outputs W·x it should give.
-
-    Minimises E‖W·x − W*·x̃‖² + λ‖W* − W‖² (C = E[x̃ xᵀ], H̃ = E[x̃ x̃ᵀ]):
-    W* = (W·Cᵀ + λW)(H̃ + λI)⁻¹, with λ = DAMP·mean(diag H̃) keeping W* at W in the input
-    directions calibration never visits (rank-deficient H̃), where fitting would only memorise.
-    """
-    problems = Problems(own, site.rows)
-    h = problems.hessian
-    lam = DAMP * np.maximum(np.einsum("pdd->pd", h).mean(axis=1), 1e-30)[:, None, None]
-    w0 = problems.split(w.astype(np.float64))
-    c = Problems(cross, site.rows).hessian
-    rhs = w0 @ np.swapaxes(c, 1, 2) + lam * w0
-    eye = np.eye(h.shape[1])[None]
-    return problems.join(np.linalg.solve(h + lam * eye, np.swapaxes(rhs, 1, 2)).swapaxes(1, 2))
 
 
 def reconstruct(site, w, blocking, code: GroupCode, layer, qrange, scale_dtype, method: str = "crq") -> GroupCode:

@@ -1,0 +1,135 @@
+"""Rate–distortion: one Lagrangian allocation over every band of every layer, and the Gaussian bound.
+
+Each band has a few operating points (bit depth → bits stored, output distortion). For a slope λ
+every band independently takes the point minimising D + λ·R (the equal-slope condition of TQ,
+eq. 8); each layer also picks the cheaper of its options (with or without a transform, whose
+basis costs fixed bits). λ is bisected until the total rate meets the target.
+
+The bound: under a Gaussian model, rows of a layer W [n, d] are samples of a d-dimensional
+source and the output distortion tr(ΔW H ΔWᵀ) is plain MSE in whitened coordinates, so the
+least rate for distortion D is reverse water-filling on the eigenvalues μ of W H Wᵀ / n.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Band:
+    """Operating points of one band: bits[i] stored bits and distortion[i] for bit depth depth[i]."""
+
+    depth: np.ndarray
+    bits: np.ndarray
+    distortion: np.ndarray
+
+    def choose(self, lam: float) -> int:
+        return int(np.argmin(self.distortion + lam * self.bits))
+
+
+@dataclass
+class Option:
+    """One way to code a layer: its bands and the bits it costs whatever they get (a basis)."""
+
+    name: str
+    bands: list[Band]
+    fixed_bits: float = 0.0
+
+    def at(self, lam: float) -> tuple[list[int], float, float]:
+        """(point per band, bits, distortion) at slope λ."""
+        picks = [b.choose(lam) for b in self.bands]
+        bits = self.fixed_bits + sum(float(b.bits[i]) for b, i in zip(self.bands, picks))
+        dist = sum(float(b.distortion[i]) for b, i in zip(self.bands, picks))
+        return picks, bits, dist
+
+
+@dataclass
+class Allocation:
+    lam: float
+    choice: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # layer → (option index, picks)
+    bits: float = 0.0
+    distortion: float = 0.0
+
+
+def allocate_at(layers: dict[str, list[Option]], lam: float) -> Allocation:
+    out = Allocation(lam)
+    for name, options in layers.items():
+        costs = []
+        for opt in options:
+            picks, bits, dist = opt.at(lam)
+            costs.append((dist + lam * bits, bits, dist, picks))
+        best = min(range(len(options)), key=lambda i: costs[i][0])
+        _, bits, dist, picks = costs[best]
+        out.choice[name] = (best, picks)
+        out.bits += bits
+        out.distortion += dist
+    return out
+
+
+def allocate(
+    layers: dict[str, list[Option]], max_bits: float | None = None, max_distortion: float | None = None
+) -> Allocation:
+    """The allocation on the convex hull meeting a rate budget (bits) or a distortion budget.
+
+    With a rate budget: the least distortion whose rate fits; with a distortion budget: the
+    least rate whose distortion fits. Bisection on log λ (rate falls and distortion rises with λ).
+    """
+    if (max_bits is None) == (max_distortion is None):
+        raise ValueError("give exactly one of max_bits and max_distortion")
+    lo, hi = -80.0, 80.0  # log2 λ
+    fits = (lambda a: a.bits <= max_bits) if max_bits is not None else (lambda a: a.distortion <= max_distortion)
+    if max_bits is not None:  # rate shrinks as λ grows: find the smallest λ that fits
+        best = allocate_at(layers, 2.0**hi)
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            a = allocate_at(layers, 2.0**mid)
+            if fits(a):
+                hi, best = mid, a
+            else:
+                lo = mid
+        return best
+    best = allocate_at(layers, 2.0**lo)
+    for _ in range(60):  # distortion grows with λ: the largest λ that fits
+        mid = (lo + hi) / 2
+        a = allocate_at(layers, 2.0**mid)
+        if fits(a):
+            lo, best = mid, a
+        else:
+            hi = mid
+    return best
+
+
+def whitened_spectrum(w: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Eigenvalues μ [P, k] of the row covariance in whitened coordinates, per problem.
+
+    w [P, r, d] (r rows of each problem are the samples), h [P, d, d]; equals eig(W H Wᵀ)/r.
+    """
+    r, d = w.shape[1], w.shape[2]
+    if r <= d:
+        m = w @ h @ np.swapaxes(w, 1, 2) / r
+    else:
+        h = h + 1e-12 * np.maximum(np.einsum("pdd->p", h) / d, 1e-30)[:, None, None] * np.eye(d)
+        a = w @ np.linalg.cholesky(h)
+        m = np.swapaxes(a, 1, 2) @ a / r
+    return np.maximum(np.linalg.eigvalsh(m), 0.0)
+
+
+def gaussian_bound_bits(mu: np.ndarray, rows: int, distortion: float) -> float:
+    """Least total bits for a Gaussian source with spectrum μ [P, k] (each problem seen `rows` times)
+    to reach total distortion D = rows·Σ min(μ, ϑ) (reverse water-filling)."""
+    mu = mu.reshape(-1)
+    if distortion <= 0:
+        return float("inf")
+    if distortion >= rows * mu.sum():
+        return 0.0
+    lo, hi = 0.0, float(mu.max())
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if rows * np.minimum(mu, mid).sum() > distortion:
+            hi = mid
+        else:
+            lo = mid
+    theta = max(lo, 1e-300)
+    return float(rows * np.maximum(0.0, 0.5 * np.log2(np.maximum(mu, 1e-300) / theta)).sum())

@@ -1,0 +1,50 @@
+"""Sequential fitting: quantize layers in order, each fitted to the inputs the quantized network gives it.
+
+The statistics of those inputs come from `collect_drift` (onnxruntime runs of the original and the
+partly quantized network on the same batches); `drift_target` is the weight that maps them back to the
+original outputs, and quantizing passes quantize that instead of W, so errors stop accumulating.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxtq.calibration import CalibrationConfig
+from onnxtq.reconstruct import DAMP, Problems
+from onnxtq.weights import WeightSite
+
+#: Sequential fitting needs this many calibration patches per input dimension; below it (a classifier
+#: on a few hundred images) a layer would memorise its calibration outputs, so it keeps the original target.
+MIN_PATCHES_PER_INPUT = 16
+#: Sequential statistics are gathered once per layer (twice the moments of `calibrate`): fewer conv
+#: positions per input keep that affordable; 512 x 256 inputs still give 100+ patches per input dimension.
+DRIFT_CALIBRATION = CalibrationConfig(max_positions=512)
+
+
+def enough(stats) -> bool:
+    return stats.count >= MIN_PATCHES_PER_INPUT * stats.dim
+
+
+def stages(sites: list[WeightSite]) -> list[list[WeightSite]]:
+    """Sites in order, those reading the same input together: one calibration run per stage."""
+    by_input: dict = {}
+    for site in sites:
+        by_input.setdefault(site.activation or site.name, []).append(site)
+    return list(by_input.values())
+
+
+def drift_target(site: WeightSite, w: np.ndarray, own, cross) -> np.ndarray:
+    """The weight that best maps the inputs x̃ a layer really gets to the outputs W·x it should give.
+
+    Minimises E‖W·x − W*·x̃‖² + λ‖W* − W‖² (C = E[x̃ xᵀ], H̃ = E[x̃ x̃ᵀ]):
+    W* = (W·Cᵀ + λW)(H̃ + λI)⁻¹, with λ = DAMP·mean(diag H̃) keeping W* at W in the input
+    directions calibration never visits (rank-deficient H̃), where fitting would only memorise.
+    """
+    problems = Problems(own, site.rows)
+    h = problems.hessian
+    lam = DAMP * np.maximum(np.einsum("pdd->pd", h).mean(axis=1), 1e-30)[:, None, None]
+    w0 = problems.split(w.astype(np.float64))
+    c = Problems(cross, site.rows).hessian
+    rhs = w0 @ np.swapaxes(c, 1, 2) + lam * w0
+    eye = np.eye(h.shape[1])[None]
+    return problems.join(np.linalg.solve(h + lam * eye, np.swapaxes(rhs, 1, 2)).swapaxes(1, 2))
