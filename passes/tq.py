@@ -235,7 +235,7 @@ class TqPass(Pass):
                 bits.append(0.0)
                 dist.append(self._distortion(layer, coding, j0, j1, -band))
             for b in DEPTHS[cfg.depths]:
-                deq, stored = self._quantize(site, coding, j0, j1, band, b)
+                deq, stored = self._quantize(site, coding, j0, j1, band, b, cfg.gptq)
                 depth.append(b)
                 extra = (j1 - j0) * basis_row if coding.transform is not None else 0
                 bits.append(float(stored + extra))
@@ -243,13 +243,20 @@ class TqPass(Pass):
             bands.append(Band(np.array(depth), np.array(bits), layer.gain * np.array(dist)))
         return Option(coding.transform.kind if coding.transform else "identity", bands)
 
-    def _quantize(self, site, coding: Coding, j0: int, j1: int, band: np.ndarray, bits: int):
-        """RTN with per-row steps of one band at `bits`: (dequantized band, bits stored)."""
+    def _quantize(self, site, coding: Coding, j0: int, j1: int, band: np.ndarray, bits: int, feedback: bool):
+        """Per-row steps of one band at `bits` (RTN, or GPTQ within the band): (dequantized band, bits stored)."""
         code = self._code(site, coding, j0, j1, band, bits)
         n, cols = band.shape
         stored_bits = container_bits(bits) if self.config.depths == "container" else bits
         side = n * self._scale_bits(site) + (n * container_bits(bits) if code.zero_point is not None else 0)
-        return code.dequantize().astype(np.float64), n * cols * stored_bits + side
+        step = np.repeat(code.scale.astype(np.float64)[:, None], cols, 1)
+        zero = np.zeros_like(step) if code.zero_point is None else np.repeat(code.zero_point[:, None], cols, 1)
+        q = code.q.astype(np.float64)
+        if feedback and coding.hessian is not None:
+            kk = coding.coeffs.shape[2]
+            h = coding.hessian[j0 * kk : j1 * kk, j0 * kk : j1 * kk]
+            q = self._feedback(band, h, q, step, zero, *int_range(bits, code.zero_point is None))
+        return step * (q - zero), n * cols * stored_bits + side
 
     def _code(self, site, coding: Coding, j0: int, j1: int, band: np.ndarray, bits: int):
         h = self._column_weights(coding, j0, j1)
@@ -374,6 +381,7 @@ class TqPass(Pass):
     @staticmethod
     def _feedback(w0, hessian, q, step, zero, lo, hi) -> np.ndarray:
         """GPTQ on the chosen grid; per row, whichever of it and RTN has the smaller output error."""
+        lo, hi = (np.broadcast_to(v, step.shape) for v in (lo, hi))
         grid = Grid(step[None], zero[None], lo[None], hi[None])
         fed = gptq(w0[None], hessian[None], grid)[0]
         err = [(((step * (c - zero) - w0) @ hessian) * (step * (c - zero) - w0)).sum(axis=1) for c in (q, fed)]
