@@ -141,10 +141,25 @@ def _pieces_node(
     return out, nodes, stored
 
 
-def emit_pieces(graph: Graph, site: WeightSite, pieces: list[Piece], concat_axis: int, pass_name: str) -> int:
-    """Replace the weight of `site` by the concatenation of dequantized pieces; returns bytes stored."""
+def emit_pieces(
+    graph: Graph, site: WeightSite, pieces: list[Piece], axis: int, pass_name: str, order: np.ndarray | None = None
+) -> int:
+    """Replace the weight of `site` by the concatenation of dequantized pieces along `axis`; returns bytes stored.
+
+    With `order` (the original index of each concatenated slice), a Gather puts the slices back in place.
+    """
     original = graph.initializers[site.name]
-    out, nodes, stored = _pieces_node(graph, site.name, site.node, pieces, concat_axis, original.data_type, pass_name)
+    out, nodes, stored = _pieces_node(graph, site.name, site.node, pieces, axis, original.data_type, pass_name)
+    if order is not None:
+        indices = numpy_helper.from_array(np.argsort(order).astype(np.int32), graph.unique(f"{site.name}/onnxtq.order"))
+        graph.set_initializer(indices)
+        stored += tensor_nbytes(indices)
+        placed = graph.unique(f"{site.name}/onnxtq.placed")
+        gather = onnx.helper.make_node(
+            "Gather", [out, indices.name], [placed], name=graph.unique(f"{site.node}/onnxtq.order"), axis=axis
+        )
+        nodes.append(tag(gather, pass_name, "order"))
+        out = placed
     _replace_initializer(graph, site, out)
     for node in reversed(nodes):
         graph.graph.node.insert(0, node)

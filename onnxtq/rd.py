@@ -19,36 +19,46 @@ import numpy as np
 
 @dataclass
 class Band:
-    """Operating points of one band: bits[i] stored bits and distortion[i] for bit depth depth[i]."""
+    """Operating points of one band: bits[i] stored and distortion[i] at bit depth depth[i].
+
+    bits and distortion may also be [R, P]: R independent rows (output channels) that share the
+    depths and each choose their own point.
+    """
 
     depth: np.ndarray
     bits: np.ndarray
     distortion: np.ndarray
 
-    def choose(self, lam: float) -> int:
-        return int(np.argmin(self.distortion + lam * self.bits))
+    def choose(self, lam: float) -> np.ndarray:
+        """The point per row (or the one point) minimising D + λ·R."""
+        return np.argmin(self.distortion + lam * self.bits, axis=-1)
+
+    def totals(self, pick: np.ndarray) -> tuple[float, float]:
+        if self.bits.ndim == 1:
+            return float(self.bits[pick]), float(self.distortion[pick])
+        rows = np.arange(len(pick))
+        return float(self.bits[rows, pick].sum()), float(self.distortion[rows, pick].sum())
 
 
 @dataclass
 class Option:
-    """One way to code a layer: its bands and the bits it costs whatever they get (a basis)."""
+    """One way to code a layer: its bands and the bits it costs whatever they get (a basis, an index)."""
 
     name: str
     bands: list[Band]
     fixed_bits: float = 0.0
 
-    def at(self, lam: float) -> tuple[list[int], float, float]:
+    def at(self, lam: float) -> tuple[list[np.ndarray], float, float]:
         """(point per band, bits, distortion) at slope λ."""
         picks = [b.choose(lam) for b in self.bands]
-        bits = self.fixed_bits + sum(float(b.bits[i]) for b, i in zip(self.bands, picks))
-        dist = sum(float(b.distortion[i]) for b, i in zip(self.bands, picks))
-        return picks, bits, dist
+        totals = [b.totals(p) for b, p in zip(self.bands, picks)]
+        return picks, self.fixed_bits + sum(t[0] for t in totals), sum(t[1] for t in totals)
 
 
 @dataclass
 class Allocation:
     lam: float
-    choice: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # layer → (option index, picks)
+    choice: dict[str, tuple[int, list[np.ndarray]]] = field(default_factory=dict)  # layer → (option index, picks)
     bits: float = 0.0
     distortion: float = 0.0
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from onnxtq import transforms
 from onnxtq.bias import bias_note, correct_bias, output_shift
-from onnxtq.calibration import collect_drift
+from onnxtq.calibration import collect_drift, importance
 from onnxtq.emit import Piece, db, emit_pieces, emit_transformed
 from onnxtq.gains import Probe
 from onnxtq.model_io import tensor_nbytes
@@ -95,6 +95,8 @@ class Coding:
     coeffs: np.ndarray
     hessian: np.ndarray | None  # [K·kk, K·kk] for a single problem; None: the layer's own statistics
     bands: list[tuple[int, int]]  # channel ranges [j0, j1)
+    per_row: bool = False  # one band whose output channels choose their depths apart (rows are independent)
+    weights: np.ndarray | None = None  # [n, K·kk] error weights of the step search when there is no full H
 
 
 @dataclass
@@ -104,6 +106,7 @@ class Layer:
     stats: object
     gain: float = 1.0
     codings: list[Coding] = field(default_factory=list)
+    rows: tuple | None = None  # per-row points of the identity coding, shared by its uniform and per-row options
 
 
 class TqPass(Pass):
@@ -148,7 +151,7 @@ class TqPass(Pass):
                 for site in stage:
                     layer = by_name[site.name]
                     index, picks = chosen.choice[site.name]
-                    depths = [int(options[site.name][index].bands[i].depth[p]) for i, p in enumerate(picks)]
+                    depths = [options[site.name][index].bands[i].depth[p] for i, p in enumerate(picks)]
                     record, dist, nominal = self._emit(ctx, layer, layer.codings[index], depths, drift.get(site.name))
                     records.append(record)
                     predicted += layer.gain * dist
@@ -201,7 +204,10 @@ class TqPass(Pass):
         layer = Layer(site, w, stats)
         full = stats is not None and stats.mode == "full" and stats.groups == 1
         h = stats.moment[0] if full else None
-        layer.codings.append(Coding(None, w, h, [(0, channels)]))
+        diag = site.to_matrix(importance(site, stats)) if stats is not None and not full else None
+        layer.codings.append(Coding(None, w, h, [(0, channels)], weights=diag))
+        # per-row depths need a Gather of the rows after the pieces: their int32 order is fixed bits
+        layer.codings.append(Coding(None, w, h, [(0, channels)], per_row=True, weights=diag))
         if full and len(self._bands(channels, kk)) > 1:  # bands buy mixed depths for a step per row each
             layer.codings.append(Coding(None, w, h, self._bands(channels, kk)))
         if full and cfg.transform != "identity" and channels > 1:
@@ -225,6 +231,13 @@ class TqPass(Pass):
         cfg = self.config
         n, _, kk = coding.coeffs.shape
         site = layer.site
+        if coding.transform is None and len(coding.bands) == 1:
+            if layer.rows is None:
+                layer.rows = self._row_points(layer, coding)
+            depth, bits, dist = layer.rows
+            if coding.per_row:
+                return Option("identity per row", [Band(depth, bits, dist)], fixed_bits=32.0 * n)
+            return Option("identity", [Band(depth, bits.sum(axis=0), dist.sum(axis=0))])
         basis_row = cfg.basis_bits * layer.w.shape[1] + self._scale_bits(site)
         bands = []
         for j0, j1 in coding.bands:
@@ -243,6 +256,28 @@ class TqPass(Pass):
             bands.append(Band(np.array(depth), np.array(bits), layer.gain * np.array(dist)))
         return Option(coding.transform.kind if coding.transform else "identity", bands)
 
+    def _row_points(self, layer: Layer, coding: Coding):
+        """Depths [P] and, per output channel, bits and gain-weighted distortion [n, P] of the whole weight."""
+        n = coding.coeffs.shape[0]
+        m = coding.coeffs.reshape(n, -1)
+        channels = coding.coeffs.shape[1]
+        depths = DEPTHS[self.config.depths]
+        bits, dist = np.empty((n, len(depths))), np.empty((n, len(depths)))
+        for i, b in enumerate(depths):
+            deq, stored = self._quantize(layer.site, coding, 0, channels, m, b, self.config.gptq)
+            bits[:, i] = stored / n
+            dist[:, i] = layer.gain * self._row_errors(layer, coding, deq - m)
+        return np.array(depths), bits, dist
+
+    def _row_errors(self, layer: Layer, coding: Coding, delta: np.ndarray) -> np.ndarray:
+        """Layer-output error per output channel of a weight error `delta` [n, d]."""
+        if coding.hessian is not None:
+            return ((delta @ coding.hessian) * delta).sum(axis=1)
+        if layer.stats is not None and delta.shape[1] == layer.stats.dim:
+            problems = Problems(layer.stats, delta.shape[0])
+            return problems.row_error(problems.split(delta))
+        return (delta**2).sum(axis=1)
+
     def _quantize(self, site, coding: Coding, j0: int, j1: int, band: np.ndarray, bits: int, feedback: bool):
         """Per-row steps of one band at `bits` (RTN, or GPTQ within the band): (dequantized band, bits stored)."""
         code = self._code(site, coding, j0, j1, band, bits)
@@ -258,17 +293,18 @@ class TqPass(Pass):
             q = self._feedback(band, h, q, step, zero, *int_range(bits, code.zero_point is None))
         return step * (q - zero), n * cols * stored_bits + side
 
-    def _code(self, site, coding: Coding, j0: int, j1: int, band: np.ndarray, bits: int):
+    def _code(self, site, coding: Coding, j0: int, j1: int, band: np.ndarray, bits: int, rows=slice(None)):
+        """Per-row steps and codes of `band` (the given rows of coefficient channels j0..j1) at `bits`."""
         h = self._column_weights(coding, j0, j1)
-        h = None if h is None else np.broadcast_to(h, band.shape)
+        h = None if h is None else np.broadcast_to(h, (coding.coeffs.shape[0], h.shape[-1]))[rows]
         scale_dtype = np.float32 if self._scale_bits(site) == 32 else np.float16
         return quantize_groups(band, bits, bits >= 3, True, h, scale_dtype)
 
     def _column_weights(self, coding: Coding, j0: int, j1: int) -> np.ndarray | None:
-        if coding.hessian is None:
-            return None
         kk = coding.coeffs.shape[2]
-        return np.diagonal(coding.hessian)[j0 * kk : j1 * kk]
+        if coding.hessian is not None:
+            return np.diagonal(coding.hessian)[j0 * kk : j1 * kk]
+        return None if coding.weights is None else coding.weights[:, j0 * kk : j1 * kk]
 
     def _distortion(self, layer: Layer, coding: Coding, j0: int, j1: int, delta: np.ndarray) -> float:
         """Layer-output error of a band error `delta` [n, cols] (cross-band terms left out)."""
@@ -287,7 +323,7 @@ class TqPass(Pass):
         """
         cfg, site = self.config, layer.site
         n, channels, kk = layer.w.shape
-        kept = [(j0, j1, b) for (j0, j1), b in zip(coding.bands, depths) if b > 0]
+        kept = [(j0, j1, b) for (j0, j1), b in zip(coding.bands, depths) if np.all(b > 0)]
         before = tensor_nbytes(ctx.graph.initializers[site.name])
         stats, target, reference = layer.stats, layer.w, None
         if drift is not None and enough(drift[0]) and drift[0].mode == getattr(layer.stats, "mode", None):
@@ -311,7 +347,7 @@ class TqPass(Pass):
             basis_piece = Piece(
                 code.q.T if site.transposed else code.q, code.scale, None, cfg.basis_bits, 1 if site.transposed else 0
             )
-        refit = Coding(coding.transform, coeffs, hessian, [(a, b) for a, b, _ in kept])
+        refit = Coding(coding.transform, coeffs, hessian, [(a, b) for a, b, _ in kept], weights=coding.weights)
         q, step, zero, lo, hi = self._codes(site, refit, kept)
         if cfg.gptq and hessian is not None:
             q = self._feedback(coeffs.reshape(n, -1), hessian, q, step, zero, lo, hi)
@@ -329,10 +365,9 @@ class TqPass(Pass):
             why_not = correct_bias(ctx.graph, node, site, shift, dtype)
         elif cfg.bias_correct:
             why_not = "no statistics"
-        pieces = self._pieces(site, q, step, zero, kept, coeffs.shape)
+        pieces, axis, order = self._pieces(site, q, step, zero, kept, coeffs.shape)
         if basis_piece is None:
-            in_axis = 0 if site.transposed else 1
-            after = emit_pieces(ctx.graph, site, pieces, in_axis, self.name)
+            after = emit_pieces(ctx.graph, site, pieces, axis, self.name, order)
             runtime = ""
         else:
             factored = self._factored(site, channels, len(np.concatenate([np.arange(a, b) for a, b, _ in kept])))
@@ -340,7 +375,7 @@ class TqPass(Pass):
             runtime = ", factored" if factored else ", folded"
         size = int(np.prod(site.shape))
         dist = _layer_error(site, stats, delta)
-        nominal = sum((b - a) * kk * n * d for a, b, d in kept) + (
+        nominal = sum((b - a) * kk * np.broadcast_to(d, (n,)).sum() for a, b, d in kept) + (
             0 if basis_piece is None else basis_piece.q.size * cfg.basis_bits
         )
         record = WeightRecord.of(site, "quantized", bytes_before=before, bytes_after=after, bits=8 * after / size)
@@ -353,7 +388,12 @@ class TqPass(Pass):
         record.bound_bits = _bound_bits(site, layer, dist)
         kind = coding.transform.kind if coding.transform else "identity"
         used = sum(b - a for a, b, _ in kept)
-        record.detail = f"{kind} {used}/{channels} channels, band bits {[d for _, _, d in kept]}{runtime}"
+        if coding.per_row:
+            values, counts = np.unique(kept[0][2], return_counts=True)
+            depth_text = "rows at " + ", ".join(f"{v} bits: {c}" for v, c in zip(values[::-1], counts[::-1]))
+        else:
+            depth_text = f"band bits {[int(d) for _, _, d in kept]}"
+        record.detail = f"{kind} {used}/{channels} channels, {depth_text}{runtime}"
         return record, dist, nominal
 
     def _codes(self, site, coding: Coding, kept):
@@ -363,19 +403,18 @@ class TqPass(Pass):
         parts = []
         for (a, b, bits), (c0, c1) in zip(kept, cols):
             band = coding.coeffs[:, a:b].reshape(n, -1)
-            code = self._code(site, coding, a, b, band, bits)
-            lo, hi = int_range(bits, code.zero_point is None)
-            width = c1 - c0
-            zero = np.zeros(n) if code.zero_point is None else code.zero_point.astype(np.float64)
-            parts.append(
-                (
-                    code.q.astype(np.float64),
-                    np.repeat(code.scale.astype(np.float64)[:, None], width, 1),
-                    np.repeat(zero[:, None], width, 1),
-                    np.full((n, width), lo),
-                    np.full((n, width), hi),
-                )
-            )
+            per_row = np.broadcast_to(bits, (n,))
+            part = [np.zeros((n, c1 - c0)) for _ in range(5)]  # q, step, zero, lo, hi
+            for depth in np.unique(per_row):
+                rows = per_row == depth
+                code = self._code(site, coding, a, b, band[rows], int(depth), rows)
+                lo, hi = int_range(int(depth), code.zero_point is None)
+                zero = 0.0 if code.zero_point is None else code.zero_point.astype(np.float64)[:, None]
+                part[0][rows] = code.q
+                part[1][rows] = code.scale.astype(np.float64)[:, None]
+                part[2][rows] = zero
+                part[3][rows], part[4][rows] = lo, hi
+            parts.append(part)
         return tuple(np.concatenate(p, axis=1) for p in zip(*parts))
 
     @staticmethod
@@ -387,24 +426,34 @@ class TqPass(Pass):
         err = [(((step * (c - zero) - w0) @ hessian) * (step * (c - zero) - w0)).sum(axis=1) for c in (q, fed)]
         return np.where((err[1] < err[0])[:, None], fed, q)
 
-    def _pieces(self, site, q, step, zero, kept, shape) -> list[Piece]:
-        """One DequantizeLinear piece per kept band, in the stored layout."""
+    def _pieces(self, site, q, step, zero, kept, shape):
+        """DequantizeLinear pieces in the stored layout: (pieces, axis they join on, row order or None).
+
+        Column bands join along the input axis; rows with their own depths are grouped by depth, joined
+        along the output axis, and put back in order by a Gather.
+        """
         n, _, kk = shape
-        pieces = []
-        for a, b, bits in kept:
-            cols = slice(a * kk, b * kk)
-            codes = q[:, cols].reshape(n, b - a, kk)
+        out_axis, in_axis = (1, 0) if site.transposed else (0, 1)
+        dtype = np.float32 if self._scale_bits(site) == 32 else np.float16
+
+        def stored(codes):  # [r, channels, kk] -> the weight's layout
             if site.conv is not None:
-                stored = codes.reshape(n, b - a, *site.shape[2:])
-            else:
-                stored = codes[:, :, 0].T if site.transposed else codes[:, :, 0]
-            symmetric = bits >= 3
-            zp = None if symmetric else zero[:, a * kk].astype(np.int32)
-            dtype = np.float32 if self._scale_bits(site) == 32 else np.float16
-            pieces.append(
-                Piece(stored.astype(np.int32), step[:, a * kk].astype(dtype), zp, bits, 1 if site.transposed else 0)
-            )
-        return pieces
+                return codes.reshape(codes.shape[0], codes.shape[1], *site.shape[2:])
+            return codes[:, :, 0].T if site.transposed else codes[:, :, 0]
+
+        def piece(rows, a, b, bits):
+            cols = slice(a * kk, b * kk)
+            codes = q[rows, cols].reshape(-1, b - a, kk)
+            zp = None if bits >= 3 else zero[rows, a * kk].astype(np.int32)
+            return Piece(stored(codes).astype(np.int32), step[rows, a * kk].astype(dtype), zp, bits, out_axis)
+
+        per_row = np.ndim(kept[0][2]) > 0 and len(np.unique(kept[0][2])) > 1
+        if not per_row:
+            every = np.arange(n)
+            return [piece(every, a, b, int(np.max(d))) for a, b, d in kept], in_axis, None
+        a, b, depths = kept[0]
+        groups = [np.flatnonzero(depths == d) for d in np.unique(depths)[::-1]]
+        return [piece(rows, a, b, int(depths[rows[0]])) for rows in groups], out_axis, np.concatenate(groups)
 
     def _factored(self, site: WeightSite, channels: int, kept: int) -> bool:
         if self.config.runtime != "auto":

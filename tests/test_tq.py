@@ -123,3 +123,31 @@ def test_emitted_factorisation_is_the_numpy_product(rng, op, factored):
 def test_bad_options_are_usage_errors(spec):
     with pytest.raises(UsageError):
         parse(f"fold-bn,calibrate,{spec}")
+
+
+def test_rows_at_their_own_depths_are_put_back_in_order(rng):
+    """Rows grouped by depth (8-bit and 2-bit pieces joined on the output axis) and re-ordered by a Gather."""
+    from onnxtq.emit import emit_pieces
+
+    model = conv_model(c_in=4, c_out=6, bn=False)
+    graph = Graph(onnx.version_converter.convert_version(model, 25))
+    site = next(s for s in discover(graph).sites if s.op == "Conv")
+    q = rng.integers(-100, 100, site.shape)
+    steps = rng.uniform(0.01, 0.1, 6)
+    low = np.array([1, 4])  # these rows get 2-bit codes (unsigned, zero point 1)
+    q[low] = rng.integers(0, 4, (2, *site.shape[1:]))
+    zp = np.array([1, 1])
+    high = np.setdiff1d(np.arange(6), low)
+    w = q * steps[:, None, None, None]
+    w[low] = (q[low] - 1) * steps[low, None, None, None]
+    pieces = [
+        Piece(q[high], steps[high].astype(np.float32), None, 8, 0),
+        Piece(q[low], steps[low].astype(np.float32), zp, 2, 0),
+    ]
+    reference = onnx.ModelProto()
+    reference.CopyFrom(graph.model)
+    Graph(reference).set_initializer(onnx.numpy_helper.from_array(w.astype(np.float32), site.name))
+    emit_pieces(graph, site, pieces, 0, "tq", order=np.concatenate([high, low]))
+    onnx.checker.check_model(graph.model, full_check=True)
+    feeds = {"x": rng.standard_normal((2, 4, 10, 10)).astype(np.float32)}
+    np.testing.assert_allclose(run(graph.model, feeds)[0], run(reference, feeds)[0], rtol=1e-5, atol=1e-5)
