@@ -16,7 +16,7 @@ from pathlib import Path
 
 from onnxtq import __version__, model_io
 from onnxtq.calibration.data import ImagePreprocessing, open_source
-from onnxtq.compress import DEFAULT_PIPELINE, compress, model_bytes, prepare
+from onnxtq.compress import DEFAULT_PIPELINE, compress, model_bytes, prepare, sweep
 from onnxtq.errors import DataError, OnnxtqError
 from onnxtq.graph import Graph, provenance
 from onnxtq.pipeline import registry
@@ -93,6 +93,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
 
+    sw = sub.add_parser(
+        "sweep",
+        help="run several pipelines on one model, calibrating once, and tabulate size against fidelity",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sw.add_argument("model")
+    sw.add_argument("-o", "--out-dir", required=True, help="folder for <model>.<n>.onnx, one per pipeline")
+    sw.add_argument("--pipelines", nargs="+", required=True, help="what follows the shared head, e.g. 'tq{rate=3}'")
+    sw.add_argument("--shared", default="fold-bn,calibrate", help="head run once (default: fold-bn,calibrate)")
+    _add_data_options(sw)
+    sw.add_argument("--report", metavar="JSON", help="write every run report as one JSON list")
+    sw.add_argument("--verify-samples", type=int, default=8)
+    sw.add_argument("--threads", type=int, default=0)
+
     i = sub.add_parser("inspect", help="opset, ops, weights and sizes of a model")
     i.add_argument("model")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -135,6 +150,29 @@ def _compress(args) -> int:
     print(f"wrote {output}")
     if args.report:
         Path(args.report).write_text(run.to_json())
+    return 0
+
+
+def _sweep(args) -> int:
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    runs = sweep(
+        args.model,
+        args.out_dir,
+        args.pipelines,
+        _calib(args, args.model),
+        args.shared,
+        _prep(args),
+        args.verify_samples,
+        args.threads,
+    )
+    print(f"{'pipeline':<48} {'bytes':>12} {'ratio':>7} {'SQNR dB':>8} {'seconds':>8}  file")
+    for run in runs:
+        sqnr = min((v["sqnr_db"] for v in run.verification.get("outputs", {}).values()), default=float("nan"))
+        seconds = sum(p.seconds for p in run.passes)
+        ratio = run.bytes_before / run.bytes_after
+        print(f"{run.pipeline:<48} {run.bytes_after:>12,d} {ratio:>6.2f}x {sqnr:>8.1f} {seconds:>8.1f}  {run.output}")
+    if args.report:
+        Path(args.report).write_text("[" + ",\n".join(run.to_json() for run in runs) + "]")
     return 0
 
 
@@ -224,7 +262,7 @@ def _list_passes(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": _compress, "inspect": _inspect, "verify": _verify, "list-passes": _list_passes}
+COMMANDS = {"compress": _compress, "sweep": _sweep, "inspect": _inspect, "verify": _verify, "list-passes": _list_passes}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,31 +63,85 @@ def compress(
     try:
         ctx = Context(Graph(work), data)
         reports = [prep_report] + manager.run(ctx)
-        result = ctx.graph.model
-        onnx.helper.set_model_props(
-            result,
-            {
-                **{p.key: p.value for p in original.metadata_props},
-                "onnxtq.pipeline": manager.pipeline,
-                "onnxtq.version": __version__,
-            },
+        return _finish(
+            original, ctx, manager.pipeline, reports, source_path, output_path, verify_samples, min_sqnr_db, threads
         )
-        validate(result)
-        run = RunReport(manager.pipeline, str(source_path), str(output_path), passes=reports)
-        run.session = "onnxruntime CPU, session.qdq_matmulnbits_accuracy_level=0 (fp32 compute)"
-        if ctx.stats is not None:
-            run.calibration = f"{ctx.stats.samples} samples from {ctx.stats.description}"
-        if data is not None and verify_samples:
-            run.verification = compare(original, result, data, verify_samples, threads)
-            worst = min(v["sqnr_db"] for v in run.verification["outputs"].values())
-            if min_sqnr_db is not None and worst < min_sqnr_db:
-                raise VerificationError(
-                    f"output SQNR {worst:.1f} dB is below the budget of {min_sqnr_db:g} dB; nothing written",
-                    "use more bits, a smaller block, or lower --min-sqnr",
-                )
-        run.bytes_before = model_bytes(source_path)
-        run.bytes_after = model_io.save_atomic(result, output_path, refuse=Path(source_path))
-        return run
     finally:
         if data is not None:
             data.close()
+
+
+def sweep(
+    source_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    pipelines: list[str],
+    calib=None,
+    shared: str = "fold-bn,calibrate",
+    image_prep: ImagePreprocessing | None = None,
+    verify_samples: int = 8,
+    threads: int = 0,
+) -> list[RunReport]:
+    """Several pipelines on one model, the `shared` head (normalisation, calibration) run once.
+
+    Writes OUT_DIR/<model>.<n>.onnx for the n-th pipeline; returns their run reports in order.
+    """
+    head = parse(shared)
+    tails = [parse(p) for p in pipelines]
+    original = model_io.load(source_path)
+    work, prep_report = prepare(original)
+    data = open_source(calib, original, prep=image_prep) if calib is not None else None
+    runs = []
+    try:
+        base = Context(Graph(work), data)
+        head_reports = [prep_report] + head.run(base)
+        for index, tail in enumerate(tails):
+            model = onnx.ModelProto()
+            model.CopyFrom(base.graph.model)
+            ctx = Context(Graph(model), data, base.stats, base.stats_fresh)
+            reports = head_reports + tail.run(ctx)
+            output = Path(out_dir) / f"{Path(source_path).stem}.{index}.onnx"
+            pipeline = f"{head.pipeline},{tail.pipeline}"
+            runs.append(_finish(original, ctx, pipeline, reports, source_path, output, verify_samples, None, threads))
+        return runs
+    finally:
+        if data is not None:
+            data.close()
+
+
+def _finish(
+    original,
+    ctx: Context,
+    pipeline: str,
+    reports,
+    source_path,
+    output_path,
+    verify_samples: int,
+    min_sqnr_db: float | None,
+    threads: int,
+) -> RunReport:
+    """Stamp, validate, verify against the original and write atomically: the tail every run shares."""
+    result = ctx.graph.model
+    onnx.helper.set_model_props(
+        result,
+        {
+            **{p.key: p.value for p in original.metadata_props},
+            "onnxtq.pipeline": pipeline,
+            "onnxtq.version": __version__,
+        },
+    )
+    validate(result)
+    run = RunReport(pipeline, str(source_path), str(output_path), passes=reports)
+    run.session = "onnxruntime CPU, session.qdq_matmulnbits_accuracy_level=0 (fp32 compute)"
+    if ctx.stats is not None:
+        run.calibration = f"{ctx.stats.samples} samples from {ctx.stats.description}"
+    if ctx.data is not None and verify_samples:
+        run.verification = compare(original, result, ctx.data, verify_samples, threads)
+        worst = min(v["sqnr_db"] for v in run.verification["outputs"].values())
+        if min_sqnr_db is not None and worst < min_sqnr_db:
+            raise VerificationError(
+                f"output SQNR {worst:.1f} dB is below the budget of {min_sqnr_db:g} dB; nothing written",
+                "use more bits, a smaller block, or lower --min-sqnr",
+            )
+    run.bytes_before = model_bytes(source_path)
+    run.bytes_after = model_io.save_atomic(result, output_path, refuse=Path(source_path))
+    return run

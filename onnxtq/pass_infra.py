@@ -94,7 +94,9 @@ class Pass(abc.ABC):
 
 
 def _text(v) -> str:
-    return str(v).lower() if isinstance(v, bool) else str(v)
+    if isinstance(v, bool):
+        return str(v).lower()
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 class PassManager:

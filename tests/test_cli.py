@@ -98,3 +98,19 @@ def test_console_script(cnn, tmp_path):
     assert done.returncode == 0, done.stderr
     bad = subprocess.run([exe, "inspect", str(tmp_path / "none.onnx")], capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_sweep_calibrates_once_and_writes_one_model_per_pipeline(tmp_path, capsys):
+    path, calib = bundled("mnist_cnn")
+    report = tmp_path / "runs.json"
+    pipelines = ["rtn{bits=4}", "tq{rate=3}"]
+    args = ["sweep", str(path), "-o", str(tmp_path), "--calib", str(calib), "--pipelines", *pipelines]
+    assert main([*args, "--report", str(report)]) == 0
+    assert "fold-bn,calibrate,tq{rate=3}" in capsys.readouterr().out
+    runs = json.loads(report.read_text())
+    assert [r["pipeline"] for r in runs] == [f"fold-bn,calibrate,{p}" for p in pipelines]
+    calibrations = [p for r in runs for p in r["passes"] if p["pass_name"] == "calibrate"]
+    assert len({p["seconds"] for p in calibrations}) == 1  # the shared head ran once
+    for i, r in enumerate(runs):
+        assert (tmp_path / f"mnist_cnn.{i}.onnx").stat().st_size == r["bytes_after"]
+        assert min(v["sqnr_db"] for v in r["verification"]["outputs"].values()) > 15
