@@ -1,10 +1,11 @@
 """onnxtq on the zoo: compress with named configs, then score with the zoo's evals (default onnxruntime options).
 
 usage: python run_zoo.py [--zoo /work/zoo] [--calib DIR] [--out DIR] [--configs w8 w4 ...] [--models ...]
-                         [--results NAME.jsonl] [--table]
+                         [--results NAME.jsonl] [--sweep] [--table]
 Needs the calibration files from make_calib.py (CALIB/<model>_calib<N>.npz). Appends one JSON line per run
 to OUT/RESULTS; compressed models, reports and logs go to OUT/models. Only the standard library is
 used here; the evals run under the zoo's venv (ZOO/.venv/bin/python), onnxtq from this repo's .venv.
+With --sweep, each model's non-fp32 configs are compressed by one `onnxtq sweep` (calibrated once).
 """
 
 import argparse
@@ -12,6 +13,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 from collections import Counter
 
@@ -35,6 +37,7 @@ CONFIGS = {  # what follows `fold-bn,calibrate,` in the pipeline
     "tq2": "tq{rate=2}",
     "tq3": "tq{rate=3}",
     "tq4": "tq{rate=4}",
+    "tq4-id": "tq{rate=4,transform=identity}",  # ablation: the same allocation without transforms
 }
 IMAGENET = ["mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 MODELS = IMAGENET + ["ppocrv4_det", "ppocrv4_rec", "minilm_l6"]
@@ -163,6 +166,63 @@ def table(path):
     return "\n".join(out)
 
 
+def timed(a, cmd, log, tfile):
+    """Run `onnxtq CMD...` (a.onnxtq) under /usr/bin/time: (result, wall seconds, max RSS MB)."""
+    r = sh(["/usr/bin/time", "-f", "%e %M", "-o", tfile, a.onnxtq, *cmd], log)
+    wall, rss = open(tfile).read().split()[-2:]
+    return r, float(wall), round(int(rss) / 1024)
+
+
+def scored(a, model, src, out, rep):
+    """The result fields of a compressed model OUT with its run report REP: size, SQNRs, pass times, eval."""
+    return dict(
+        bytes=os.path.getsize(out),
+        sqnr_db={k: v["sqnr_db"] for k, v in rep["verification"]["outputs"].items()},
+        pass_seconds={p["spec"]: round(p["seconds"], 1) for p in rep["passes"]},
+        holdout_sqnr_db=holdout_sqnr(a, model, src, out),
+        eval=evaluate(a, model, out),
+    )
+
+
+def sweep(a, model, src, cfgs, mdir):
+    """All CFGS of one model by one `onnxtq sweep` (calibrated once): {config: (row, report or None)}.
+
+    Outputs are moved to OUT/models/<model>_<config>.onnx and each run report saved beside as .report.json
+    (its "output" pointing at the moved file); the sweep's log, times and report list are OUT/models/<model>.sweep.*.
+    """
+    (calib,) = glob.glob(os.path.join(a.calib, model + "_calib*.npz"))
+    base, tmp = os.path.join(mdir, model + ".sweep"), os.path.join(mdir, model + ".sweep.d")
+    shutil.rmtree(tmp, ignore_errors=True)  # no stale outputs of an earlier sweep
+    cmd = ["sweep", src, "-o", tmp, "--calib", calib, "--shared", "fold-bn,calibrate", "--report", base + ".json"]
+    if os.path.exists(base + ".json"):
+        os.remove(base + ".json")
+    r, wall, rss = timed(a, cmd + ["--pipelines", *(CONFIGS[c] for c in cfgs)], base + ".log", base + ".time")
+    reports = json.load(open(base + ".json")) if r.returncode == 0 else [None] * len(cfgs)
+    found = {}
+    for n, (cfg, rep) in enumerate(zip(cfgs, reports)):
+        row = dict(
+            pipeline="fold-bn,calibrate," + CONFIGS[cfg],
+            calib=os.path.basename(calib),
+            rc=r.returncode,
+            sweep_configs=list(cfgs),
+            sweep_wall_s=wall,
+            tool_max_rss_mb=rss,
+        )
+        if rep is not None:
+            out = os.path.join(mdir, f"{model}_{cfg}.onnx")
+            os.replace(os.path.join(tmp, f"{os.path.splitext(os.path.basename(src))[0]}.{n}.onnx"), out)
+            rep["output"] = out
+            with open(out[:-5] + ".report.json", "w") as f:
+                json.dump(rep, f, indent=1)
+            row.update(
+                tool_wall_s=round(sum(p["seconds"] for p in rep["passes"]), 1),
+                tool_s_note="sum of this run's pass seconds; calibration shared across configs, counted in each",
+            )
+        found[cfg] = row, rep
+    shutil.rmtree(tmp, ignore_errors=True)
+    return found
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--zoo", default="/work/zoo")
@@ -174,11 +234,37 @@ def main():
     ap.add_argument("--configs", nargs="*", default=["fp32", "w8", "w4", "w4b32"])
     ap.add_argument("--results", default="rtn_results.jsonl", help="file under OUT that collects the rows")
     ap.add_argument("--table", action="store_true", help="only print the markdown table of OUT/RESULTS")
+    ap.add_argument(
+        "--sweep", action="store_true", help="per model, one `onnxtq sweep` (one calibration) for all non-fp32 configs"
+    )
     a = ap.parse_args()
     if a.table:
         return print(table(os.path.join(a.out, a.results)))
     mdir = os.path.join(a.out, "models")
     os.makedirs(mdir, exist_ok=True)
+
+    def emit(row):
+        with open(os.path.join(a.out, a.results), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+    if a.sweep:  # model by model: each model's rows are written as soon as they are scored
+        cfgs = list(dict.fromkeys(a.configs))
+        for model in a.models:
+            src, runs = os.path.join(a.zoo, model + ".onnx"), None
+            for cfg in cfgs:
+                row = dict(model=model, config=cfg)
+                if cfg == "fp32":
+                    row.update(bytes=os.path.getsize(src), eval=evaluate(a, model, src))
+                else:
+                    if runs is None:  # the first compressed config of this model runs the sweep for all of them
+                        runs = sweep(a, model, src, [c for c in cfgs if c != "fp32"], mdir)
+                    fields, rep = runs[cfg]
+                    row.update(fields)
+                    if rep is not None:
+                        row.update(scored(a, model, src, os.path.join(mdir, f"{model}_{cfg}.onnx"), rep))
+                emit(row)
+        return
     for cfg in a.configs:
         for model in a.models:
             src = os.path.join(a.zoo, model + ".onnx")
@@ -188,46 +274,19 @@ def main():
             else:
                 out, pipe = os.path.join(mdir, f"{model}_{cfg}.onnx"), "fold-bn,calibrate," + CONFIGS[cfg]
                 (calib,) = glob.glob(os.path.join(a.calib, model + "_calib*.npz"))
-                tfile = out[:-5] + ".time"
-                cmd = [
-                    "/usr/bin/time",
-                    "-f",
-                    "%e %M",
-                    "-o",
-                    tfile,
-                    a.onnxtq,
-                    "compress",
-                    src,
-                    "-o",
-                    out,
-                    "--pipeline",
-                    pipe,
-                    "--calib",
-                    calib,
-                    "--report",
-                    out[:-5] + ".report.json",
-                ]
-                r = sh(cmd, out[:-5] + ".compress.log")
-                wall, rss = open(tfile).read().split()[-2:]
+                cmd = ["compress", src, "-o", out, "--pipeline", pipe, "--calib", calib]
+                cmd += ["--report", out[:-5] + ".report.json"]
+                r, wall, rss = timed(a, cmd, out[:-5] + ".compress.log", out[:-5] + ".time")
                 row.update(
                     pipeline=pipe,
                     calib=os.path.basename(calib),
                     rc=r.returncode,
-                    tool_wall_s=float(wall),
-                    tool_max_rss_mb=round(int(rss) / 1024),
+                    tool_wall_s=wall,
+                    tool_max_rss_mb=rss,
                 )
                 if r.returncode == 0:
-                    rep = json.load(open(out[:-5] + ".report.json"))
-                    row.update(
-                        bytes=os.path.getsize(out),
-                        sqnr_db={k: v["sqnr_db"] for k, v in rep["verification"]["outputs"].items()},
-                        pass_seconds={p["spec"]: round(p["seconds"], 1) for p in rep["passes"]},
-                        holdout_sqnr_db=holdout_sqnr(a, model, src, out),
-                        eval=evaluate(a, model, out),
-                    )
-            with open(os.path.join(a.out, a.results), "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+                    row.update(scored(a, model, src, out, json.load(open(out[:-5] + ".report.json"))))
+            emit(row)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ least rate for distortion D is reverse water-filling on the eigenvalues μ of W 
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,7 +100,7 @@ def allocate(
                 hi, best = mid, a
             else:
                 lo = mid
-        return best
+        return fill(layers, best, max_bits)
     best = allocate_at(layers, 2.0**lo)
     for _ in range(60):  # distortion grows with λ: the largest λ that fits
         mid = (lo + hi) / 2
@@ -109,6 +110,53 @@ def allocate(
         else:
             hi = mid
     return best
+
+
+def fill(layers: dict[str, list[Option]], allocation: Allocation, max_bits: float) -> Allocation:
+    """Spend what the λ search left of the budget: greedy upgrades by distortion saved per bit.
+
+    Rate is not continuous in λ (a layer switching option moves many bits at once), so the best
+    fitting λ can leave a good share of the budget unused.
+    """
+    heap: list = []
+
+    def push(name: str, band: int, row: int) -> None:
+        b = layers[name][allocation.choice[name][0]].bands[band]
+        pick = allocation.choice[name][1][band]
+        now = int(pick) if pick.ndim == 0 else int(pick[row])
+        bits = b.bits if b.bits.ndim == 1 else b.bits[row]
+        dist = b.distortion if b.distortion.ndim == 1 else b.distortion[row]
+        more = np.flatnonzero(bits > bits[now])
+        if len(more):
+            slope = (dist[now] - dist[more]) / (bits[more] - bits[now])
+            j = int(more[np.argmax(slope)])
+            if slope.max() > 0:
+                heapq.heappush(heap, (-float(slope.max()), name, band, row, now, j))
+
+    for name, (index, picks) in allocation.choice.items():
+        allocation.choice[name] = (index, [np.array(p, copy=True) for p in picks])
+        for band, pick in enumerate(picks):
+            for row in range(max(pick.size, 1) if pick.ndim else 1):
+                push(name, band, row)
+    left = max_bits - allocation.bits
+    while heap and left > 0:
+        _, name, band, row, now, j = heapq.heappop(heap)
+        b = layers[name][allocation.choice[name][0]].bands[band]
+        pick = allocation.choice[name][1][band]
+        bits = b.bits if b.bits.ndim == 1 else b.bits[row]
+        dist = b.distortion if b.distortion.ndim == 1 else b.distortion[row]
+        cost = float(bits[j] - bits[now])
+        if cost > left:
+            continue
+        if pick.ndim == 0:
+            allocation.choice[name][1][band] = np.array(j)
+        else:
+            pick[row] = j
+        left -= cost
+        allocation.bits += cost
+        allocation.distortion += float(dist[j] - dist[now])
+        push(name, band, row)
+    return allocation
 
 
 def whitened_spectrum(w: np.ndarray, h: np.ndarray) -> np.ndarray:

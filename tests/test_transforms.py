@@ -81,11 +81,11 @@ def test_allocation_is_reverse_water_filling(rng):
         for i, v in enumerate(variances)
     }
     a = rd.allocate(layers, max_bits=100.0 * 8)
-    assert a.bits <= 800
+    assert a.bits == 800  # the greedy fill spends what the λ search left
     bits = [layers[k][0].bands[0].depth[a.choice[k][1][0]] for k in layers]
     assert bits == sorted(bits, reverse=True) and bits[-1] == 0 and bits[0] - bits[1] == 1
     tight = rd.allocate(layers, max_distortion=a.distortion)
-    assert tight.distortion <= a.distortion and tight.bits <= a.bits
+    assert tight.distortion <= a.distortion
     with pytest.raises(ValueError):
         rd.allocate(layers)
 
