@@ -175,7 +175,8 @@ def emit_transformed(
     factored: the layer reads a new bias-free 1×1 map by B of its input (Conv 1×1 / Gemm / MatMul),
     so both nodes run on K ≤ C channels; folded: W = T·B is computed in the graph from the stored
     codes (onnxruntime folds it at load with `session.disable_quant_qdq=1`) and feeds the layer.
-    `basis.q` is [K, C] for Conv and Gemm(transB=1), [C, K] for weights stored transposed.
+    `basis.q` is [K, C, 1, 1] (a 1×1 conv weight) for Conv, [K, C] for Gemm(transB=1), [C, K] for weights
+    stored transposed (MatMul, Gemm(transB=0)).
     """
     original = graph.initializers[site.name]
     ftype = original.data_type
@@ -196,20 +197,13 @@ def emit_transformed(
     )
     stored += sum(tensor_nbytes(t) for t in b_tensors)
     new_nodes = [*t_nodes, b_node]
-    k = basis.q.shape[1 if site.transposed else 0]
     if factored:
         z = graph.unique(f"{site.node}/onnxtq.basis_out")
         if site.op == "Conv":
             spatial = len(site.shape) - 2
-            shape = graph.unique(f"{site.name}/basis/onnxtq.shape")
-            graph.set_initializer(numpy_helper.from_array(np.array([k, -1] + [1] * spatial, np.int64), shape))
-            weight = graph.unique(f"{site.name}/basis/onnxtq.weight")
-            new_nodes.append(
-                onnx.helper.make_node(
-                    "Reshape", [b_node.output[0], shape], [weight], name=graph.unique(f"{site.node}/onnxtq.basis_shape")
-                )
+            basis_node = onnx.helper.make_node(
+                "Conv", [node.input[0], b_node.output[0]], [z], kernel_shape=[1] * spatial
             )
-            basis_node = onnx.helper.make_node("Conv", [node.input[0], weight], [z], kernel_shape=[1] * spatial)
         elif site.op == "Gemm":
             trans_a = int(node_attr(node, "transA", 0))
             basis_node = onnx.helper.make_node("Gemm", [node.input[0], b_node.output[0]], [z], transA=trans_a, transB=1)
@@ -224,9 +218,9 @@ def emit_transformed(
         weight_out = graph.unique(f"{site.name}/onnxtq.product")
         # one Einsum: onnxruntime's QDQ propagation would move DequantizeLinear past a Transpose or Reshape
         # and lose its output_dtype (float16 steps), so the product reads the dequantized tensors directly
-        taps = "hwd"[: len(site.shape) - 2]
-        if site.op == "Conv":  # W[n,C,taps] = T[n,K,taps] ×_K B[K,C]
-            equation = f"nk{taps},kc->nc{taps}"
+        taps, ones = "hwd"[: len(site.shape) - 2], "xyz"[: len(site.shape) - 2]
+        if site.op == "Conv":  # W[n,C,taps] = T[n,K,taps] ×_K B[K,C,1,1]
+            equation = f"nk{taps},kc{ones}->nc{taps}"
         else:  # stored [C, n] = Bᵀ[C, K]·T[K, n], or [n, C] = T[n, K]·B[K, C]
             equation = "ck,kn->cn" if site.transposed else "nk,kc->nc"
         operands = [b_node.output[0], t_out] if site.transposed else [t_out, b_node.output[0]]

@@ -35,6 +35,7 @@ from onnxtq.bias import bias_note, correct_bias, output_shift
 from onnxtq.calibration import collect_drift, importance
 from onnxtq.emit import Piece, db, emit_pieces, emit_transformed
 from onnxtq.gains import Probe
+from onnxtq.graph import Graph
 from onnxtq.model_io import tensor_nbytes
 from onnxtq.packing import container_bits
 from onnxtq.pass_infra import Context, Pass, PassConfig
@@ -46,6 +47,14 @@ from onnxtq.sequential import DRIFT_CALIBRATION, drift_target, enough, stages
 from onnxtq.weights import WeightSite, discover
 
 DEPTHS = {"container": (2, 4, 8), "nominal": (2, 3, 4, 5, 6, 7, 8)}
+#: Bytes a size target keeps free for what the run adds after the pass (model properties, provenance).
+SIZE_MARGIN = 512
+
+
+def copy_of(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 @dataclass(frozen=True)
@@ -138,26 +147,18 @@ class TqPass(Pass):
         target = self._target(ctx, sites, weights, probe)
         chosen = allocate(options, **target)
         clock.append(time.perf_counter())
-        records, predicted, bound_bits, nominal_bits = [], 0.0, 0.0, 0.0
-        if cfg.sequential:  # the network before any weight changes, to run beside the current one
-            reference = onnx.ModelProto()
-            reference.CopyFrom(ctx.graph.model)
-        by_name = {layer.site.name: layer for layer in layers}
-        with tqdm(total=len(layers), desc="tq emit", disable=None, leave=False) as bar:
-            for stage in stages(sites) if cfg.sequential else [sites]:
-                drift = {}
-                if cfg.sequential:
-                    drift = collect_drift(reference, ctx.graph.model, stage, ctx.data, DRIFT_CALIBRATION)
-                for site in stage:
-                    layer = by_name[site.name]
-                    index, picks = chosen.choice[site.name]
-                    depths = [options[site.name][index].bands[i].depth[p] for i, p in enumerate(picks)]
-                    record, dist, nominal = self._emit(ctx, layer, layer.codings[index], depths, drift.get(site.name))
-                    records.append(record)
-                    predicted += layer.gain * dist
-                    nominal_bits += nominal
-                    bound_bits += (record.bound_bits or 0.0) * int(np.prod(site.shape))
-                    bar.update()
+        pristine = copy_of(ctx.graph.model) if cfg.size else None
+        for _ in range(3):
+            records, predicted, bound_bits, nominal_bits = self._emit_all(ctx, sites, layers, options, chosen)
+            excess = _live_bytes(ctx.graph.model) + SIZE_MARGIN - cfg.size if cfg.size else 0
+            if not cfg.size or excess <= 0:
+                break
+            # graph structure (nodes, names, tensor headers) was not in the budget: take it off and redo
+            target["max_bits"] -= 8.0 * excess * 1.1
+            chosen = allocate(options, **target)
+            ctx.graph = Graph(copy_of(pristine))
+        else:
+            report.notes.append(f"size target {cfg.size:,d} B not met after 3 allocations")
         report.records.extend(records)
         clock.append(time.perf_counter())
         report.notes.append(
@@ -182,12 +183,35 @@ class TqPass(Pass):
             report.notes.append(bias_note(records, True))
         return report
 
+    def _emit_all(self, ctx: Context, sites, layers, options, chosen):
+        """Every layer quantized and emitted as allocated: (records, Σ g·D, bound bits, nominal bits)."""
+        records, predicted, bound_bits, nominal_bits = [], 0.0, 0.0, 0.0
+        if self.config.sequential:  # the network before any weight changes, to run beside the current one
+            reference = copy_of(ctx.graph.model)
+        by_name = {layer.site.name: layer for layer in layers}
+        with tqdm(total=len(layers), desc="tq emit", disable=None, leave=False) as bar:
+            for stage in stages(sites) if self.config.sequential else [sites]:
+                drift = {}
+                if self.config.sequential:
+                    drift = collect_drift(reference, ctx.graph.model, stage, ctx.data, DRIFT_CALIBRATION)
+                for site in stage:
+                    layer = by_name[site.name]
+                    index, picks = chosen.choice[site.name]
+                    depths = [options[site.name][index].bands[i].depth[p] for i, p in enumerate(picks)]
+                    record, dist, nominal = self._emit(ctx, layer, layer.codings[index], depths, drift.get(site.name))
+                    records.append(record)
+                    predicted += layer.gain * dist
+                    nominal_bits += nominal
+                    bound_bits += (record.bound_bits or 0.0) * int(np.prod(site.shape))
+                    bar.update()
+        return records, predicted, bound_bits, nominal_bits
+
     def _target(self, ctx: Context, sites, weights: int, probe) -> dict:
         cfg = self.config
         if cfg.sqnr:
             return {"max_distortion": probe.energy / 10 ** (cfg.sqnr / 10)}
         if cfg.size:
-            others = len(ctx.graph.model.SerializeToString()) - sum(
+            others = _live_bytes(ctx.graph.model) - sum(
                 tensor_nbytes(ctx.graph.initializers[s.name]) for s in sites
             )
             return {"max_bits": 8.0 * max(cfg.size - others, 0)}
@@ -344,9 +368,10 @@ class TqPass(Pass):
             hessian = transforms.transformed_hessian(stats.moment[0], basis_hat)
             edges = np.cumsum([0] + [j1 - j0 for j0, j1, _ in kept])
             kept = [(int(a), int(b), d) for a, b, (_, _, d) in zip(edges[:-1], edges[1:], kept)]
-            basis_piece = Piece(
-                code.q.T if site.transposed else code.q, code.scale, None, cfg.basis_bits, 1 if site.transposed else 0
-            )
+            basis_q = code.q.T if site.transposed else code.q
+            if site.conv is not None:
+                basis_q = basis_q.reshape(*basis_q.shape, *[1] * len(site.conv.kernel))
+            basis_piece = Piece(basis_q, code.scale, None, cfg.basis_bits, 1 if site.transposed else 0)
         refit = Coding(coding.transform, coeffs, hessian, [(a, b) for a, b, _ in kept], weights=coding.weights)
         q, step, zero, lo, hi = self._codes(site, refit, kept)
         if cfg.gptq and hessian is not None:
@@ -462,6 +487,13 @@ class TqPass(Pass):
         kk = int(np.prod(site.conv.kernel)) if site.conv else 1
         stride = int(np.prod(site.conv.strides)) if site.conv else 1
         return channels * kept * stride + kept * kk * n < channels * kk * n
+
+
+def _live_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size without what earlier passes left unused (dropped when the run ends)."""
+    graph = Graph(copy_of(model))
+    graph.remove_dead()
+    return len(graph.model.SerializeToString())
 
 
 def _layer_error(site: WeightSite, stats, delta: np.ndarray) -> float:

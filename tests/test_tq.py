@@ -111,7 +111,8 @@ def test_emitted_factorisation_is_the_numpy_product(rng, op, factored):
         Piece(np.take(stored_t, range(0, 2), axis=axis_in), np.ones(n, np.float32), None, 4, axis_out),
         Piece(np.take(stored_t, range(2, k), axis=axis_in), np.ones(n, np.float32), None, 8, axis_out),
     ]
-    basis = Piece(b.T if site.transposed else b, np.ones(k, np.float32), None, 4, 1 if site.transposed else 0)
+    b_stored = b.T if site.transposed else (b[:, :, None, None] if op == "Conv" else b)
+    basis = Piece(b_stored, np.ones(k, np.float32), None, 4, 1 if site.transposed else 0)
     emit_transformed(graph, site, pieces, basis, factored, "tq")
     onnx.checker.check_model(graph.model, full_check=True)
     np.testing.assert_allclose(run(graph.model, feeds)[0], run(reference, feeds)[0], rtol=1e-5, atol=1e-4)
@@ -151,3 +152,16 @@ def test_rows_at_their_own_depths_are_put_back_in_order(rng):
     onnx.checker.check_model(graph.model, full_check=True)
     feeds = {"x": rng.standard_normal((2, 4, 10, 10)).astype(np.float32)}
     np.testing.assert_allclose(run(graph.model, feeds)[0], run(reference, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_size_and_fidelity_targets(tmp_path):
+    """`size` bounds the file, `sqnr` the predicted output SQNR (the prediction is pessimistic: measured ≥)."""
+    path, calib = bundled("mnist_cnn")
+    sized = compress(path, tmp_path / "s.onnx", "fold-bn,calibrate,tq{size=24000}", calib=calib)
+    assert 20000 < sized.bytes_after <= 24000
+    target = compress(path, tmp_path / "q.onnx", "fold-bn,calibrate,tq{sqnr=25}", calib=calib)
+    assert min(v["sqnr_db"] for v in target.verification["outputs"].values()) >= 25
+    assert (
+        target.bytes_after
+        < compress(path, tmp_path / "r.onnx", "fold-bn,calibrate,tq{rate=6}", calib=calib).bytes_after
+    )
