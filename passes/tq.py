@@ -9,6 +9,8 @@ After Young et al. (TQ, TPAMI 2022), post-training:
    ONNX container holds without waste — or every depth 2..8 with `depths=nominal`), per-row steps
    minimise the layer-output error, and the band's point is (bits stored, output distortion ×
    the layer's network gain). A band's share of the basis is part of its bits; 0 bits drops it.
+   Untransformed layers may also let each output channel (row) choose its own depth: rows are
+   independent in the layer-output error, and a Gather (int32 row order, paid for) restores their order.
 3. One Lagrangian over all bands of all layers meets the target (`rate` bits per weight, `size`
    bytes or predicted output `sqnr`); each layer also picks identity or transform, whichever is cheaper.
 4. The chosen codes are finished by GPTQ error feedback (best per row of it and RTN), the basis is
@@ -49,6 +51,8 @@ from onnxtq.weights import WeightSite, discover
 DEPTHS = {"container": (2, 4, 8), "nominal": (2, 3, 4, 5, 6, 7, 8)}
 #: Bytes a size target keeps free for what the run adds after the pass (model properties, provenance).
 SIZE_MARGIN = 512
+#: Allocations tried for a size target, each with the graph overhead measured on the previous one.
+SIZE_ATTEMPTS = 3
 
 
 def copy_of(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -148,17 +152,18 @@ class TqPass(Pass):
         chosen = allocate(options, **target)
         clock.append(time.perf_counter())
         pristine = copy_of(ctx.graph.model) if cfg.size else None
-        for _ in range(3):
+        for attempt in range(SIZE_ATTEMPTS):
             records, predicted, bound_bits, nominal_bits = self._emit_all(ctx, sites, layers, options, chosen)
             excess = _live_bytes(ctx.graph.model) + SIZE_MARGIN - cfg.size if cfg.size else 0
-            if not cfg.size or excess <= 0:
+            if excess <= 0:
+                break
+            if attempt == SIZE_ATTEMPTS - 1:
+                report.notes.append(f"size target {cfg.size:,d} B missed by {excess:,d} B")
                 break
             # graph structure (nodes, names, tensor headers) was not in the budget: take it off and redo
             target["max_bits"] -= 8.0 * excess * 1.1
             chosen = allocate(options, **target)
             ctx.graph = Graph(copy_of(pristine))
-        else:
-            report.notes.append(f"size target {cfg.size:,d} B not met after 3 allocations")
         report.records.extend(records)
         clock.append(time.perf_counter())
         report.notes.append(
@@ -211,9 +216,7 @@ class TqPass(Pass):
         if cfg.sqnr:
             return {"max_distortion": probe.energy / 10 ** (cfg.sqnr / 10)}
         if cfg.size:
-            others = _live_bytes(ctx.graph.model) - sum(
-                tensor_nbytes(ctx.graph.initializers[s.name]) for s in sites
-            )
+            others = _live_bytes(ctx.graph.model) - sum(tensor_nbytes(ctx.graph.initializers[s.name]) for s in sites)
             return {"max_bits": 8.0 * max(cfg.size - others, 0)}
         return {"max_bits": cfg.rate * weights}
 
@@ -348,6 +351,8 @@ class TqPass(Pass):
         cfg, site = self.config, layer.site
         n, channels, kk = layer.w.shape
         kept = [(j0, j1, b) for (j0, j1), b in zip(coding.bands, depths) if np.all(b > 0)]
+        if not kept:  # every band dropped (a layer the output hardly sees): keep the strongest at the least depth
+            kept = [(*coding.bands[0], min(DEPTHS[cfg.depths]))]
         before = tensor_nbytes(ctx.graph.initializers[site.name])
         stats, target, reference = layer.stats, layer.w, None
         if drift is not None and enough(drift[0]) and drift[0].mode == getattr(layer.stats, "mode", None):
