@@ -38,6 +38,7 @@ CONFIGS = {  # what follows `fold-bn,calibrate,` in the pipeline
     "tq3": "tq{rate=3}",
     "tq4": "tq{rate=4}",
     "tq4-id": "tq{rate=4,transform=identity}",  # ablation: the same allocation without transforms
+    "tq4-nom": "tq{rate=4,depths=nominal}",  # 4 bits nominal (the paper's rate): 3, 5, 6, 7-bit codes in wider types
 }
 IMAGENET = ["mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 MODELS = IMAGENET + ["ppocrv4_det", "ppocrv4_rec", "minilm_l6"]

@@ -270,7 +270,9 @@ class TqPass(Pass):
         for j0, j1 in coding.bands:
             band = coding.coeffs[:, j0:j1].reshape(n, -1)
             depth, bits, dist = [], [], []
-            if coding.transform is not None:  # a dropped band: no codes and no basis rows
+            # a dropped band: no codes and no basis rows; never the strongest, or a whole layer could vanish on the
+            # strength of a gain measured with small noise (dropping is far from the linear regime)
+            if coding.transform is not None and j0 > 0:
                 depth.append(0)
                 bits.append(0.0)
                 dist.append(self._distortion(layer, coding, j0, j1, -band))
@@ -351,8 +353,6 @@ class TqPass(Pass):
         cfg, site = self.config, layer.site
         n, channels, kk = layer.w.shape
         kept = [(j0, j1, b) for (j0, j1), b in zip(coding.bands, depths) if np.all(b > 0)]
-        if not kept:  # every band dropped (a layer the output hardly sees): keep the strongest at the least depth
-            kept = [(*coding.bands[0], min(DEPTHS[cfg.depths]))]
         before = tensor_nbytes(ctx.graph.initializers[site.name])
         stats, target, reference = layer.stats, layer.w, None
         if drift is not None and enough(drift[0]) and drift[0].mode == getattr(layer.stats, "mode", None):
