@@ -17,6 +17,7 @@ from typing import ClassVar
 
 from onnxtq.calibration import StatsStore
 from onnxtq.calibration.data import Source
+from onnxtq.emit import NBITS_2BIT_COLUMNS, split_unsafe_2bit_matmul_weights
 from onnxtq.errors import OnnxtqError, PassError, PreconditionError, UsageError
 from onnxtq.graph import Graph, upgrade_opset
 from onnxtq.report import PassReport
@@ -141,5 +142,17 @@ class PassManager:
             if report.invalidates_stats:
                 ctx.stats_fresh = False
             reports.append(report)
+        split = split_unsafe_2bit_matmul_weights(ctx.graph)
+        if split:
+            reports.append(
+                PassReport(
+                    "guard-matmul-2bit",
+                    "guard-matmul-2bit",
+                    notes=[
+                        f"{split} 2-bit MatMul weights split in two along N: onnxruntime's MatMulNBits fusion "
+                        f"miscomputes 2-bit weights whose N is not a multiple of {NBITS_2BIT_COLUMNS}"
+                    ],
+                )
+            )
         ctx.graph.remove_dead()
         return reports

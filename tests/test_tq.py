@@ -165,3 +165,36 @@ def test_size_and_fidelity_targets(tmp_path):
         target.bytes_after
         < compress(path, tmp_path / "r.onnx", "fold-bn,calibrate,tq{rate=6}", calib=calib).bytes_after
     )
+
+
+@pytest.mark.parametrize("columns", [361, 362, 364])
+def test_2bit_matmul_weights_survive_onnxruntime_fusion(rng, columns):
+    """onnxruntime fuses DequantizeLinear(2-bit) → MatMul into MatMulNBits and miscomputes when N % 4 != 0;
+    the guard the pass manager runs splits such weights so default sessions compute what numpy does."""
+    import ml_dtypes
+    from onnx import numpy_helper
+
+    from onnxtq.emit import split_unsafe_2bit_matmul_weights
+
+    d = 120
+    q = rng.integers(0, 4, (d, columns)).astype(ml_dtypes.uint2)
+    steps = rng.uniform(0.01, 0.1, columns).astype(np.float32)
+    zero = rng.integers(0, 4, columns).astype(ml_dtypes.uint2)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((q, "q"), (steps, "s"), (zero, "z"))]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], axis=1),
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, d])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, columns])
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 25)]
+    )
+    model.ir_version = 11
+    graph = Graph(model)
+    assert split_unsafe_2bit_matmul_weights(graph) == (columns % 4 != 0)
+    onnx.checker.check_model(graph.model, full_check=True)
+    feed = {"x": rng.standard_normal((4, d)).astype(np.float32)}
+    expect = feed["x"] @ ((q.astype(np.float64) - zero.astype(np.float64)) * steps)
+    got = run(graph.model, feed)[0]  # fusion still on; accuracy level 0 keeps float activations
+    np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4)
