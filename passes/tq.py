@@ -364,9 +364,8 @@ class TqPass(Pass):
         if coding.transform is not None:
             rows = np.concatenate([np.arange(j0, j1) for j0, j1, _ in kept])
             basis = coding.transform.synthesis[rows]
-            code = quantize_groups(
-                basis, cfg.basis_bits, True, True, None, np.float16 if cfg.scale_bits == 16 else np.float32
-            )
+            scale_dtype = np.float32 if self._scale_bits(site) == 32 else np.float16  # MatMul: fp32 steps
+            code = quantize_groups(basis, cfg.basis_bits, True, True, None, scale_dtype)
             basis_hat = code.dequantize().astype(np.float64)
             gbar = transforms.tap_average(stats.moment[0], channels)
             coeffs = transforms.fit_coefficients(target, basis_hat, gbar)
