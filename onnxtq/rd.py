@@ -89,26 +89,24 @@ def allocate(
     """
     if (max_bits is None) == (max_distortion is None):
         raise ValueError("give exactly one of max_bits and max_distortion")
-    lo, hi = -80.0, 80.0  # log2 λ
-    fits = (lambda a: a.bits <= max_bits) if max_bits is not None else (lambda a: a.distortion <= max_distortion)
-    if max_bits is not None:  # rate shrinks as λ grows: find the smallest λ that fits
-        best = allocate_at(layers, 2.0**hi)
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            a = allocate_at(layers, 2.0**mid)
-            if fits(a):
-                hi, best = mid, a
-            else:
-                lo = mid
-        return fill(layers, best, max_bits)
-    best = allocate_at(layers, 2.0**lo)
-    for _ in range(60):  # distortion grows with λ: the largest λ that fits
+    if max_bits is not None:  # rate falls as λ grows: the smallest λ that fits
+        return fill(layers, _bisect(layers, lambda a: a.bits <= max_bits, smallest=True), max_bits)
+    return _bisect(layers, lambda a: a.distortion <= max_distortion, smallest=False)  # the largest λ that fits
+
+
+def _bisect(layers: dict[str, list[Option]], fits, smallest: bool) -> Allocation:
+    """Bisection on log2 λ in [-80, 80] for the smallest (or largest) λ whose allocation fits."""
+    lo, hi = -80.0, 80.0
+    best = allocate_at(layers, 2.0 ** (hi if smallest else lo))
+    for _ in range(60):
         mid = (lo + hi) / 2
         a = allocate_at(layers, 2.0**mid)
         if fits(a):
-            lo, best = mid, a
-        else:
+            best = a
+        if fits(a) == smallest:
             hi = mid
+        else:
+            lo = mid
     return best
 
 
