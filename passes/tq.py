@@ -395,11 +395,12 @@ class TqPass(Pass):
         elif cfg.bias_correct:
             why_not = "no statistics"
         pieces, axis, order = self._pieces(site, q, step, zero, kept, coeffs.shape)
+        used = sum(b - a for a, b, _ in kept)
         if basis_piece is None:
             after = emit_pieces(ctx.graph, site, pieces, axis, self.name, order)
             runtime = ""
         else:
-            factored = self._factored(site, channels, len(np.concatenate([np.arange(a, b) for a, b, _ in kept])))
+            factored = self._factored(site, channels, used)
             after = emit_transformed(ctx.graph, site, pieces, basis_piece, factored, self.name)
             runtime = ", factored" if factored else ", folded"
         size = int(np.prod(site.shape))
@@ -416,7 +417,6 @@ class TqPass(Pass):
             record.output_sqnr_db = db(_layer_error(site, stats, original), dist)
         record.bound_bits = _bound_bits(site, layer, dist)
         kind = coding.transform.kind if coding.transform else "identity"
-        used = sum(b - a for a, b, _ in kept)
         if coding.per_row:
             values, counts = np.unique(kept[0][2], return_counts=True)
             depth_text = "rows at " + ", ".join(f"{v} bits: {c}" for v, c in zip(values[::-1], counts[::-1]))
