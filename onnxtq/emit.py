@@ -107,24 +107,30 @@ class Piece:
     axis: int
 
 
+def _piece_node(graph: Graph, base: str, node_base: str, piece: Piece, float_type: int, pass_name: str):
+    """DequantizeLinear over one piece (one step per channel along its axis): (node, tensors stored)."""
+    scale = _scale_values(piece.scale, float_type)
+    return _dequantize_node(
+        graph,
+        base,
+        node_base,
+        piece.q,
+        scale,
+        piece.zero_point,
+        piece.bits,
+        {"axis": piece.axis},
+        float_type,
+        pass_name,
+    )
+
+
 def _pieces_node(
     graph: Graph, base: str, node_base: str, pieces: list[Piece], concat_axis: int, float_type: int, pass_name: str
 ) -> tuple[str, list[onnx.NodeProto], int]:
     """DequantizeLinear per piece, joined by Concat along `concat_axis`: (float output, nodes, bytes stored)."""
     nodes, stored = [], 0
     for i, p in enumerate(pieces):
-        node, tensors = _dequantize_node(
-            graph,
-            f"{base}/band{i}",
-            node_base,
-            p.q,
-            _scale_values(p.scale, float_type),
-            p.zero_point,
-            p.bits,
-            {"axis": p.axis},
-            float_type,
-            pass_name,
-        )
+        node, tensors = _piece_node(graph, f"{base}/band{i}", node_base, p, float_type, pass_name)
         nodes.append(node)
         stored += sum(tensor_nbytes(t) for t in tensors)
     if len(nodes) == 1:
@@ -183,18 +189,7 @@ def emit_transformed(
     node = graph.consumers[site.name][0][0]
     in_axis = 0 if site.transposed else 1
     t_out, t_nodes, stored = _pieces_node(graph, site.name, site.node, pieces, in_axis, ftype, pass_name)
-    b_node, b_tensors = _dequantize_node(
-        graph,
-        f"{site.name}/basis",
-        site.node,
-        basis.q,
-        _scale_values(basis.scale, ftype),
-        basis.zero_point,
-        basis.bits,
-        {"axis": basis.axis},
-        ftype,
-        pass_name,
-    )
+    b_node, b_tensors = _piece_node(graph, f"{site.name}/basis", site.node, basis, ftype, pass_name)
     stored += sum(tensor_nbytes(t) for t in b_tensors)
     new_nodes = [*t_nodes, b_node]
     if factored:
