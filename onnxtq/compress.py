@@ -14,7 +14,7 @@ import onnx
 from onnxtq import __version__, model_io
 from onnxtq.calibration.data import ImagePreprocessing, open_source
 from onnxtq.errors import VerificationError
-from onnxtq.graph import Graph, constants_to_initializers
+from onnxtq.graph import Graph, constants_to_initializers, copy_model
 from onnxtq.pass_infra import Context
 from onnxtq.pipeline import parse
 from onnxtq.report import PassReport, RunReport
@@ -95,9 +95,7 @@ def sweep(
         base = Context(Graph(work), data)
         head_reports = [prep_report] + head.run(base)
         for index, tail in enumerate(tails):
-            model = onnx.ModelProto()
-            model.CopyFrom(base.graph.model)
-            ctx = Context(Graph(model), data, base.stats, base.stats_fresh)
+            ctx = Context(Graph(copy_model(base.graph.model)), data, base.stats, base.stats_fresh)
             reports = head_reports + tail.run(ctx)
             output = Path(out_dir) / f"{Path(source_path).stem}.{index}.onnx"
             pipeline = f"{head.pipeline},{tail.pipeline}"

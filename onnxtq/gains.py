@@ -16,6 +16,7 @@ from tqdm import tqdm
 from onnxtq import model_io
 from onnxtq.calibration.collect import INPUT_BATCH_BYTES
 from onnxtq.calibration.data import Source
+from onnxtq.graph import copy_model
 from onnxtq.weights import WeightSite
 
 #: Noise rms relative to the weight's rms: small enough to stay near-linear, large enough to beat float noise.
@@ -57,8 +58,7 @@ class Probe:
 
     def gains(self, model: onnx.ModelProto, sites: list[WeightSite], layer_error, seed: int = 0) -> dict[str, float]:
         """g per site: output error per unit of `layer_error(site, E)` for a random weight error E."""
-        exposed = onnx.ModelProto()
-        exposed.CopyFrom(model)
+        exposed = copy_model(model)
         inits = {t.name: t for t in exposed.graph.initializer}
         declared = {v.name for v in exposed.graph.input}
         for site in sites:  # initializers listed as graph inputs can be fed (overridden) at run time

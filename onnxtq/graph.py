@@ -115,6 +115,13 @@ def _subgraph_inputs(g: onnx.GraphProto) -> set[str]:
     return names
 
 
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy (passes and runs that must leave the given model as it is)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
 def tag(node: onnx.NodeProto, pass_name: str, role: str) -> onnx.NodeProto:
     """Stamp provenance on a node we create, so later passes and people can tell who made it."""
     for key, value in ((PROVENANCE_PASS, pass_name), (PROVENANCE_ROLE, role)):

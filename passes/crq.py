@@ -26,13 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 from onnxtq.passes.rtn import blocking_for, fp32_steps_only, quantizable
 from tqdm import tqdm
 
 from onnxtq.bias import bias_note
 from onnxtq.calibration import collect_drift, importance
 from onnxtq.emit import replace_weight
+from onnxtq.graph import copy_model
 from onnxtq.packing import min_opset
 from onnxtq.pass_infra import Context, Pass, PassConfig
 from onnxtq.quantize import GroupCode, int_range, quantize_groups
@@ -89,8 +89,7 @@ class CrqPass(Pass):
         sites = quantizable(discover(ctx.graph), self.config.min_elements, report)
         ends = {sites[0].name, sites[-1].name} if sites else set()
         if self.config.sequential:  # the network before any weight changes, to run beside the current one
-            reference = onnx.ModelProto()
-            reference.CopyFrom(ctx.graph.model)
+            reference = copy_model(ctx.graph.model)
         kept = []
         with tqdm(total=len(sites), desc=self.name, unit="weight", disable=None, leave=False) as bar:
             for stage in stages(sites) if self.config.sequential else [sites]:

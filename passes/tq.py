@@ -37,7 +37,7 @@ from onnxtq.bias import bias_note, correct_bias, output_shift
 from onnxtq.calibration import collect_drift, importance
 from onnxtq.emit import Piece, db, emit_pieces, emit_transformed
 from onnxtq.gains import Probe
-from onnxtq.graph import Graph
+from onnxtq.graph import Graph, copy_model
 from onnxtq.model_io import tensor_nbytes
 from onnxtq.packing import container_bits
 from onnxtq.pass_infra import Context, Pass, PassConfig
@@ -53,12 +53,6 @@ DEPTHS = {"container": (2, 4, 8), "nominal": (2, 3, 4, 5, 6, 7, 8)}
 SIZE_MARGIN = 512
 #: Allocations tried for a size target, each with the graph overhead measured on the previous one.
 SIZE_ATTEMPTS = 3
-
-
-def copy_of(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
 
 
 @dataclass(frozen=True)
@@ -151,7 +145,7 @@ class TqPass(Pass):
         target = self._target(ctx, sites, weights, probe)
         chosen = allocate(options, **target)
         clock.append(time.perf_counter())
-        pristine = copy_of(ctx.graph.model) if cfg.size else None
+        pristine = copy_model(ctx.graph.model) if cfg.size else None
         for attempt in range(SIZE_ATTEMPTS):
             records, predicted, bound_bits, nominal_bits = self._emit_all(ctx, sites, layers, options, chosen)
             excess = _live_bytes(ctx.graph.model) + SIZE_MARGIN - cfg.size if cfg.size else 0
@@ -163,7 +157,7 @@ class TqPass(Pass):
             # graph structure (nodes, names, tensor headers) was not in the budget: take it off and redo
             target["max_bits"] -= 8.0 * excess * 1.1
             chosen = allocate(options, **target)
-            ctx.graph = Graph(copy_of(pristine))
+            ctx.graph = Graph(copy_model(pristine))
         report.records.extend(records)
         clock.append(time.perf_counter())
         report.notes.append(
@@ -192,7 +186,7 @@ class TqPass(Pass):
         """Every layer quantized and emitted as allocated: (records, Σ g·D, bound bits, nominal bits)."""
         records, predicted, bound_bits, nominal_bits = [], 0.0, 0.0, 0.0
         if self.config.sequential:  # the network before any weight changes, to run beside the current one
-            reference = copy_of(ctx.graph.model)
+            reference = copy_model(ctx.graph.model)
         by_name = {layer.site.name: layer for layer in layers}
         with tqdm(total=len(layers), desc="tq emit", disable=None, leave=False) as bar:
             for stage in stages(sites) if self.config.sequential else [sites]:
@@ -495,7 +489,7 @@ class TqPass(Pass):
 
 def _live_bytes(model: onnx.ModelProto) -> int:
     """Serialized size without what earlier passes left unused (dropped when the run ends)."""
-    graph = Graph(copy_of(model))
+    graph = Graph(copy_model(model))
     graph.remove_dead()
     return len(graph.model.SerializeToString())
 
