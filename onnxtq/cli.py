@@ -1,4 +1,4 @@
-"""Command line: `onnxtq compress | inspect | verify | list-passes`.
+"""Command line: `onnxtq compress | sweep | inspect | verify | pack | unpack | list-passes`.
 
 `main(argv)` returns the exit code, so tests call it in process. Errors print as
 `onnxtq: error: ...` and `onnxtq: hint: ...`, with a traceback only under -v.
@@ -14,7 +14,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from onnxtq import __version__, model_io
+from onnxtq import __version__, container, model_io
 from onnxtq.calibration.data import ImagePreprocessing, open_source
 from onnxtq.compress import DEFAULT_PIPELINE, compress, model_bytes, prepare, sweep
 from onnxtq.errors import DataError, OnnxtqError
@@ -123,6 +123,32 @@ def _parser() -> argparse.ArgumentParser:
     _add_data_options(v)
     v.add_argument("--samples", type=int, default=32)
     v.add_argument("--min-sqnr", type=float, metavar="DB", help="exit 3 if any output's SQNR is below this")
+
+    pk = sub.add_parser(
+        "pack",
+        help="entropy-code a deployable model's integer weights into a .onnxtq container (transport/storage)",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pk.add_argument("model")
+    pk.add_argument("-o", "--output", help="default: ./<model name>.onnxtq")
+    pk.add_argument("--coder", choices=container.CODERS, default="rans", help="entropy coder (default: rans)")
+    pk.add_argument(
+        "--min-elements",
+        type=int,
+        default=container.DEFAULT_MIN_ELEMENTS,
+        help="smaller integer initializers stay in the lzma-compressed skeleton",
+    )
+    pk.add_argument("--json", action="store_true", help="print the size report as JSON")
+
+    up = sub.add_parser(
+        "unpack",
+        help="restore the deployable .onnx file, byte for byte, from a .onnxtq container",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    up.add_argument("container")
+    up.add_argument("-o", "--output", help="default: ./<container name>.onnx")
 
     lp = sub.add_parser("list-passes", help="the passes a pipeline can name, with their options")
     lp.add_argument("--options", action="store_true", help="also list each option's type and default")
@@ -252,6 +278,24 @@ def _verify(args) -> int:
     return 0
 
 
+def _pack(args) -> int:
+    output = args.output or f"{Path(args.model).stem}.onnxtq"
+    report = container.pack_file(args.model, output, args.coder, args.min_elements)
+    if args.json:
+        print(json.dumps({"model": args.model, "output": output} | report.to_dict(), indent=1))
+    else:
+        print(report.table())
+        print(f"wrote {output}")
+    return 0
+
+
+def _unpack(args) -> int:
+    output = args.output or f"{Path(args.container).stem}.onnx"
+    size = container.unpack_file(args.container, output)
+    print(f"wrote {output} ({size:,d} B, checksum verified)")
+    return 0
+
+
 def _list_passes(args) -> int:
     for name, cls in sorted(registry().items()):
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
@@ -262,7 +306,15 @@ def _list_passes(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": _compress, "sweep": _sweep, "inspect": _inspect, "verify": _verify, "list-passes": _list_passes}
+COMMANDS = {
+    "compress": _compress,
+    "sweep": _sweep,
+    "inspect": _inspect,
+    "verify": _verify,
+    "pack": _pack,
+    "unpack": _unpack,
+    "list-passes": _list_passes,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
