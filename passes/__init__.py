@@ -4,12 +4,14 @@ from onnxtq.passes.calibrate import CalibratePass
 from onnxtq.passes.compact_names import CompactNamesPass
 from onnxtq.passes.crq import CrqPass
 from onnxtq.passes.fold_bn import FoldBatchNormPass
+from onnxtq.passes.kq import KqPass
 from onnxtq.passes.refine import RefinePass
 from onnxtq.passes.rtn import RtnPass
 from onnxtq.passes.tq import TqPass
 
 REGISTRY = {
-    p.name: p for p in (FoldBatchNormPass, CalibratePass, RtnPass, CrqPass, TqPass, RefinePass, CompactNamesPass)
+    p.name: p
+    for p in (FoldBatchNormPass, CalibratePass, RtnPass, CrqPass, TqPass, KqPass, RefinePass, CompactNamesPass)
 }
 
 __all__ = [
@@ -18,6 +20,7 @@ __all__ = [
     "CompactNamesPass",
     "CrqPass",
     "FoldBatchNormPass",
+    "KqPass",
     "RefinePass",
     "RtnPass",
     "TqPass",
