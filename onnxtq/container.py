@@ -372,7 +372,7 @@ def pack(data: bytes, coder: str = "rans", min_elements: int = DEFAULT_MIN_ELEME
     for t, span in zip(model.graph.initializer, spans):
         if t.data_type not in _STREAM_TYPES:
             continue
-        values, reason = _stream_symbols(t, min_elements) if span else (None, "no single raw_data field")
+        values, reason = _stream_symbols(t, min_elements) if span else (None, "values not stored as packed raw_data")
         if values is None:
             kept.append((t.name, reason))
             continue
