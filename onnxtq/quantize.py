@@ -27,15 +27,18 @@ def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Blocking:
-    """How a stored weight is cut into groups: per-axis (block=0) or blocked along `block_axis`."""
+    """How a stored weight is cut into groups: per-axis (block=0), blocked along `block_axis`, or one
+    group for the whole tensor (axis None: a scalar step)."""
 
     shape: tuple[int, ...]
-    axis: int  # the per-channel axis (output channels)
+    axis: int | None  # the per-channel axis (output channels); None: per tensor
     block: int = 0
     block_axis: int = 1
 
     @property
     def scale_shape(self) -> tuple[int, ...]:
+        if self.axis is None:
+            return ()
         if not self.block:
             return (self.shape[self.axis],)
         s = list(self.shape)
@@ -44,6 +47,8 @@ class Blocking:
 
     def to_groups(self, a: np.ndarray) -> np.ndarray:
         """[G, S] view: one row per scale."""
+        if self.axis is None:
+            return a.reshape(1, -1)
         if not self.block:
             return np.moveaxis(a, self.axis, 0).reshape(self.shape[self.axis], -1)
         moved = np.moveaxis(a, self.block_axis, -1)
@@ -54,6 +59,8 @@ class Blocking:
         return moved.reshape(-1, self.block)
 
     def from_groups(self, g: np.ndarray) -> np.ndarray:
+        if self.axis is None:
+            return g.reshape(self.shape)
         if not self.block:
             moved = list(self.shape)
             moved.insert(0, moved.pop(self.axis))
@@ -65,7 +72,7 @@ class Blocking:
 
     def scales_to_shape(self, s: np.ndarray) -> np.ndarray:
         """Per-group values laid out as DequantizeLinear's scale tensor."""
-        if not self.block:
+        if self.axis is None or not self.block:
             return s.reshape(self.scale_shape)
         moved = list(self.scale_shape)
         nb = moved.pop(self.block_axis)

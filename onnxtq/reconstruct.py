@@ -17,6 +17,7 @@ block-diagonal (or per column when only diag(H) is known, where everything reduc
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,12 +110,26 @@ def gptq(w0: np.ndarray, hessian: np.ndarray, grid: Grid, damp: float = DAMP) ->
     Columns go in order of decreasing H_jj ("act order"): the inputs that matter most are
     rounded first, while the most columns remain to absorb their error.
     """
+    order, inverse, h = _act_order(hessian)
+    permuted = dataclasses.replace(grid, **{f: _columns(getattr(grid, f), order) for f in ("step", "zero", "lo", "hi")})
+    return _columns(_gptq_in_order(_columns(w0, order), h, permuted, damp), inverse)
+
+
+def feedback_sensitivity(hessian: np.ndarray, damp: float = DAMP) -> np.ndarray:
+    """1/U_jj² per column [P, d]: the layer-output error one unit of rounding error in column j costs
+    once `gptq` has let the columns after it compensate (its order and damping). Equal-slope steps
+    for error-feedback rounding scale as U_jj, as plain rounding's scale as 1/√H_jj."""
+    order, inverse, h = _act_order(hessian)
+    u_diag = np.diagonal(np.linalg.cholesky(np.linalg.inv(damped(h, damp))), axis1=1, axis2=2)
+    return np.take_along_axis(1.0 / u_diag**2, inverse, axis=1)
+
+
+def _act_order(hessian: np.ndarray):
+    """Column order by decreasing H_jj, its inverse, and H permuted to it."""
     order = np.argsort(-np.einsum("pdd->pd", hessian), axis=1, kind="stable")  # [P, d]
     take = np.arange(len(order))[:, None]
     inverse = np.argsort(order, axis=1)
-    permuted = Grid(*(_columns(a, order) for a in (grid.step, grid.zero, grid.lo, grid.hi)))
-    h = hessian[take[:, :, None], order[:, :, None], order[:, None, :]]
-    return _columns(_gptq_in_order(_columns(w0, order), h, permuted, damp), inverse)
+    return order, inverse, hessian[take[:, :, None], order[:, :, None], order[:, None, :]]
 
 
 def _columns(a, order: np.ndarray):

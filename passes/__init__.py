@@ -3,6 +3,7 @@
 from onnxtq.passes.calibrate import CalibratePass
 from onnxtq.passes.compact_names import CompactNamesPass
 from onnxtq.passes.crq import CrqPass
+from onnxtq.passes.ecsq import EcsqPass
 from onnxtq.passes.fold_bn import FoldBatchNormPass
 from onnxtq.passes.kq import KqPass
 from onnxtq.passes.refine import RefinePass
@@ -11,7 +12,17 @@ from onnxtq.passes.tq import TqPass
 
 REGISTRY = {
     p.name: p
-    for p in (FoldBatchNormPass, CalibratePass, RtnPass, CrqPass, TqPass, KqPass, RefinePass, CompactNamesPass)
+    for p in (
+        FoldBatchNormPass,
+        CalibratePass,
+        RtnPass,
+        CrqPass,
+        TqPass,
+        EcsqPass,
+        KqPass,
+        RefinePass,
+        CompactNamesPass,
+    )
 }
 
 __all__ = [
@@ -19,6 +30,7 @@ __all__ = [
     "CalibratePass",
     "CompactNamesPass",
     "CrqPass",
+    "EcsqPass",
     "FoldBatchNormPass",
     "KqPass",
     "RefinePass",
