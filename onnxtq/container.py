@@ -480,14 +480,16 @@ def _check_layout(header: dict, body_bytes: int) -> None:
     total_blobs = (
         _int(skeleton, "bytes") + _int(tables, "bytes") + sum(_int(s, "coded_bytes") for s in header["streams"])
     )
-    if sum(_int(s, "table_bytes", 1, MAX_HEADER_BYTES) for s in header["streams"]) != _int(tables, "raw_bytes"):
+    if sum(_int(s, "table_bytes", 1, MAX_HEADER_BYTES) for s in header["streams"]) != _int(
+        tables, "raw_bytes", 0, MAX_HEADER_BYTES
+    ):
         raise ContainerError("corrupt header: count table sizes do not add up")
     if total_blobs != body_bytes:
         raise ContainerError(f"container is truncated or padded: body holds {body_bytes} B, header says {total_blobs}")
     end = 0
     for s in header["streams"]:
         dims = s.get("dims")
-        if not isinstance(dims, list) or not all(isinstance(d, int) and d >= 0 for d in dims):
+        if not isinstance(dims, list) or not all(isinstance(d, int) and 0 <= d <= MAX_TENSOR_ELEMENTS for d in dims):
             raise ContainerError("corrupt header: bad dims")
         if _int(s, "data_type", 0, 64) not in _STREAM_TYPES or not isinstance(s.get("name"), str):
             raise ContainerError("corrupt header: bad stream type or name")
@@ -512,7 +514,9 @@ def _decode_stream(s: dict, table: bytes, code: bytes, coder: str) -> bytes:
             pieces.append(_to_raw(chunk.astype(np.int64) + minimum, s["data_type"]))
     except ContainerError:
         raise
-    except Exception as exc:  # constriction raises ValueError/AssertionError/etc. on garbage
+    except BaseException as exc:  # garbage may make constriction raise anything, a Rust panic included
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):  # (pyo3 panics are BaseExceptions)
+            raise
         raise ContainerError(f"corrupt coded stream '{s['name']}' ({exc})") from None
     raw = b"".join(pieces)
     if len(raw) != s["raw_bytes"]:

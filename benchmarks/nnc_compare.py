@@ -1,0 +1,158 @@
+"""NNC (MPEG NNR, Fraunhofer's `nncodec`) against the .onnxtq container at equal fidelity on zoo models.
+
+usage: python nnc_compare.py --nnc-python /work/nncvenv/bin/python [--zoo /work/zoo] [--zoo-tools DIR]
+           [--out /work/nnc] [--models mobilenet_v2 efficientnet_lite0] [--qps -20 -24 -28] [--jsonl OUT.jsonl]
+       python nnc_compare.py --table --jsonl OUT.jsonl --ours /work/bench_container/container.jsonl --bench /work/bench3
+
+NNC codes the FP32 model's float initializers (every one: tensors of rank > 1 at `qp`, the rest at NNC's default
+nonweight_qp -75; dependent quantization and DeepCABAC as NNC defaults them); its decoded weights are put back into
+the FP32 graph and scored with the zoo eval against the original. The NNC side's full size is its bitstream plus the
+graph without its float data, LZMA-compressed (what it takes to ship a runnable model). Our side: the .onnxtq
+container of onnxtq's compressed models (container_zoo.py JSON lines) with their zoo metrics (BENCH/models/*.eval.log).
+
+nncodec needs torch, so it runs in its own venv (`--nnc-python`): this script calls itself there with `--worker`,
+which imports only numpy and nncodec. Neither is a dependency of onnxtq.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def worker(src: str, dst: str, bitstream: str, qp: int) -> None:
+    """(Runs in the nncodec venv.) Encode the arrays in `src`, decode them into `dst`, print sizes and times."""
+    import numpy as np
+    from nncodec import nnc
+
+    params = {k: v.astype(np.float32) for k, v in np.load(src).items()}
+    t0 = time.perf_counter()
+    bs = nnc.compress(params, bitstream_path=bitstream, qp=qp, return_bitstream=True, verbose=False)
+    t1 = time.perf_counter()
+    rec = nnc.decompress(bs)
+    t2 = time.perf_counter()
+    np.savez(dst, **{k: np.asarray(rec[k], dtype=np.float32).reshape(params[k].shape) for k in params})
+    print(json.dumps({"nnc_bytes": len(bs), "encode_s": round(t1 - t0, 2), "decode_s": round(t2 - t1, 2)}))
+
+
+def graph_bytes(model) -> int:
+    """LZMA size of the model with its float initializers' data removed (the part NNC does not code)."""
+    import lzma
+
+    import onnx
+
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    for t in skeleton.graph.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT:
+            t.ClearField("raw_data")
+            t.ClearField("float_data")
+    return len(lzma.compress(skeleton.SerializeToString(), preset=9 | lzma.PRESET_EXTREME))
+
+
+def evaluate(a, model: str, path: str) -> dict:
+    py = os.path.join(a.zoo, ".venv", "bin", "python")
+    cmd = [py, os.path.join(a.zoo_tools, "eval_imagenet.py"), path, "--ref", os.path.join(a.zoo, model + ".onnx")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        return {"error": r.stderr[-500:]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run(a) -> None:
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    os.makedirs(a.out, exist_ok=True)
+    for model in a.models:
+        fp32 = onnx.load(os.path.join(a.zoo, model + ".onnx"))
+        floats = {t.name: numpy_helper.to_array(t) for t in fp32.graph.initializer if t.data_type == 1}
+        src = os.path.join(a.out, f"{model}_fp32.npz")
+        np.savez(src, **floats)
+        graph = graph_bytes(fp32)
+        for qp in a.qps:
+            stem = os.path.join(a.out, f"{model}_nnc_qp{-qp}")
+            cmd = [a.nnc_python, os.path.abspath(__file__), "--worker", src, stem + ".npz", stem + ".nnc", str(qp)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                print(f"{model} qp {qp}: nncodec failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+                continue
+            row = {"model": model, "qp": qp, **json.loads(r.stdout.strip().splitlines()[-1]), "graph_bytes": graph}
+            decoded = np.load(stem + ".npz")
+            rebuilt = onnx.ModelProto()
+            rebuilt.CopyFrom(fp32)
+            for t in rebuilt.graph.initializer:
+                if t.name in floats:
+                    t.CopyFrom(numpy_helper.from_array(decoded[t.name], t.name))
+            onnx.save(rebuilt, stem + ".onnx")
+            ev = evaluate(a, model, stem + ".onnx")
+            row.update({k: ev.get(k) for k in ("top1_agreement", "top1_agreement_confident", "mean_kl", "error")})
+            row["rel_weight_mse"] = float(
+                np.mean([np.mean((decoded[k] - v) ** 2) / np.mean(v**2) for k, v in floats.items() if v.ndim > 1])
+            )
+            print(json.dumps(row), flush=True)
+            if a.jsonl:
+                with open(a.jsonl, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+
+def table(a) -> None:
+    """Markdown: per model, our containers and NNC's bitstreams sorted by size, with the metric."""
+    rows = [json.loads(line) for line in open(a.jsonl)]
+    ours = [json.loads(line) for line in open(a.ours)] if a.ours else []
+    print("| model | coder | bytes (full) | bytes (weights only) | top-1 agreement | confident | KL |")
+    print("|---|---|---|---|---|---|---|")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        lines = []
+        for r in rows:
+            if r["model"] == model:
+                full = r["nnc_bytes"] + r["graph_bytes"]
+                lines.append((full, f"NNC qp {r['qp']}", r["nnc_bytes"], r))
+        for o in ours:
+            name = o["model"]
+            if o["coder"] != "rans" or not name.startswith(model + "_"):
+                continue
+            log = os.path.join(a.bench, "models", name + ".eval.log")
+            if not os.path.exists(log):
+                continue
+            ev = json.loads(open(log).read().strip().splitlines()[-1])
+            weights = o["coded_bytes"] + o["tables_bytes"]
+            lines.append((o["container_bytes"], f".onnxtq rANS of {name[len(model) + 1 :]}", weights, ev))
+        for full, label, weights, ev in sorted(lines, key=lambda x: x[0]):
+            print(
+                f"| {model} | {label} | {full:,d} | {weights:,d} | {ev['top1_agreement']:.3f}"
+                f" | {ev['top1_agreement_confident']:.3f} | {ev['mean_kl']:.4f} |"
+            )
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nnc-python", default="/work/nncvenv/bin/python")
+    ap.add_argument("--zoo", default="/work/zoo")
+    ap.add_argument("--zoo-tools", default=os.path.join(REPO, "..", "shared", "zoo"))
+    ap.add_argument("--out", default="/work/nnc")
+    ap.add_argument("--models", nargs="+", default=["mobilenet_v2", "efficientnet_lite0"])
+    ap.add_argument("--qps", nargs="+", type=int, default=[-20, -24, -28])
+    ap.add_argument("--jsonl")
+    ap.add_argument("--table", action="store_true", help="print the comparison table from --jsonl and --ours")
+    ap.add_argument("--ours", help="container_zoo.py JSON lines")
+    ap.add_argument("--bench", default="/work/bench3", help="folder whose models/ holds our eval logs")
+    a = ap.parse_args()
+    if a.table:
+        table(a)
+    else:
+        run(a)
+
+
+if __name__ == "__main__":
+    main()
