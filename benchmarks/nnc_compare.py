@@ -41,6 +41,71 @@ def worker(src: str, dst: str, bitstream: str, qp: int) -> None:
     print(json.dumps({"nnc_bytes": len(bs), "encode_s": round(t1 - t0, 2), "decode_s": round(t2 - t1, 2)}))
 
 
+def worker_lossless(src: str, bitstream: str) -> None:
+    """(Runs in the nncodec venv.) Code int32 arrays losslessly (NNC skips quantization for integer
+    parameters: DeepCABAC codes the values as given), decode, check equality, print the size."""
+    import numpy as np
+    from nncodec import nnc
+
+    params = {k: v.astype(np.int32) for k, v in np.load(src).items()}
+    t0 = time.perf_counter()
+    bs = nnc.compress(params, bitstream_path=bitstream, return_bitstream=True, verbose=False)
+    t1 = time.perf_counter()
+    rec = nnc.decompress(bs)
+    t2 = time.perf_counter()
+    exact = all(np.array_equal(np.asarray(rec[k]).reshape(v.shape), v) for k, v in params.items())
+    print(
+        json.dumps({"nnc_bytes": len(bs), "exact": exact, "encode_s": round(t1 - t0, 2), "decode_s": round(t2 - t1, 2)})
+    )
+
+
+def lossless(a) -> None:
+    """NNC and the container on the same integer tensors of onnxtq's deployable models (identical fidelity)."""
+    import numpy as np
+    import onnx
+
+    from onnxtq import container
+
+    os.makedirs(a.out, exist_ok=True)
+    for path in a.lossless:
+        data = open(path, "rb").read()
+        blob, report = container.pack(data, "rans")
+        coded = {s.name for s in report.streams}
+        arrays = {}
+        for t in onnx.load_from_string(data).graph.initializer:
+            if t.name in coded:
+                values, _ = container._stream_symbols(t, container.DEFAULT_MIN_ELEMENTS)
+                arrays[t.name] = values.reshape(tuple(t.dims)).astype(np.int32)
+        stem = os.path.join(a.out, os.path.basename(path)[:-5] + "_int")
+        np.savez(stem + ".npz", **arrays)
+        r = subprocess.run(
+            [a.nnc_python, os.path.abspath(__file__), "--worker-int", stem + ".npz", stem + ".nnc"],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode:
+            print(f"{path}: nncodec failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+            continue
+        nnc_row = json.loads(r.stdout.strip().splitlines()[-1])
+        row = {
+            "model": os.path.basename(path)[:-5],
+            "streams": len(arrays),
+            "symbols": sum(s.symbols for s in report.streams),
+            "entropy_bytes": round(report.entropy_bytes),
+            "rans_bytes": report.coded_bytes + report.tables_bytes,
+            "nnc_int_bytes": nnc_row["nnc_bytes"],
+            "nnc_exact": nnc_row["exact"],
+            "container_bytes": len(blob),
+            "nnc_container_bytes": len(blob) - report.coded_bytes - report.tables_bytes + nnc_row["nnc_bytes"],
+            "nnc_encode_s": nnc_row["encode_s"],
+            "nnc_decode_s": nnc_row["decode_s"],
+        }
+        print(json.dumps(row), flush=True)
+        if a.jsonl:
+            with open(a.jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
 def graph_bytes(model) -> int:
     """LZMA size of the model with its float initializers' data removed (the part NNC does not code)."""
     import lzma
@@ -136,6 +201,9 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker-int":
+        worker_lossless(sys.argv[2], sys.argv[3])
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nnc-python", default="/work/nncvenv/bin/python")
     ap.add_argument("--zoo", default="/work/zoo")
@@ -143,6 +211,7 @@ def main() -> None:
     ap.add_argument("--out", default="/work/nnc")
     ap.add_argument("--models", nargs="+", default=["mobilenet_v2", "efficientnet_lite0"])
     ap.add_argument("--qps", nargs="+", type=int, default=[-20, -24, -28])
+    ap.add_argument("--lossless", nargs="+", metavar="MODEL.onnx", help="deployable models: NNC on their integer codes")
     ap.add_argument("--jsonl")
     ap.add_argument("--table", action="store_true", help="print the comparison table from --jsonl and --ours")
     ap.add_argument("--ours", help="container_zoo.py JSON lines")
@@ -150,6 +219,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.table:
         table(a)
+    elif a.lossless:
+        lossless(a)
     else:
         run(a)
 
