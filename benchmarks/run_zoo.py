@@ -39,6 +39,20 @@ CONFIGS = {  # what follows `fold-bn,calibrate,` in the pipeline
     "tq4": "tq{rate=4}",
     "tq4-id": "tq{rate=4,transform=identity}",  # ablation: the same allocation without transforms
     "tq4-nom": "tq{rate=4,depths=nominal}",  # 4 bits nominal (the paper's rate): 3, 5, 6, 7-bit codes in wider types
+    # kq: k×k kernels as indices into codebooks (depthwise convs share one per kernel size); 1×1 convs and FC stay
+    # float in kqN (the k×k convs' effect alone) and get 8-bit RTN in kqN-w8 (the whole deployable model)
+    "kq6": "kq{bits=6}",
+    "kq8": "kq{bits=8}",
+    "kq10": "kq{bits=10}",
+    "kq8-g6": "kq{bits=8,gain_bits=6}",
+    "kq8-none": "kq{bits=8,metric=none,gptq=false}",  # ablation: plain k-means (per-channel scales kept)
+    "kq8-w8": "kq{bits=8},rtn{bits=8}",
+    # ecsq: entropy-constrained scalar quantization at a target code entropy (bits per weight; `onnxtq pack` size)
+    "e2": "ecsq{rate=2}",  # equal-slope per-column steps, GPTQ feedback (default)
+    "e3": "ecsq{rate=3}",
+    "e2-uni": "ecsq{rate=2,method=uniform}",  # Choi et al.: one step for the network
+    "e2-km": "ecsq{rate=2,method=kmeans}",  # one codebook for the network, plain k-means
+    "e2-hkm": "ecsq{rate=2,method=hkmeans}",  # ... Hessian-weighted k-means
 }
 IMAGENET = ["mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 MODELS = IMAGENET + ["ppocrv4_det", "ppocrv4_rec", "minilm_l6"]

@@ -146,8 +146,8 @@ class KqPass(Pass):
                 report.records.append(WeightRecord.of(site, "skipped", reason=why))
                 continue
             layer = self._layer(ctx.graph, site, stats)
-            shared = cfg.share == "all" or (cfg.share == "depthwise" and site.kind == "depthwise")
-            key = (site.kind == "depthwise", layer.w.shape[2]) if shared and kk > 1 else (site.name,)
+            shared = cfg.share == "all" or (cfg.share == "depthwise" and site.kind == "depthwise" and kk > 1)
+            key = (cfg.share, layer.w.shape[2], layer.pq) if shared else (site.name,)
             jobs.setdefault(key, []).append(layer)
         records = []
         for layers in tqdm(list(jobs.values()), desc=self.name, unit="codebook", disable=None, leave=False):
