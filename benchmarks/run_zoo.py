@@ -47,6 +47,11 @@ CONFIGS = {  # what follows `fold-bn,calibrate,` in the pipeline
     "kq8-g6": "kq{bits=8,gain_bits=6}",
     "kq8-none": "kq{bits=8,metric=none,gptq=false}",  # ablation: plain k-means (per-channel scales kept)
     "kq8-w8": "kq{bits=8},rtn{bits=8}",
+    # the same on 3×3 kernels only (EfficientNet-Lite and PP-OCR det also have 5×5 depthwise convs: kept float)
+    "kq6-k3": "kq{bits=6,max_taps=9}",
+    "kq8-k3": "kq{bits=8,max_taps=9}",
+    "kq10-k3": "kq{bits=10,max_taps=9}",
+    "kq8-k3-none": "kq{bits=8,max_taps=9,metric=none,gptq=false}",
     # ecsq: entropy-constrained scalar quantization at a target code entropy (bits per weight; `onnxtq pack` size)
     "e2": "ecsq{rate=2}",  # equal-slope per-column steps, GPTQ feedback (default)
     "e3": "ecsq{rate=3}",
