@@ -180,3 +180,11 @@ def test_layers_kq_leaves_are_skipped_with_reasons(mnist):
     skipped = {r.name: r.reason for r in kq.skipped}
     assert skipped and all("pq=0" in why for why in skipped.values())
     assert any("RTN" in r.detail for r in kq.changed)  # the 16-kernel depthwise conv
+
+
+def test_without_calibration_plain_error_is_used_and_said(tmp_path):
+    path, _ = bundled("mnist_cnn")
+    report = compress(path, tmp_path / "kq.onnx", "fold-bn,kq{bits=4,min_kernels=1}")
+    kq = _kq(report)
+    assert kq.changed and all(r.output_sqnr_db is None and "metric none" in r.detail for r in kq.changed)
+    assert any("no calibration statistics" in n for n in kq.notes)
