@@ -1,4 +1,4 @@
-"""Command line: `onnxtq compress | sweep | inspect | verify | pack | unpack | list-passes`.
+"""Command line: `onnxtq compress | sweep | report | inspect | verify | pack | unpack | list-passes`.
 
 `main(argv)` returns the exit code, so tests call it in process. Errors print as
 `onnxtq: error: ...` and `onnxtq: hint: ...`, with a traceback only under -v.
@@ -14,10 +14,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from onnxtq import __version__, container, model_io
+from onnxtq import __version__, container, model_io, report_page
 from onnxtq.calibration.data import ImagePreprocessing, open_source
 from onnxtq.compress import DEFAULT_PIPELINE, compress, model_bytes, prepare, sweep
-from onnxtq.errors import DataError, OnnxtqError
+from onnxtq.errors import DataError, OnnxtqError, UsageError
 from onnxtq.graph import Graph, provenance
 from onnxtq.pipeline import registry
 from onnxtq.verify import compare, validate
@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_data_options(c)
     c.add_argument("--report", metavar="JSON", help="write the full run report as JSON")
+    c.add_argument("--report-html", metavar="HTML", help="write the report page (see the report command)")
     c.add_argument(
         "--verify-samples", type=int, default=8, help="inputs used to compare outputs with the original (0: skip)"
     )
@@ -105,8 +106,20 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--shared", default="fold-bn,calibrate", help="head run once (default: fold-bn,calibrate)")
     _add_data_options(sw)
     sw.add_argument("--report", metavar="JSON", help="write every run report as one JSON list")
+    sw.add_argument("--report-html", metavar="HTML", help="write the report page with the rate-fidelity curve")
     sw.add_argument("--verify-samples", type=int, default=8)
     sw.add_argument("--threads", type=int, default=0)
+
+    rp = sub.add_parser(
+        "report",
+        help="an HTML page (plots embedded) of run reports: per-layer bits, bound, SQNR, bytes; rate-fidelity curve",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rp.add_argument("reports", nargs="+", metavar="REPORT.json", help="written by compress/sweep --report")
+    rp.add_argument("-o", "--output", help="the HTML page (default: ./<first report name>.html)")
+    rp.add_argument("--json", metavar="PATH", help="also write the plotted figures' data as JSON")
+    rp.add_argument("--png-dir", metavar="DIR", help="also write each plot as DIR/<figure id>.png")
 
     i = sub.add_parser("inspect", help="opset, ops, weights and sizes of a model")
     i.add_argument("model")
@@ -169,6 +182,7 @@ def _prep(args) -> ImagePreprocessing:
 def _compress(args) -> int:
     output = args.output or f"{Path(args.model).stem}.compressed.onnx"
     calib = _calib(args, args.model)
+    _refuse_page(args.report_html, args.model, output, args.report)
     run = compress(
         args.model, output, args.pipeline, calib, _prep(args), args.verify_samples, args.min_sqnr, args.threads
     )
@@ -176,10 +190,20 @@ def _compress(args) -> int:
     print(f"wrote {output}")
     if args.report:
         Path(args.report).write_text(run.to_json())
+    if args.report_html:
+        report_page.write([run], args.report_html, refuse=[args.model, output, args.report or args.model])
+        print(f"wrote {args.report_html}")
     return 0
 
 
+def _refuse_page(page: str | None, *inputs) -> None:
+    """Before any work: the report page may not be written over the model or another output."""
+    if page and Path(page).resolve() in {Path(p).resolve() for p in inputs if p}:
+        raise UsageError(f"--report-html '{page}' names the model or an output", "choose another path")
+
+
 def _sweep(args) -> int:
+    _refuse_page(args.report_html, args.model, args.report)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     runs = sweep(
         args.model,
@@ -199,6 +223,22 @@ def _sweep(args) -> int:
         print(f"{run.pipeline:<48} {run.bytes_after:>12,d} {ratio:>6.2f}x {sqnr:>8.1f} {seconds:>8.1f}  {run.output}")
     if args.report:
         Path(args.report).write_text("[" + ",\n".join(run.to_json() for run in runs) + "]")
+    if args.report_html:
+        refuse = [args.model, args.report or args.model, *(run.output for run in runs)]
+        report_page.write(runs, args.report_html, refuse=refuse)
+        print(f"wrote {args.report_html}")
+    return 0
+
+
+def _report(args) -> int:
+    output = args.output or f"{Path(args.reports[0]).stem}.html"
+    runs = report_page.load(args.reports)
+    data = report_page.write(runs, output, args.json, args.png_dir, refuse=args.reports)
+    for head in data["runs"]:
+        sqnr = head["worst_output_sqnr_db"]
+        print(f"{head['pipeline']:<48} {head['bytes_after']:>12,d} B {'' if sqnr is None else f'{sqnr:6.1f} dB'}")
+    written = [output] + [p for p in (args.json, args.png_dir) if p]
+    print(f"wrote {', '.join(written)} ({len(data['figures'])} figures)")
     return 0
 
 
@@ -309,6 +349,7 @@ def _list_passes(args) -> int:
 COMMANDS = {
     "compress": _compress,
     "sweep": _sweep,
+    "report": _report,
     "inspect": _inspect,
     "verify": _verify,
     "pack": _pack,
