@@ -47,8 +47,8 @@ def _png(figure: Figure) -> bytes:
     return buf.getvalue()
 
 
-def _new(height: float, rows: int = 1, cols: int = 1, **kw):
-    figure = Figure(figsize=(WIDTH, height), layout="constrained")
+def _new(height: float, rows: int = 1, cols: int = 1, width: float = WIDTH, **kw):
+    figure = Figure(figsize=(width, height), layout="constrained")
     axes = figure.subplots(rows, cols, squeeze=False, **kw)
     return figure, axes
 
@@ -122,14 +122,19 @@ def _layer_sqnr(fig: dict) -> bytes:
     ax = axes[0, 0]
     x = np.array(fig["layers"])
     out, weight = _arr(fig["output_sqnr_db"]), _arr(fig["weight_sqnr_db"])
-    ax.bar(x, out, width=0.75, color=COLORS[2], label="layer output SQNR")
+    handles = [ax.bar(x, out, width=0.75, color=COLORS[2], label="layer output SQNR")]
     if np.isfinite(weight).any():
-        ax.scatter(x, weight, marker="_", s=90, linewidths=2, color="#222", zorder=3, label="weight SQNR")
+        handles.append(
+            ax.scatter(x, weight, marker="_", s=90, linewidths=2, color="#222", zorder=3, label="weight SQNR")
+        )
+    for i, kept in zip(x, fig["kept_float"]):
+        if kept:  # no error to measure: the weight stayed in float
+            handles.append(ax.axvspan(i - 0.4, i + 0.4, color="#ddd", label="kept in float"))
     ax.axhline(0, color="#444", linewidth=0.6)
     ax.set_ylabel("dB")
     ax.set_title(_text(fig["title"], 150), fontsize=10, loc="left")
     _layer_axis(ax, len(x))
-    ax.legend(fontsize=8, loc="upper left", ncols=2, framealpha=0.85)
+    ax.legend(handles=handles[:3], fontsize=8, loc="upper left", ncols=3, framealpha=0.85)
     top = np.nanmax(np.concatenate([out, weight, [1.0]]))
     ax.set_ylim(min(0.0, np.nanmin(np.concatenate([out, [0.0]]))) * 1.1, top * 1.2)
     return _png(figure)
@@ -137,7 +142,7 @@ def _layer_sqnr(fig: dict) -> bytes:
 
 def _bytes_share(fig: dict) -> bytes:
     bars = fig["bars"]
-    figure, axes = _new(0.9 + 0.24 * len(bars))
+    figure, axes = _new(0.9 + 0.24 * len(bars), width=WIDTH * 0.56)  # beside the pass notes on the page
     ax = axes[0, 0]
     y = np.arange(len(bars))
     share = np.array([100 * (b["share"] or 0.0) for b in bars])

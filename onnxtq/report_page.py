@@ -25,6 +25,8 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from tqdm import tqdm
+
 from onnxtq.errors import DataError, UsageError
 from onnxtq.report import RunReport
 
@@ -102,7 +104,9 @@ def layers(run: dict) -> list[dict]:
                 "detail": str(r.get("detail") or ""),
             }
             if status == "skipped":
-                row.update(bits=32.0, bytes_after=4 * row["elements"], detail=f"float: {r.get('reason', '')}")
+                reason = str(r.get("reason") or "")
+                detail = reason if "float" in reason else f"kept in float: {reason}"
+                row.update(bits=32.0, bytes_after=4 * row["elements"], detail=detail)
             elif status == "refined" and known is not None:  # same grid, new codes: how it is coded still holds
                 row["detail"] = "refined; " + (row["detail"] or known["detail"])
             rows[name] = row
@@ -149,6 +153,11 @@ def summary(run: dict, rows: list[dict]) -> dict:
         "worst_output_sqnr_db": min(known) if known else None,
         "seconds": sum(_num(p.get("seconds")) or 0.0 for p in run["passes"]),
         "calibration": str(run.get("calibration", "")),
+        "notes": [
+            {"pass": str(p.get("spec", "")), "seconds": _num(p.get("seconds")), "notes": [str(n) for n in p["notes"]]}
+            for p in run["passes"]
+            if p.get("notes") and p.get("pass_name") not in ("prepare", "calibrate")
+        ],
     }
 
 
@@ -189,6 +198,7 @@ def figures(runs: Sequence[RunReport | dict]) -> dict:
                 "layers": [r["index"] for r in rw],
                 "output_sqnr_db": [r["output_sqnr_db"] for r in rw],
                 "weight_sqnr_db": [r["weight_sqnr_db"] for r in rw],
+                "kept_float": [r["status"] == "skipped" for r in rw],
             }
         )
         figs.append(_bytes_share(head, rw, tag, title, i))
@@ -285,7 +295,9 @@ th,td{border-bottom:1px solid #e3e3e3;padding:3px 7px;text-align:left;vertical-a
 th{background:#f6f6f6;position:sticky;top:0} td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.d{color:#555;max-width:380px} .w{color:#777;font-size:11.5px;word-break:break-all} .k{color:#777;font-size:11.5px}
 .figs{display:flex;flex-wrap:wrap;gap:12px} figure{margin:0} img{max-width:100%;border:1px solid #eee}
-.neg{color:#b00} .notes{color:#444;font-size:12.5px} summary{cursor:pointer;font-weight:600}
+.neg{color:#b00} .notes{color:#444;font-size:12.5px;flex:1;min-width:300px;max-height:520px;overflow:auto}
+.notes ul{padding-left:18px;margin:4px 0} .row{display:flex;gap:16px;align-items:flex-start;margin:12px 0}
+summary{cursor:pointer;font-weight:600}
 """
 
 
@@ -313,12 +325,26 @@ def render(data: dict, images: dict[str, bytes]) -> str:
             f"{head['weights']:,d} weights, output SQNR {_f(head['worst_output_sqnr_db'], '.1f')} dB"
             f"{' → ' + _e(head['output']) if head['output'] else ''}</p>"
         )
-        out.append(_figs(by_run.get(i, []), images))
-        out.append(_layer_table(rows))
+        figs = by_run.get(i, [])
+        out.append(_figs([f for f in figs if f["kind"] != "bytes_share"], images))
+        out.append(f"<div class=row>{_figs([f for f in figs if f['kind'] == 'bytes_share'], images)}")
+        out.append(f"<div class=notes><b>what the passes said</b><ul>{_notes(head['notes'])}</ul></div></div>")
+        opened = " open" if len(heads) == 1 else ""
+        out.append(f"<details{opened}><summary>per-layer table ({len(rows)} weights)</summary>")
+        out.append(_layer_table(rows) + "</details>")
         out.append("</section>")
     out.append(f"<h2>How to read this</h2><p class=notes>{_e(__doc__.split('Definitions used on the page:')[1])}</p>")
     out.append("</body></html>\n")
     return "\n".join(out)
+
+
+def _notes(notes: list[dict]) -> str:
+    return "".join(
+        f"<li><code>{_e(n['pass'])}</code> ({_f(n['seconds'], '.1f')} s)<ul>"
+        + "".join(f"<li>{_e(line)}</li>" for line in n["notes"])
+        + "</ul></li>"
+        for n in notes
+    )
 
 
 def _summary_table(heads: list[dict]) -> str:
@@ -399,7 +425,8 @@ def write(
     from onnxtq import plots  # matplotlib loads only when a page is drawn
 
     data = figures(runs)
-    images = {fig["id"]: plots.draw(fig) for fig in data["figures"]}
+    drawing = tqdm(data["figures"], desc="report plots", unit="figure", disable=None, leave=False)
+    images = {fig["id"]: plots.draw(fig) for fig in drawing}
     targets = {Path(html_path): render(data, images).encode("utf-8")}
     if json_path is not None:
         targets[Path(json_path)] = (json.dumps(data, indent=1, allow_nan=False) + "\n").encode("utf-8")
