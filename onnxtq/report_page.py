@@ -350,7 +350,7 @@ def _notes(notes: list[dict]) -> str:
 def _summary_table(heads: list[dict]) -> str:
     head = (
         "<table><tr><th>#</th><th>model</th><th>pipeline</th><th>bytes before</th><th>bytes after</th>"
-        "<th>ratio</th><th>bits/weight</th><th>output SQNR dB</th><th>time s</th></tr>"
+        "<th>ratio</th><th>bits/weight</th><th>output SQNR dB</th><th>passes s</th></tr>"
     )
     rows = []
     for i, h in enumerate(heads):
