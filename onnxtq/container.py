@@ -549,7 +549,9 @@ def unpack(container: bytes) -> bytes:
     pieces.append(skeleton[taken:])
     data = b"".join(pieces)
     if hashlib.sha256(data).hexdigest() != header["sha256"]:
-        raise ContainerError("restored model fails its checksum: the container is corrupt")
+        written, here = header.get("coder_library"), f"constriction {_constriction_version()}"
+        hint = f"it was written with {written}, this is {here}" if written != here else None
+        raise ContainerError("restored model fails its checksum: the container is corrupt", hint)
     return data
 
 
