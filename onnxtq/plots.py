@@ -160,13 +160,6 @@ def _bytes_share(fig: dict) -> bytes:
     return _png(figure)
 
 
-def _short(label: str) -> str:
-    """`tq{rate=3}` → `rate=3`: the point's setting, the series already names the method."""
-    if label.count("{") == 1 and label.endswith("}"):
-        return label[label.index("{") + 1 : -1] or label
-    return label
-
-
 def _rate_fidelity(fig: dict) -> bytes:
     figure, axes = _new(4.4, 1, 2, sharey=True)
     for ax, key, xlabel in (
@@ -191,7 +184,7 @@ def _rate_fidelity(fig: dict) -> bytes:
                 near = sum(abs(xv - a) < 0.04 * span[0] and abs(yv - b) < 0.04 * span[1] for a, b in placed)
                 placed.append((xv, yv))
                 text = ax.annotate(
-                    _text(_short(p["label"]), 28),
+                    _text(p["label"], 32),
                     (xv, yv),
                     textcoords="offset points",
                     xytext=(-5 if xv > 0.85 * right else 5, 4 - 11 * near),

@@ -31,6 +31,7 @@ from onnxtq.errors import DataError, UsageError
 from onnxtq.report import RunReport
 
 FINAL = ("quantized", "refined")  # record states that describe what the file stores
+RATE_OPTIONS = ("rate", "bits", "size", "sqnr", "ternary")  # options that move a run along its method's curve
 TOP_LAYERS = 15  # bars in the share-of-bytes chart before the rest is summed
 
 
@@ -119,15 +120,23 @@ def layers(run: dict) -> list[dict]:
     return out
 
 
-def method(run: dict) -> tuple[str, str]:
-    """(method, setting): the passes that stored weights, e.g. ("tq", "tq{rate=3}"); else the pipeline."""
+def method(run: dict) -> tuple[str, str, str]:
+    """(method, setting, rate) from the passes that stored weights: `tq{rate=3,transform=klt}` gives
+    ("tq{transform=klt}", "tq{rate=3,transform=klt}", "rate=3"). Runs of one method differ only in
+    their rate options and make one curve. A run where no pass stored weights is its pipeline."""
     specs = [
         str(p.get("spec", "")) for p in run["passes"] if any(r.get("status") in FINAL for r in p.get("records", []))
     ]
-    names = [str(p.get("pass_name", "")) for p in run["passes"] if str(p.get("spec", "")) in specs]
     if not specs:
-        return str(run["pipeline"]), str(run["pipeline"])
-    return "+".join(dict.fromkeys(names)), ",".join(specs)
+        return str(run["pipeline"]), str(run["pipeline"]), ""
+    methods, rates = [], []
+    for spec in specs:
+        name, _, body = spec.partition("{")
+        options = [o for o in body.rstrip("}").split(",") if o]
+        rates += [o for o in options if o.partition("=")[0] in RATE_OPTIONS]
+        rest = [o for o in options if o.partition("=")[0] not in RATE_OPTIONS]
+        methods.append(name + ("{" + ",".join(rest) + "}" if rest else ""))
+    return "+".join(methods), ",".join(specs), ",".join(rates)
 
 
 def summary(run: dict, rows: list[dict]) -> dict:
@@ -137,12 +146,13 @@ def summary(run: dict, rows: list[dict]) -> dict:
     weights = sum(r["elements"] for r in rows)
     stored = sum(8 * r["bytes_after"] for r in rows)
     before, after = int(run.get("bytes_before") or 0), int(run.get("bytes_after") or 0)
-    name, setting = method(run)
+    name, setting, rate = method(run)
     return {
         "model": Path(str(run.get("source", ""))).stem,
         "pipeline": str(run["pipeline"]),
         "method": name,
         "setting": setting,
+        "rate": rate,
         "output": str(run.get("output", "")),
         "bytes_before": before,
         "bytes_after": after,
@@ -211,7 +221,7 @@ def _rate_fidelity(heads: list[dict]) -> dict:
         series.setdefault((h["model"], h["method"]), []).append(
             {
                 "run": i,
-                "label": h["setting"],
+                "label": h["rate"] or h["setting"],
                 "bytes": h["bytes_after"],
                 "bits_per_weight": h["bits_per_weight"],
                 "sqnr_db": h["worst_output_sqnr_db"],

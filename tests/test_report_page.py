@@ -99,32 +99,35 @@ def test_figures_are_the_reports_numbers(swept):
     json.dumps(data, allow_nan=False)
 
 
-def _hostile_run(tmp_path) -> dict:
-    evil = "<script>alert(1)</script>$x$"
-    record = {
-        "name": evil,
-        "node": evil + "'\"",
-        "op": "Conv",
-        "status": "quantized",
-        "kind": "conv",
-        "shape": [8, 4, 3, 3],
-        "bytes_after": 200,
-        "bits": 4.4,
-        "detail": evil,
-    }
+def _run(spec: str, bytes_after: int, sqnr: float | None, name: str = "w", source: str = "m.onnx") -> dict:
+    """A minimal run report: one pass that quantized one 8x4x3x3 conv weight."""
+    record = {"name": name, "node": name, "op": "Conv", "status": "quantized", "kind": "conv", "shape": [8, 4, 3, 3]}
+    record.update(bytes_after=200, bits=4.4, detail=name)
+    outputs = {} if sqnr is None else {name: {"sqnr_db": sqnr, "max_abs_err": 0.1}}
     return {
-        "pipeline": "rtn{bits=4}" + evil,
-        "source": str(tmp_path / f"{evil}.onnx"),
+        "pipeline": f"fold-bn,calibrate,{spec}",
+        "source": source,
         "bytes_before": 10_000,
-        "bytes_after": 1_000,
-        "calibration": evil,
-        "passes": [{"pass_name": "rtn", "spec": "rtn{bits=4}", "records": [record], "notes": [evil]}],
-        "verification": {"outputs": {evil: {"sqnr_db": 20.0, "max_abs_err": 0.1}}},
+        "bytes_after": bytes_after,
+        "calibration": name,
+        "passes": [{"pass_name": spec.partition("{")[0], "spec": spec, "records": [record], "notes": [name]}],
+        "verification": {"outputs": outputs},
     }
+
+
+def test_runs_of_one_method_make_one_curve():
+    runs = [_run("tq{rate=3,transform=klt}", 900, 20.0), _run("tq{rate=2,transform=klt}", 700, 15.0)]
+    runs += [_run("tq{rate=3}", 900, 22.0), _run("rtn{bits=4}", 1000, None)]
+    runs[-1]["passes"].append(dict(runs[-1]["passes"][0], pass_name="refine", spec="refine"))
+    curve = report_page.figures(runs)["figures"][0]
+    assert [s["label"] for s in curve["series"]] == ["tq{transform=klt}", "tq", "rtn+refine"]
+    assert [p["label"] for p in curve["series"][0]["points"]] == ["rate=2", "rate=3"]  # by size
+    assert curve["series"][2]["points"][0]["sqnr_db"] is None  # not verified: listed, not drawn
 
 
 def test_names_from_the_model_are_escaped(tmp_path):
-    run = _hostile_run(tmp_path)
+    evil = "<script>alert(1)</script>$x$"
+    run = _run("rtn{bits=4}", 1_000, 20.0, name=evil + "'\"", source=str(tmp_path / f"{evil}.onnx"))
     older = dict(run, pipeline="rtn{bits=8}", bytes_after=2_000, verification={})  # a report without fields
     report_page.write([run, older], tmp_path / "p.html")
     page = (tmp_path / "p.html").read_text()
