@@ -4,13 +4,7 @@ Input is what `compress --report` and `sweep --report` write (RunReport JSON: on
 or RunReport objects. Everything plotted is first computed into plain figure data (`figures()`);
 the plots draw only from it and `--json` writes it, so the machine-readable copy is exactly what
 the page shows. Every string on the page is HTML-escaped: tensor and node names come from the model.
-
-Definitions used on the page:
-  bits/weight of a run  8 x the stored bytes of the quantized weights (codes, steps, bases) plus 32 bits
-                        for each weight kept in float, over all weights the quantizing passes saw
-  gap                   stored bits - Gaussian rate-distortion bound at the layer's distortion (tq only)
-  output SQNR           the worst graph output's SQNR against the original model, from the run's
-                        verification (calibration inputs)
+The page ends with DEFINITIONS, how each number is computed.
 """
 
 from __future__ import annotations
@@ -33,6 +27,30 @@ from onnxtq.report import RunReport
 FINAL = ("quantized", "refined")  # record states that describe what the file stores
 RATE_OPTIONS = ("rate", "bits", "size", "sqnr", "ternary")  # options that move a run along its method's curve
 TOP_LAYERS = 15  # bars in the share-of-bytes chart before the rest is summed
+DEFINITIONS = (
+    ("bytes after", "the deployable ONNX file (what onnxruntime loads), external data included"),
+    (
+        "bits/weight",
+        "of a run: 8 × the stored bytes of every quantized weight (codes, steps, zero points, bases) plus 32 bits "
+        "for each weight kept in float, over all the weights the quantizing passes saw; of a layer: what its pass "
+        "reported, containers and steps included",
+    ),
+    ("nominal", "code bits per weight at their bit depths, before containers and steps (tq)"),
+    ("bound", "the Gaussian rate–distortion bound at the output error the layer reached, bits per weight (tq)"),
+    ("gap", "bits − bound: how far the stored rate is above that bound"),
+    ("out SQNR", "the layer's output SQNR, E‖Wx‖² / E‖(W − Ŵ)x‖² over the calibration inputs"),
+    ("w SQNR", "the weight SQNR, ‖W‖² / ‖W − Ŵ‖²"),
+    (
+        "output SQNR",
+        "of a run: each graph output against the original model's on the verification inputs; the "
+        "curves use the worst output",
+    ),
+    (
+        "share",
+        "the layer's bytes over the whole file's bytes; the rest of the file is the graph, biases and other tensors",
+    ),
+    ("passes s", "seconds of every pass of the run; a sweep counts its shared head (calibration) in each run"),
+)
 
 
 def load(paths: Iterable[str | os.PathLike]) -> list[dict]:
@@ -46,6 +64,12 @@ def load(paths: Iterable[str | os.PathLike]) -> list[dict]:
         for run in data if isinstance(data, list) else [data]:
             if not isinstance(run, dict) or not isinstance(run.get("passes"), list) or "pipeline" not in run:
                 raise DataError(f"'{path}' is not an onnxtq run report", "pass a file written by --report")
+            try:
+                summary(run, layers(run))
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                raise DataError(
+                    f"'{path}' holds a malformed run report ({exc!r})", "pass a file written by --report"
+                ) from None
             runs.append(run)
     if not runs:
         raise DataError("no runs in the reports given")
@@ -308,6 +332,8 @@ td.d{color:#555;max-width:380px} .w{color:#777;font-size:11.5px;word-break:break
 .neg{color:#b00} .notes{color:#444;font-size:12.5px;flex:1;min-width:300px;max-height:520px;overflow:auto}
 .notes ul{padding-left:18px;margin:4px 0} .row{display:flex;gap:16px;align-items:flex-start;margin:12px 0}
 summary{cursor:pointer;font-weight:600}
+.defs{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;font-size:12.5px} .defs dt{font-weight:600}
+.defs dd{margin:0;color:#444}
 """
 
 
@@ -343,7 +369,8 @@ def render(data: dict, images: dict[str, bytes]) -> str:
         out.append(f"<details{opened}><summary>per-layer table ({len(rows)} weights)</summary>")
         out.append(_layer_table(rows) + "</details>")
         out.append("</section>")
-    out.append(f"<h2>How to read this</h2><p class=notes>{_e(__doc__.split('Definitions used on the page:')[1])}</p>")
+    terms = "".join(f"<dt>{_e(term)}</dt><dd>{_e(text)}</dd>" for term, text in DEFINITIONS)
+    out.append(f"<h2>How to read this</h2><dl class=defs>{terms}</dl>")
     out.append("</body></html>\n")
     return "\n".join(out)
 

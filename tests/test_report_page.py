@@ -146,6 +146,8 @@ def test_report_refuses_to_overwrite_its_input(swept, tmp_path, capsys):
     assert report.read_bytes() == before
     assert "never overwrites its input" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing.json")]) == 2
+    (tmp_path / "bad.json").write_text(json.dumps(dict(_run("rtn{bits=4}", 1, None), bytes_after="many")))
+    assert main(["report", str(tmp_path / "bad.json")]) == 2
     model, _ = bundled("mnist_cnn")
     assert main(["compress", str(model), "-o", str(tmp_path / "c.onnx"), "--report-html", str(model)]) == 2
     assert not (tmp_path / "c.onnx").exists()
