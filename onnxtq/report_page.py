@@ -5,6 +5,10 @@ or RunReport objects. Everything plotted is first computed into plain figure dat
 the plots draw only from it and `--json` writes it, so the machine-readable copy is exactly what
 the page shows. Every string on the page is HTML-escaped: tensor and node names come from the model.
 The page ends with DEFINITIONS, how each number is computed.
+
+The JSON (`figures()`): {"version": 1, "runs": [header numbers per run], "layers": [per run, the table's
+rows], "figures": [{"id", "kind", "title", ...the series drawn}]}; `--png-dir` names each plot <id>.png.
+Values that are not known (no bound outside tq, no verification) are null.
 """
 
 from __future__ import annotations
@@ -216,7 +220,6 @@ def figures(runs: Sequence[RunReport | dict]) -> dict:
                 "run": i,
                 "title": f"{title}: bits per weight by layer",
                 "layers": [r["index"] for r in rw],
-                "names": [r["node"] or r["name"] for r in rw],
                 "stored": [r["bits"] for r in rw],
                 "kept_float": [r["status"] == "skipped" for r in rw],
                 "nominal": [r["nominal_bits"] for r in rw],
@@ -256,7 +259,6 @@ def _rate_fidelity(heads: list[dict]) -> dict:
         "id": "rate_fidelity",
         "kind": "rate_fidelity",
         "title": "rate and fidelity: deployable bytes and bits/weight against output SQNR",
-        "original_bytes": sorted({h["bytes_before"] for h in heads}) if not several else [],
         "series": [
             {"label": f"{model}: {name}" if several else name, "points": sorted(points, key=lambda p: p["bytes"])}
             for (model, name), points in series.items()
