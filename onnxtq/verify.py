@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from tqdm import tqdm
 
 from onnxtq import model_io
 from onnxtq.calibration.data import Source
@@ -22,15 +23,17 @@ def compare(
     noise = dict.fromkeys(names, 0.0)
     worst = dict.fromkeys(names, 0.0)
     seen = 0
-    for n, feed in source.batches(1):
-        if seen >= samples:
-            break
-        for name, a, b in zip(names, ref.run(names, feed), out.run(names, feed)):
-            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-            signal[name] += float((a**2).sum())
-            noise[name] += float(((a - b) ** 2).sum())
-            worst[name] = max(worst[name], float(np.abs(a - b).max(initial=0.0)))
-        seen += n
+    with tqdm(total=samples, desc="verify", unit="sample", disable=None, leave=False) as bar:
+        for n, feed in source.batches(1):
+            if seen >= samples:
+                break
+            for name, a, b in zip(names, ref.run(names, feed), out.run(names, feed)):
+                a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+                signal[name] += float((a**2).sum())
+                noise[name] += float(((a - b) ** 2).sum())
+                worst[name] = max(worst[name], float(np.abs(a - b).max(initial=0.0)))
+            seen += n
+            bar.update(n)
     return {
         "samples": seen,
         "outputs": {name: {"sqnr_db": _db(signal[name], noise[name]), "max_abs_err": worst[name]} for name in names},
