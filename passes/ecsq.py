@@ -5,17 +5,19 @@ matters: a weight error in column j of layer l costs g_l·h_j per unit², g_l th
 network gain (onnxtq.gains) and h_j the layer input's energy E[x_j²] from calibration — our
 Gauss–Newton stand-in for the paper's diagonal loss Hessian. Methods, all at one target entropy:
 
-* `scaled` (default): uniform codes with one step per input column, Δ_j = Δ/√(g_l·h_j) for one global
-  Δ — the equal-slope (reverse water-filling) steps of high-rate ECSQ theory. With `gptq` the codes are
-  rounded with error feedback and h_j is what an error in column j costs after the later columns have
-  compensated (1/U_jj²); `rdo` adds the code length to each rounding decision (a wider zero bin).
+* `scaled` (default): uniform codes; within a layer, equal-slope steps per input column, Δ_j ∝ 1/√h_j
+  (where they pay for storing them, else one step), and each layer's step chosen by one Lagrangian over
+  every layer's (entropy, g_l × output error) curve — the reverse water-filling of high-rate ECSQ theory
+  without its high-rate assumption. With `gptq` the codes are rounded with error feedback and h_j is what
+  an error in column j costs after the later columns have compensated (1/U_jj²); `rdo` adds the code
+  length to each rounding decision (a wider zero bin).
 * `uniform`: the paper's uniform quantizer, one step for the whole network, bin-centre reconstruction.
 * `kmeans` / `hkmeans`: one codebook for all layers (as in the paper), by plain or Hessian-weighted
   k-means (weights g_l·h_j), its size chosen for the target entropy; emitted as Gather lookups.
 
-Uniform codes are stored as INT4 or INT8 (whichever holds their range) with per-column steps decoded
-by DequantizeLinear; the entropy-coded size is `onnxtq pack`'s. Global step and codebook size are
-found by bisection on the entropy of plain rounding, then corrected for what feedback and rate terms change.
+Uniform codes are stored as INT4, INT8 or INT16 (the narrowest that holds their range), steps decoded by
+DequantizeLinear; the entropy-coded size is `onnxtq pack`'s. The rounding is re-run at most ATTEMPTS times,
+the rate target shifted by what feedback changed; `uniform`'s step and the codebook size are bisected.
 """
 
 from __future__ import annotations
@@ -37,15 +39,19 @@ from onnxtq.model_io import tensor_nbytes
 from onnxtq.packing import int_tensor
 from onnxtq.pass_infra import Context, Pass, PassConfig
 from onnxtq.quantize import Blocking, GroupCode
+from onnxtq.rd import Band, Option, allocate
 from onnxtq.reconstruct import Problems, feedback_sensitivity, gptq
 from onnxtq.report import PassReport, WeightRecord
 from onnxtq.weights import WeightSite, discover
 
 METHODS = ("scaled", "uniform", "kmeans", "hkmeans")
-#: Largest code magnitude (INT8 container); codes beyond are clipped, and that error is measured like any other.
-MAX_CODE = 127
+#: Largest code magnitude (INT16 container): equal slopes give the most sensitive columns steps far finer than
+#: their range; the entropy coder does not care how wide the container is, only the deployable file does.
+MAX_CODE = 2**15 - 1
 #: Runs of the final rounding at most, each re-aimed by what the previous one missed.
 ATTEMPTS = 3
+#: Steps each layer may take, relative to the rms of its scaled weights: entropies from ~7 bits to ~0.05.
+STEP_OCTAVES = 2.0 ** (np.arange(-18, 7) / 3)
 #: Entropy miss accepted, in bits per weight.
 TOLERANCE = 0.01
 
@@ -81,7 +87,9 @@ class Layer:
     w: np.ndarray  # stored layout, float64
     stats: object
     column_cost: np.ndarray  # [d] network-output error per unit² of weight error in each input column
-    blocking: Blocking  # the steps' layout: one per input column, or one for the tensor
+    gain: float  # network-output error per unit of layer-output error
+    blocking: Blocking  # the steps' layout
+    steps: str  # column (one step per input column) | tensor (one step)
     step_dtype: type
 
     @property
@@ -91,8 +99,10 @@ class Layer:
 
     @property
     def cost(self) -> np.ndarray:
-        """[G] error cost per step group (the mean over the tensor when it has one step)."""
-        return self.column_cost if len(self.column_cost) == self.columns.shape[0] else self.column_cost.mean()[None]
+        """[G] error cost per step group (the mean over the columns for one step per tensor)."""
+        if self.steps == "column":
+            return self.column_cost
+        return np.full(self.columns.shape[0], self.column_cost.mean())
 
     def importance(self) -> np.ndarray:
         """Error cost of every weight, in the stored layout."""
@@ -107,6 +117,18 @@ def column_blocking(site: WeightSite) -> Blocking:
     if len(site.shape) == 2:
         return Blocking(site.shape, 1)
     return Blocking(site.shape, 1, block=site.shape[0], block_axis=0)
+
+
+def layer_error(layer: Layer, error_columns: np.ndarray) -> float:
+    """E‖ΔW x‖² for a weight error given by step groups (BLAS products; plain ‖ΔW‖² without statistics)."""
+    m = layer.site.to_matrix(layer.blocking.from_groups(error_columns))
+    stats = layer.stats
+    if stats is None:
+        return float((m**2).sum())
+    if stats.mode != "full":
+        return stats.quadratic(m)
+    rows = m.reshape(stats.groups, -1, stats.dim)
+    return float(((rows @ stats.moment) * rows).sum())
 
 
 def steps_pay(column_cost: np.ndarray, weights: int, step_bits: int) -> bool:
@@ -170,9 +192,11 @@ class EcsqPass(Pass):
         step_dtype = np.float16 if cfg.scale_bits == 16 and not fp32_steps_only(site) else np.float32
         step_bits = 8 * np.dtype(step_dtype).itemsize
         w = ctx.graph.array(site.name).astype(np.float64)
-        columns = cfg.method == "scaled" and steps_pay(energy, w.size, step_bits)
-        blocking = per_column if columns else Blocking(site.shape, None)
-        return Layer(site, w, stats, gain * energy, blocking, step_dtype)
+        if cfg.method == "scaled" and steps_pay(energy, w.size, step_bits):
+            steps, blocking = "column", per_column
+        else:
+            steps, blocking = "tensor", Blocking(site.shape, None)
+        return Layer(site, w, stats, gain * energy, gain, blocking, steps, step_dtype)
 
     # ---- uniform codes: scaled (per-column steps) or uniform (one step) ----
 
@@ -196,25 +220,25 @@ class EcsqPass(Pass):
 
     def _uniform(self, ctx: Context, layers, weights: int, report: PassReport) -> list[WeightRecord]:
         cfg = self.config
+        curves = [self._curve(layer) for layer in tqdm(layers, desc="ecsq curves", disable=None, leave=False)]
         offset, codes = 0.0, None
         for _attempt in range(ATTEMPTS):
-            reach = max(float((np.abs(layer.columns).max(axis=1) / self._factor(layer)).max()) for layer in layers)
-            delta = _bisect(lambda d: self._plain_rate(layers, d, weights), cfg.rate - offset, reach / MAX_CODE)
-            codes = [self._codes(layer, delta) for layer in tqdm(layers, desc="ecsq", disable=None, leave=False)]
+            deltas = self._deltas(layers, curves, (cfg.rate - offset) * weights)
+            codes = [self._codes(*a) for a in tqdm(list(zip(layers, deltas)), desc="ecsq", disable=None, leave=False)]
             rate = (sum(entropy_bits(q) + self._side_bits(layer) for q, layer in zip(codes, layers))) / weights
             if abs(rate - cfg.rate) <= TOLERANCE:
                 break
             offset += rate - cfg.rate
         code_bits = sum(entropy_bits(q) for q in codes) / weights
+        how = "per-layer steps by one Lagrangian" if cfg.method == "scaled" else f"one step {deltas[0]:.4g}"
         report.notes.append(
             f"entropy {rate:.3f} b/w (codes {code_bits:.3f} + steps {rate - code_bits:.3f}) for target {cfg.rate:g}; "
-            f"global step {delta:.4g}; method {cfg.method}"
-            + (f", gptq, rdo {cfg.rdo:g}" if cfg.method == "scaled" and cfg.gptq else "")
+            f"{how}; method {cfg.method}" + (f", gptq, rdo {cfg.rdo:g}" if cfg.method == "scaled" and cfg.gptq else "")
         )
         records = []
-        for layer, q in zip(layers, codes):
+        for layer, q, delta in zip(layers, codes, deltas):
             steps = self._steps(layer, delta).astype(layer.step_dtype)
-            bits = 4 if np.abs(q).max() <= 7 else 8
+            bits = next(b for b in (4, 8, 16) if -(2 ** (b - 1)) <= q.min() and q.max() < 2 ** (b - 1))
             code = GroupCode(q.astype(np.int32), steps, None, bits)
             record = replace_weight(
                 ctx.graph, layer.site, layer.blocking, code, layer.stats, self.name, cfg.bias_correct
@@ -225,6 +249,32 @@ class EcsqPass(Pass):
             )
             records.append(record)
         return records
+
+    def _curve(self, layer: Layer) -> tuple[Band, np.ndarray]:
+        """The layer's (entropy + steps, gain × output error) points by plain rounding, at steps spanning
+        STEP_OCTAVES around the rms of its scaled weights; with the steps (global-step units) they stand for."""
+        if self.config.method != "scaled":
+            return None, None
+        scaled = layer.columns / self._factor(layer)[:, None]
+        deltas = float(np.sqrt((scaled**2).mean()) or 1.0) * STEP_OCTAVES
+        bits, distortion = [], []
+        for delta in deltas:
+            steps = self._steps(layer, delta)[:, None]
+            q = np.clip(np.round(layer.columns / steps), -MAX_CODE, MAX_CODE)
+            bits.append(entropy_bits(q) + self._side_bits(layer))
+            distortion.append(layer.gain * layer_error(layer, q * steps - layer.columns))
+        return Band(np.arange(len(deltas)), np.array(bits), np.array(distortion)), deltas
+
+    def _deltas(self, layers, curves, max_bits: float) -> list[float]:
+        """Global step per layer: `scaled` by one Lagrangian over the layers' curves, else one bisected step."""
+        if self.config.method == "scaled":
+            options = {layer.site.name: [Option("steps", [band])] for layer, (band, _) in zip(layers, curves)}
+            chosen = allocate(options, max_bits=max_bits).choice
+            return [float(d[int(chosen[layer.site.name][1][0])]) for layer, (_, d) in zip(layers, curves)]
+        weights = sum(layer.w.size for layer in layers)
+        reach = max(float((np.abs(layer.columns).max(axis=1) / self._factor(layer)).max()) for layer in layers)
+        delta = _bisect(lambda d: self._plain_rate(layers, d, weights), max_bits / weights, reach / MAX_CODE)
+        return [delta] * len(layers)
 
     def _codes(self, layer: Layer, delta: float) -> np.ndarray:
         """[G, S] codes at global step `delta`: rate-aware rounding, with error feedback where H allows."""
