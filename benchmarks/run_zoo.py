@@ -53,8 +53,9 @@ CONFIGS = {  # what follows `fold-bn,calibrate,` in the pipeline
     "kq10-k3": "kq{bits=10,max_taps=9}",
     "kq8-k3-none": "kq{bits=8,max_taps=9,metric=none,gptq=false}",
     # ecsq: entropy-constrained scalar quantization at a target code entropy (bits per weight; `onnxtq pack` size)
-    "e2": "ecsq{rate=2}",  # equal-slope per-column steps, GPTQ feedback (default)
+    "e2": "ecsq{rate=2}",  # per-layer steps by one Lagrangian, equal-slope columns, GPTQ feedback (default)
     "e3": "ecsq{rate=3}",
+    "e4": "ecsq{rate=4}",
     "e2-uni": "ecsq{rate=2,method=uniform}",  # Choi et al.: one step for the network
     "e2-km": "ecsq{rate=2,method=kmeans}",  # one codebook for the network, plain k-means
     "e2-hkm": "ecsq{rate=2,method=hkmeans}",  # ... Hessian-weighted k-means
