@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
+from onnxtq.entropy import histogram_bits
 from onnxtq.errors import ModelError, UsageError, VerificationError
 from onnxtq.model_io import MAX_TENSOR_ELEMENTS, tensor_nbytes
 
@@ -243,13 +244,6 @@ def decode_table(table: bytes, symbols: int) -> tuple[int, np.ndarray]:
     return (zz >> 1) if zz % 2 == 0 else -((zz + 1) >> 1), np.array(counts, dtype=np.int64)
 
 
-def entropy_bits(counts: np.ndarray) -> float:
-    """n·H of a histogram, in bits: n·log2 n − Σ c·log2 c."""
-    c = counts[counts > 0].astype(np.float64)
-    n = c.sum()
-    return float(n * math.log2(n) - (c * np.log2(c)).sum()) if n else 0.0
-
-
 def _rans_model(counts: np.ndarray):
     # Built from the integer counts alone (exact as float64), so the decoder's model is identical.
     return constriction.stream.model.Categorical(counts.astype(np.float64), perfect=False)
@@ -340,7 +334,7 @@ def _code_stream(t: onnx.TensorProto, values: np.ndarray, coder: str) -> tuple[b
         data_type=onnx.TensorProto.DataType.Name(t.data_type),
         symbols=len(values),
         distinct=int((counts > 0).sum()),
-        entropy_bits=entropy_bits(counts),
+        entropy_bits=histogram_bits(counts),
         coded_bytes=len(code),
         table_bytes=len(table),
         raw_bytes=len(t.raw_data),

