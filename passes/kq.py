@@ -151,7 +151,7 @@ class KqPass(Pass):
             jobs.setdefault(key, []).append(layer)
         records = []
         for layers in tqdm(list(jobs.values()), desc=self.name, unit="codebook", disable=None, leave=False):
-            records.extend(self._job(ctx.graph, layers, stats))
+            records.extend(self._job(ctx.graph, layers))
         report.records.extend(records)
         self._notes(report, records, stats is not None)
         return report
@@ -182,7 +182,7 @@ class KqPass(Pass):
         gain_bits = cfg.gain_bits if w.shape[1] == 1 else 0
         return Layer(site, w, mats, layer_stats, gain_bits, taps == 1)
 
-    def _job(self, graph: Graph, layers: list[Layer], stats) -> list[WeightRecord]:
+    def _job(self, graph: Graph, layers: list[Layer]) -> list[WeightRecord]:
         """Layers that share one codebook: cluster all their kernels, then emit each layer."""
         cfg = self.config
         first = layers[0]
