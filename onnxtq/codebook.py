@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxtq.emit import _replace_initializer
+from onnxtq.emit import replace_initializer
 from onnxtq.graph import Graph, tag
 from onnxtq.model_io import tensor_nbytes
 from onnxtq.packing import container_bits, int_tensor
@@ -324,7 +324,7 @@ def emit_lookup(
         out = _node(graph, nodes, "Mul", [out, s_out], base, node_base, pass_name, "scale")
     for i, node in enumerate(nodes):
         graph.graph.node.insert(position + i, node)
-    _replace_initializer(graph, site, out)
+    replace_initializer(graph, site, out)
     graph.refresh()
     return stored
 

@@ -62,7 +62,7 @@ def _scale_values(scale: np.ndarray, float_type: int) -> np.ndarray:
     return scale if scale.dtype.itemsize < np.dtype(weight_dtype).itemsize else scale.astype(weight_dtype)
 
 
-def _replace_initializer(graph: Graph, site: WeightSite, new_name: str) -> None:
+def replace_initializer(graph: Graph, site: WeightSite, new_name: str) -> None:
     """Point every reader of the site's weight at `new_name` and drop the float tensor."""
     original = graph.initializers[site.name]
     for consumer, index in graph.consumers[site.name]:
@@ -92,7 +92,7 @@ def emit_dequantize(graph: Graph, site: WeightSite, blocking: Blocking, code: Gr
     )
     out = node.output[0]
     graph.originals[out] = (site, original)  # the float tensor, for passes that refine the codes later
-    _replace_initializer(graph, site, out)
+    replace_initializer(graph, site, out)
     graph.graph.node.insert(0, node)
     graph.refresh()
     return sum(tensor_nbytes(t) for t in stored)
@@ -168,7 +168,7 @@ def emit_pieces(
         )
         nodes.append(tag(gather, pass_name, "order"))
         out = placed
-    _replace_initializer(graph, site, out)
+    replace_initializer(graph, site, out)
     for node in reversed(nodes):
         graph.graph.node.insert(0, node)
     graph.refresh()
@@ -225,7 +225,7 @@ def emit_transformed(
             "Einsum", operands, [weight_out], name=graph.unique(f"{site.node}/onnxtq.product"), equation=equation
         )
         new_nodes.append(tag(product, pass_name, "product"))
-    _replace_initializer(graph, site, weight_out)
+    replace_initializer(graph, site, weight_out)
     position = list(graph.graph.node).index(node)
     for n in reversed(new_nodes):
         graph.graph.node.insert(position, n)

@@ -25,18 +25,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 from onnx import numpy_helper
 from onnxtq.passes.rtn import fp32_steps_only, quantizable
 from tqdm import tqdm
 
 from onnxtq.bias import bias_note, correct_bias, output_shift
+from onnxtq.codebook import Emitted, emit_lookup, index_bits
 from onnxtq.emit import db, replace_weight
 from onnxtq.entropy import RateGrid, code_lengths, entropy_bits, weighted_kmeans_1d
 from onnxtq.gains import Probe
-from onnxtq.graph import Graph, tag
+from onnxtq.graph import Graph
 from onnxtq.model_io import tensor_nbytes
-from onnxtq.packing import int_tensor
 from onnxtq.pass_infra import Context, Pass, PassConfig
 from onnxtq.quantize import Blocking, GroupCode
 from onnxtq.rd import Band, Option, allocate
@@ -144,6 +143,8 @@ class EcsqPass(Pass):
     needs_stats = True
 
     def min_opset(self) -> int:
+        if self.config.method in ("kmeans", "hkmeans"):
+            return 25  # codebooks of 4 or fewer values take UINT2 indices
         return 23 if self.config.scale_bits == 16 else 21  # INT4 codes; float16 steps need output_dtype
 
     def run(self, ctx: Context) -> PassReport:
@@ -320,54 +321,35 @@ class EcsqPass(Pass):
             f"one codebook of {len(centres)} values for all layers ({cfg.method}); index entropy {rate:.3f} b/w "
             f"(codebook included) for target {cfg.rate:g}"
         )
-        codebook = numpy_helper.from_array(centres.astype(np.float32), ctx.graph.unique("onnxtq.ecsq.codebook"))
-        ctx.graph.set_initializer(codebook)
+        stored = numpy_helper.from_array(centres.astype(np.float32), ctx.graph.unique("onnxtq.ecsq.codebook"))
+        ctx.graph.set_initializer(stored)
+        codebook = Emitted(stored.name, tensor_nbytes(stored), len(centres))
         records = []
         for i, layer in enumerate(layers):
             index = assignment[sizes[i] : sizes[i + 1]].reshape(layer.w.shape)
-            records.append(self._emit_lookup(ctx.graph, layer, index, centres, codebook.name))
+            records.append(self._emit_lookup(ctx.graph, layer, index, centres, codebook))
         return records
 
-    def _emit_lookup(self, graph: Graph, layer: Layer, index: np.ndarray, centres, codebook: str) -> WeightRecord:
-        """Weight ← Gather(codebook, Cast(indices)): the codebook is shared, indices packed in UINT4/UINT8."""
+    def _emit_lookup(self, graph: Graph, layer: Layer, index: np.ndarray, centres, codebook: Emitted) -> WeightRecord:
+        """Weight ← Gather(shared codebook, indices) through codebook.emit_lookup, bias corrected first."""
         site = layer.site
         before = tensor_nbytes(graph.initializers[site.name])
         w_hat = centres[index]
-        why_not = ""
+        why_not = "no statistics" if layer.stats is None else ""
         if self.config.bias_correct and layer.stats is not None:
             shift = output_shift(site, layer.stats, w_hat - layer.w)
             why_not = correct_bias(graph, graph.consumers[site.name][0][0], site, shift, np.float32)
-        bits = 4 if len(centres) <= 16 else 8
-        stored = int_tensor(graph.unique(f"{site.name}/onnxtq.index"), index, bits, signed=False)
-        graph.set_initializer(stored)
-        wide = graph.unique(f"{site.name}/onnxtq.index32")
-        out = graph.unique(f"{site.name}/onnxtq.lookup")
-        cast = tag(
-            onnx.helper.make_node(
-                "Cast", [stored.name], [wide], graph.unique(f"{site.node}/onnxtq.cast"), to=onnx.TensorProto.INT32
-            ),
-            self.name,
-            "index",
+        after = emit_lookup(
+            graph, site, site.to_matrix(index) if site.transposed else index, codebook, None, None, self.name
         )
-        gather = tag(
-            onnx.helper.make_node("Gather", [codebook, wide], [out], graph.unique(f"{site.node}/onnxtq.lookup")),
-            self.name,
-            "lookup",
-        )
-        original = graph.initializers[site.name]
-        for consumer, slot in graph.consumers[site.name]:
-            consumer.input[slot] = out
-        graph.graph.initializer.remove(original)
-        graph.graph.node.insert(0, gather)
-        graph.graph.node.insert(0, cast)
-        graph.refresh()
-        after = tensor_nbytes(stored)
         record = WeightRecord.of(site, "quantized", bytes_before=before, bytes_after=after, bits=8 * after / index.size)
-        record.bias_corrected = self.config.bias_correct and layer.stats is not None and not why_not
-        record.reason = f"bias not corrected: {why_not}" if why_not else ""
+        record.bias_corrected = self.config.bias_correct and not why_not
+        record.reason = f"bias not corrected: {why_not}" if self.config.bias_correct and why_not else ""
         record.weight_sqnr_db = db((layer.w**2).sum(), ((layer.w - w_hat) ** 2).sum())
         record.nominal_bits = entropy_bits(index) / index.size
-        record.detail = f"entropy {record.nominal_bits:.2f} b/w, UINT{bits} index into the shared codebook"
+        record.detail = (
+            f"entropy {record.nominal_bits:.2f} b/w, UINT{index_bits(codebook.size)} index into the shared codebook"
+        )
         if layer.stats is not None:
             m, e = site.to_matrix(layer.w), site.to_matrix(layer.w - w_hat)
             record.output_sqnr_db = db(layer.stats.quadratic(m), layer.stats.quadratic(e))

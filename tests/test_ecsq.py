@@ -15,7 +15,7 @@ from onnxtq.pipeline import parse
 from onnxtq.quantize import Blocking
 from onnxtq.reconstruct import damped, feedback_sensitivity
 
-INTEGER_TYPES = (onnx.TensorProto.INT4, onnx.TensorProto.INT8, onnx.TensorProto.UINT4, onnx.TensorProto.UINT8)
+INTEGER_TYPES = tuple(getattr(onnx.TensorProto, f"{s}INT{b}") for s in ("", "U") for b in (2, 4, 8, 16))
 
 
 def _accuracy(path):
