@@ -32,7 +32,6 @@ import lzma
 import math
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import constriction
@@ -42,7 +41,7 @@ from onnx import external_data_helper, helper, numpy_helper
 
 from onnxtq.entropy import histogram_bits
 from onnxtq.errors import ModelError, UsageError, VerificationError
-from onnxtq.model_io import MAX_TENSOR_ELEMENTS, tensor_nbytes
+from onnxtq.model_io import MAX_TENSOR_ELEMENTS, tensor_nbytes, write_atomic
 
 MAGIC = b"ONNXTQC\x01"  # last byte: format version
 CODERS = ("rans", "huffman")
@@ -559,27 +558,6 @@ def _read(path: str | os.PathLike, what: str) -> bytes:
     if path.stat().st_size > MAX_MODEL_BYTES:
         raise ModelError(f"{what} '{path}' is larger than 2 GB")
     return path.read_bytes()
-
-
-def write_atomic(data: bytes, path: str | os.PathLike, refuse: str | os.PathLike) -> None:
-    """Write via a temporary file and rename, never over `refuse` (the input)."""
-    path, refuse = Path(path), Path(refuse)
-    if path.resolve() == refuse.resolve() or (path.exists() and os.path.samefile(path, refuse)):
-        raise UsageError(
-            f"output '{path}' is the input file", "choose another output path; onnxtq never overwrites its input"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def pack_file(

@@ -116,14 +116,23 @@ def save_atomic(model: onnx.ModelProto, path: str | os.PathLike, *, refuse: Path
 
     `refuse` is the input model's path: writing over it is never allowed.
     """
-    path = Path(path)
-    if refuse is not None and path.resolve() == Path(refuse).resolve():
-        raise ModelError(
-            f"output '{path}' is the input model", "choose another output path; onnxtq never overwrites its input"
-        )
     data = model.SerializeToString() if model.ByteSize() < _TWO_GB else None
     if data is None:
         raise ModelError("the compressed model exceeds 2 GB", "external-data output is not supported yet")
+    write_atomic(data, path, refuse=refuse)
+    return len(data)
+
+
+def write_atomic(data: bytes, path: str | os.PathLike, *, refuse: str | os.PathLike | None = None) -> None:
+    """Write bytes via a temporary file in the same folder and rename, so a reader never sees half a
+    file; never over `refuse` (the input the output was made from)."""
+    path = Path(path)
+    if refuse is not None and (
+        path.resolve() == Path(refuse).resolve() or (path.exists() and os.path.samefile(path, refuse))
+    ):
+        raise ModelError(
+            f"output '{path}' is the input model", "choose another output path; onnxtq never overwrites its input"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -134,7 +143,6 @@ def save_atomic(model: onnx.ModelProto, path: str | os.PathLike, *, refuse: Path
     except BaseException:
         os.unlink(tmp)
         raise
-    return len(data)
 
 
 def _umask() -> int:

@@ -19,13 +19,13 @@ import html
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
 from onnxtq.errors import DataError, UsageError
+from onnxtq.model_io import write_atomic
 from onnxtq.report import RunReport
 
 FINAL = ("quantized", "refined")  # record states that describe what the file stores
@@ -480,21 +480,5 @@ def write(
     if len({p.resolve() for p in targets}) < len(targets):
         raise UsageError("two outputs name the same file", "give --json and -o different paths")
     for path, payload in targets.items():
-        write_atomic(path, payload)
+        write_atomic(payload, path)
     return data
-
-
-def write_atomic(path: Path, payload: bytes) -> None:
-    """Write via a temporary file in the same folder and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
