@@ -59,6 +59,9 @@ CONFIGS = {  # what follows `fold-bn,calibrate,` in the pipeline
     "e2-uni": "ecsq{rate=2,method=uniform}",  # Choi et al.: one step for the network
     "e2-km": "ecsq{rate=2,method=kmeans}",  # one codebook for the network, plain k-means
     "e2-hkm": "ecsq{rate=2,method=hkmeans}",  # ... Hessian-weighted k-means
+    "e4-uni": "ecsq{rate=4,method=uniform}",
+    "e4-km": "ecsq{rate=4,method=kmeans}",
+    "e4-hkm": "ecsq{rate=4,method=hkmeans}",
 }
 IMAGENET = ["mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 MODELS = IMAGENET + ["ppocrv4_det", "ppocrv4_rec", "minilm_l6"]
@@ -74,7 +77,8 @@ def sh(cmd, log):
 
 
 def evaluate(a, model, path):
-    """The zoo eval for one model; path is the model to score (FP32 or compressed)."""
+    """The zoo eval for one model; path is the model to score (FP32 or compressed). A caller's `a.eval_extra`
+    ({eval script name: [args]}) adds arguments to that eval."""
     z, py = a.zoo, os.path.join(a.zoo, ".venv", "bin", "python")
     if model.startswith("ppocr"):
         det = path if model == "ppocrv4_det" else os.path.join(z, "ppocrv4_det.onnx")
@@ -94,6 +98,7 @@ def evaluate(a, model, path):
         cmd += ["--data", os.path.join(z, "data"), "--tokenizer", os.path.join(z, "minilm_l6_tokenizer")]
     else:
         cmd = [py, os.path.join(a.zoo_tools, "eval_imagenet.py"), path, "--ref", os.path.join(z, model + ".onnx")]
+    cmd += getattr(a, "eval_extra", {}).get(os.path.basename(cmd[1]), [])  # e.g. fewer crops (peers.py --quick)
     r = sh(cmd, path[:-5] + ".eval.log")
     return json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"error": f"eval rc={r.returncode}"}
 
