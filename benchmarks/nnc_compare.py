@@ -130,38 +130,50 @@ def evaluate(a, model: str, path: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run(a) -> None:
+def code_floats(nnc_python: str, model, stem: str, qp: int) -> dict:
+    """NNC-code the float initializers of `model` (a ModelProto) at `qp` in the nncodec venv and write the FP32 graph
+    with the decoded weights to STEM.onnx. Returns the worker's sizes and times with `graph_bytes` (the LZMA graph
+    without its float data: what NNC's bitstream needs beside it); raises RuntimeError if nncodec fails."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
+    # NNC cannot code 0-d tensors (its coder indexes shape[0]): scalars stay as they are
+    floats = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == 1 and t.dims}
+    np.savez(stem + "_src.npz", **floats)
+    cmd = [nnc_python, os.path.abspath(__file__), "--worker", stem + "_src.npz", stem + ".npz", stem + ".nnc", str(qp)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"nncodec failed:\n{r.stderr[-2000:]}")
+    row = {**json.loads(r.stdout.strip().splitlines()[-1]), "graph_bytes": graph_bytes(model)}
+    decoded = np.load(stem + ".npz")
+    rebuilt = onnx.ModelProto()
+    rebuilt.CopyFrom(model)
+    for t in rebuilt.graph.initializer:
+        if t.name in floats:
+            t.CopyFrom(numpy_helper.from_array(decoded[t.name], t.name))
+    onnx.save(rebuilt, stem + ".onnx")
+    row["rel_weight_mse"] = float(
+        np.mean([np.mean((decoded[k] - v) ** 2) / np.mean(v**2) for k, v in floats.items() if v.ndim > 1])
+    )
+    return row
+
+
+def run(a) -> None:
+    import onnx
+
     os.makedirs(a.out, exist_ok=True)
     for model in a.models:
         fp32 = onnx.load(os.path.join(a.zoo, model + ".onnx"))
-        floats = {t.name: numpy_helper.to_array(t) for t in fp32.graph.initializer if t.data_type == 1}
-        src = os.path.join(a.out, f"{model}_fp32.npz")
-        np.savez(src, **floats)
-        graph = graph_bytes(fp32)
         for qp in a.qps:
             stem = os.path.join(a.out, f"{model}_nnc_qp{-qp}")
-            cmd = [a.nnc_python, os.path.abspath(__file__), "--worker", src, stem + ".npz", stem + ".nnc", str(qp)]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode:
-                print(f"{model} qp {qp}: nncodec failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+            try:
+                row = {"model": model, "qp": qp, **code_floats(a.nnc_python, fp32, stem, qp)}
+            except RuntimeError as e:
+                print(f"{model} qp {qp}: {e}", file=sys.stderr)
                 continue
-            row = {"model": model, "qp": qp, **json.loads(r.stdout.strip().splitlines()[-1]), "graph_bytes": graph}
-            decoded = np.load(stem + ".npz")
-            rebuilt = onnx.ModelProto()
-            rebuilt.CopyFrom(fp32)
-            for t in rebuilt.graph.initializer:
-                if t.name in floats:
-                    t.CopyFrom(numpy_helper.from_array(decoded[t.name], t.name))
-            onnx.save(rebuilt, stem + ".onnx")
             ev = evaluate(a, model, stem + ".onnx")
             row.update({k: ev.get(k) for k in ("top1_agreement", "top1_agreement_confident", "mean_kl", "error")})
-            row["rel_weight_mse"] = float(
-                np.mean([np.mean((decoded[k] - v) ** 2) / np.mean(v**2) for k, v in floats.items() if v.ndim > 1])
-            )
             print(json.dumps(row), flush=True)
             if a.jsonl:
                 with open(a.jsonl, "a") as f:
