@@ -12,18 +12,9 @@ import json
 import os
 import re
 
+from run_zoo import metric  # the zoo metric as run_zoo's tables print it
+
 from onnxtq import container
-
-METRICS = ("top1_agreement", "f1", "cer", "recall_at_1", "retrieval_agreement")
-
-
-def metric(row) -> str:
-    e = row.get("eval") or {}
-    for key in METRICS:
-        if key in e:
-            v = e[key]
-            return f"{key} {100 * v:.1f}%" if key in ("top1_agreement", "cer", "retrieval_agreement") else f"{key} {v:.3f}"
-    return ""
 
 
 def pass_entropy(report_path: str) -> str:
