@@ -61,6 +61,7 @@ QUICK = dict(
     sqnr=16,
     runs=10,
 )
+SQNR_CAP = {"ppocrv4_det": 8}  # its SQNR inputs are 1x3x736x992 calibration inputs (no held-out file)
 ORT_CALIB_CAP = {"ppocrv4_det": 12}  # 1x3x736x992 inputs: MinMax holds all their intermediate tensors
 FULL = dict(eval_extra={}, calib=None, ort_calib=128, sqnr=64, runs=30)
 
@@ -92,9 +93,11 @@ def feeds(a, model, n):
     found = glob.glob(os.path.join(a.calib, model + "_holdout*.npz"))
     src, on = (found[0], "holdout") if found else (glob.glob(os.path.join(a.calib, model + "_calib*.npz"))[0], "calib")
     data = np.load(src)
-    total = data[data.files[0]].shape[0]
-    idx = range(total - min(n, total), total) if on == "calib" else range(min(n, total))
-    return [{k: data[k][i : i + 1] for k in data.files} for i in idx], f"{on} x{len(idx)}"
+    arrays = {k: data[k] for k in data.files}  # each data[k] reads the whole array again: once only
+    total = arrays[data.files[0]].shape[0]
+    n = min(n, SQNR_CAP.get(model, n), total)
+    idx = range(total - n, total) if on == "calib" else range(n)
+    return [{k: v[i : i + 1].copy() for k, v in arrays.items()} for i in idx], f"{on} x{len(idx)}"
 
 
 def session(path, threads=2):
@@ -120,14 +123,15 @@ class NpzReader:
     """onnxruntime CalibrationDataReader over the first n samples of a calibration .npz, one at a time."""
 
     def __init__(self, path, n):
-        self.data, self.i = np.load(path), 0
-        self.n = min(n, self.data[self.data.files[0]].shape[0])
+        data, self.i = np.load(path), 0
+        self.n = min(n, data[data.files[0]].shape[0])
+        self.data = {k: data[k][: self.n].copy() for k in data.files}
 
     def get_next(self):
         if self.i >= self.n:
             return None
         self.i += 1
-        return {k: self.data[k][self.i - 1 : self.i] for k in self.data.files}
+        return {k: v[self.i - 1 : self.i] for k, v in self.data.items()}
 
     def rewind(self):
         self.i = 0
@@ -370,7 +374,7 @@ def fmt_metric(name, v):
 def table(rows):
     """Markdown: per model, rows sorted by transport bytes."""
     out = []
-    for model in dict.fromkeys(r["model"] for r in rows):
+    for model in ordered(rows):
         rs = [r for r in rows if r["model"] == model]
         fp = next((r for r in rs if r["method"] == "fp32"), {})
         name = next((r["metric_name"] for r in rs if r.get("metric_name")), "metric")
@@ -424,22 +428,44 @@ COMPACT = [  # (column, method): the scoreboard's columns
     ("onnxtq tq 4 b/w", "onnxtq tq4"),
     ("onnxtq tq 3 b/w", "onnxtq tq3"),
     ("onnxtq ecsq 3 b/w", "onnxtq e3"),
+    ("onnxtq ecsq 4 b/w", "onnxtq e4"),
+    ("onnxtq crq 2-bit", "onnxtq w2-crq"),
 ]
 
 
+DISPLAY = {
+    "mobilenet_v2": "MobileNetV2",
+    "efficientnet_lite0": "EfficientNet-Lite0",
+    "ppocrv4_det": "PP-OCRv4 det",
+    "ppocrv4_rec": "PP-OCRv4 rec",
+    "minilm_l6": "MiniLM-L6",
+}
+
+
+def ordered(rows):
+    """The models of ROWS in MODELS order (others last)."""
+    found = dict.fromkeys(r["model"] for r in rows)
+    return sorted(found, key=lambda m: MODELS.index(m) if m in MODELS else len(MODELS))
+
+
 def compact(rows):
-    """Markdown: one line per model, one column per method: transport MB and the task metric."""
+    """Markdown: one line per method (COMPACT), one column per model: transport MB and the task metric."""
     by = {(r["model"], r["method"]): r for r in rows if r.get("transport") and "error" not in r}
-    cols = [(c, m) for c, m in COMPACT if any(k[1] == m for k in by)]
-    out = ["| model (metric) | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for model in dict.fromkeys(r["model"] for r in rows):
-        name = next((r["metric_name"] for r in rows if r["model"] == model and r.get("metric_name")), "")
+    models = ordered(rows)
+    names = {m: next((r["metric_name"] for r in rows if r["model"] == m and r.get("metric_name")), "") for m in models}
+    out = [
+        "| method | " + " | ".join(f"{DISPLAY.get(m, m)} ({names[m]})" for m in models) + " |",
+        "|---" * (len(models) + 1) + "|",
+    ]
+    for label, method in COMPACT:
+        if not any(k[1] == method for k in by):
+            continue
         cells = []
-        for _, m in cols:
-            r = by.get((model, m))
+        for m in models:
+            r = by.get((m, method))
             ok = r and r.get("metric") is not None
-            cells.append(f"{r['transport'] / 1e6:.2f} MB, {fmt_metric(name, r['metric'])}" if ok else "–")
-        out.append(f"| {model} ({name}) | " + " | ".join(cells) + " |")
+            cells.append(f"{r['transport'] / 1e6:.2f} MB, {fmt_metric(names[m], r['metric'])}" if ok else "–")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -448,12 +474,19 @@ def plot(rows, png):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    models = ordered(rows)
     cols = min(3, len(models))
     fig, axes = plt.subplots(-(-len(models) // cols), cols, figsize=(4.2 * cols, 3.4 * -(-len(models) // cols)))
     axes = np.atleast_1d(axes).ravel()
-    style = {"onnxtq": ("o", "C0"), "ort": ("s", "C1"), "nnc": ("^", "C2"), "fp16": ("D", "C3"), "fp32": ("*", "k")}
+    style = {
+        "onnxtq": ("o", "C0"),
+        "ort": ("s", "C1"),
+        "nnc": ("^", "C2"),
+        "fp16": ("D", "C3"),
+        "fp32": ("*", "k"),
+    }  # fp32: zstd of the file
     for ax, model in zip(axes, models):
         rs = [r for r in rows if r["model"] == model and r.get("metric") is not None]
         for fam, (marker, color) in style.items():
@@ -461,16 +494,23 @@ def plot(rows, png):
             if not pts:
                 continue
             x, y, names = zip(*pts)
-            ax.plot(x, y, marker=marker, color=color, ls="-" if fam == "onnxtq" else "", label=fam, ms=5)
+            ax.plot(x, y, marker=marker, color=color, ls="", label=fam, ms=5)
+            if fam == "onnxtq":  # its frontier: each point better than every smaller one
+                sign = -1 if rs[0]["metric_name"] == "rec CER" else 1
+                front = [p for i, p in enumerate(pts) if all(sign * p[1] > sign * q[1] for q in pts[:i])]
+                ax.plot([p[0] for p in front], [p[1] for p in front], color=color, lw=1)
             for xi, yi, n in zip(x, y, names):
                 ax.annotate(n.replace("onnxtq ", ""), (xi, yi), fontsize=6, xytext=(2, 2), textcoords="offset points")
         name = next((r["metric_name"] for r in rs), "metric")
         ax.set_xscale("log")
-        ax.set_title(model, fontsize=9)
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
+        ax.set_title(DISPLAY.get(model, model), fontsize=9)
         ax.set_xlabel("transport MB (log)", fontsize=8)
         ax.set_ylabel(name + (" (lower is better)" if name == "rec CER" else ""), fontsize=8)
         if name == "rec CER":
             ax.set_yscale("symlog", linthresh=0.01)
+            ax.set_ylim(0, 1.1)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     for ax in axes[len(models) :]:
