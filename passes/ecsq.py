@@ -172,12 +172,12 @@ class EcsqPass(Pass):
             return {}
         probe = Probe(ctx.graph.model, ctx.data, self.config.gain_samples)
 
-        def layer_error(site, delta):
+        def output_error(site, delta):  # E‖ΔW x‖² of a random weight error, the gains' denominator
             stats = ctx.stats.get(site)
             m = site.to_matrix(delta)
             return stats.quadratic(m) if stats is not None else float((m**2).sum())
 
-        return probe.gains(ctx.graph.model, sites, layer_error)
+        return probe.gains(ctx.graph.model, sites, output_error)
 
     def _layer(self, ctx: Context, site: WeightSite, gain: float) -> Layer:
         cfg = self.config
