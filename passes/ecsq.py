@@ -33,7 +33,7 @@ from onnxtq.bias import bias_note, correct_bias, output_shift
 from onnxtq.codebook import Emitted, emit_lookup, index_bits
 from onnxtq.emit import db, replace_weight
 from onnxtq.entropy import RateGrid, code_lengths, entropy_bits, weighted_kmeans_1d
-from onnxtq.gains import Probe
+from onnxtq.gains import Probe, layer_output_error
 from onnxtq.graph import Graph
 from onnxtq.model_io import tensor_nbytes
 from onnxtq.pass_infra import Context, Pass, PassConfig
@@ -119,15 +119,8 @@ def column_blocking(site: WeightSite) -> Blocking:
 
 
 def layer_error(layer: Layer, error_columns: np.ndarray) -> float:
-    """E‖ΔW x‖² for a weight error given by step groups (BLAS products; plain ‖ΔW‖² without statistics)."""
-    m = layer.site.to_matrix(layer.blocking.from_groups(error_columns))
-    stats = layer.stats
-    if stats is None:
-        return float((m**2).sum())
-    if stats.mode != "full":
-        return stats.quadratic(m)
-    rows = m.reshape(stats.groups, -1, stats.dim)
-    return float(((rows @ stats.moment) * rows).sum())
+    """E‖ΔW x‖² for a weight error given by step groups."""
+    return layer_output_error(layer.site, layer.stats, layer.blocking.from_groups(error_columns))
 
 
 def steps_pay(column_cost: np.ndarray, weights: int, step_bits: int) -> bool:
@@ -171,13 +164,7 @@ class EcsqPass(Pass):
         if not self.config.gains or self.config.method in ("kmeans", "uniform"):
             return {}
         probe = Probe(ctx.graph.model, ctx.data, self.config.gain_samples)
-
-        def output_error(site, delta):  # E‖ΔW x‖² of a random weight error, the gains' denominator
-            stats = ctx.stats.get(site)
-            m = site.to_matrix(delta)
-            return stats.quadratic(m) if stats is not None else float((m**2).sum())
-
-        return probe.gains(ctx.graph.model, sites, output_error)
+        return probe.gains(ctx.graph.model, sites, lambda s, e: layer_output_error(s, ctx.stats.get(s), e))
 
     def _layer(self, ctx: Context, site: WeightSite, gain: float) -> Layer:
         cfg = self.config

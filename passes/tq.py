@@ -36,7 +36,7 @@ from onnxtq import transforms
 from onnxtq.bias import bias_note, correct_bias, output_shift
 from onnxtq.calibration import collect_drift, importance
 from onnxtq.emit import Piece, db, emit_pieces, emit_transformed
-from onnxtq.gains import Probe
+from onnxtq.gains import Probe, layer_output_error
 from onnxtq.graph import Graph, copy_model
 from onnxtq.model_io import tensor_nbytes
 from onnxtq.packing import container_bits
@@ -132,7 +132,7 @@ class TqPass(Pass):
         layers = [self._layer(ctx, s) for s in tqdm(sites, desc="tq transforms", disable=None, leave=False)]
         probe = Probe(ctx.graph.model, ctx.data, cfg.gain_samples) if cfg.gains else None
         if probe is not None:
-            gains = probe.gains(ctx.graph.model, sites, lambda s, e: _layer_error(s, ctx.stats.get(s), e))
+            gains = probe.gains(ctx.graph.model, sites, lambda s, e: layer_output_error(s, ctx.stats.get(s), e))
             for layer in layers:
                 layer.gain = gains[layer.site.name]
         options = {}
@@ -335,7 +335,7 @@ class TqPass(Pass):
             kk = coding.coeffs.shape[2]
             h = coding.hessian[j0 * kk : j1 * kk, j0 * kk : j1 * kk]
             return float(((delta @ h) * delta).sum())
-        return _layer_error(layer.site, layer.stats, layer.site.from_matrix(delta))
+        return layer_output_error(layer.site, layer.stats, layer.site.from_matrix(delta))
 
     def _emit(self, ctx: Context, layer: Layer, coding: Coding, depths: list[int], drift=None):
         """Quantize, bias-correct and emit one layer as allocated: (record, output distortion, nominal bits).
@@ -398,7 +398,7 @@ class TqPass(Pass):
             after = emit_transformed(ctx.graph, site, pieces, basis_piece, factored, self.name)
             runtime = ", factored" if factored else ", folded"
         size = int(np.prod(site.shape))
-        dist = _layer_error(site, stats, delta)
+        dist = layer_output_error(site, stats, delta)
         nominal = sum((b - a) * kk * np.broadcast_to(d, (n,)).sum() for a, b, d in kept) + (
             0 if basis_piece is None else basis_piece.q.size * cfg.basis_bits
         )
@@ -408,7 +408,7 @@ class TqPass(Pass):
         record.reason = f"bias not corrected: {why_not}" if why_not else ""
         record.weight_sqnr_db = db((layer.w**2).sum(), ((w_hat - layer.w) ** 2).sum())
         if stats is not None:
-            record.output_sqnr_db = db(_layer_error(site, stats, original), dist)
+            record.output_sqnr_db = db(layer_output_error(site, stats, original), dist)
         record.bound_bits = _bound_bits(site, layer, dist)
         kind = coding.transform.kind if coding.transform else "identity"
         if coding.per_row:
@@ -492,14 +492,6 @@ def _live_bytes(model: onnx.ModelProto) -> int:
     graph = Graph(copy_model(model))
     graph.remove_dead()
     return len(graph.model.SerializeToString())
-
-
-def _layer_error(site: WeightSite, stats, delta: np.ndarray) -> float:
-    """E‖ΔW x‖² by calibration, or ‖ΔW‖² for a weight without statistics (embeddings)."""
-    m = site.to_matrix(delta)
-    if stats is None or m.shape[1] != stats.dim:
-        return float((np.asarray(m, np.float64) ** 2).sum())
-    return stats.quadratic(m)
 
 
 def _bound_bits(site: WeightSite, layer: Layer, distortion: float) -> float | None:
