@@ -22,7 +22,7 @@ the rate target shifted by what feedback changed; `uniform`'s step and the codeb
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from onnx import numpy_helper
@@ -90,11 +90,10 @@ class Layer:
     blocking: Blocking  # the steps' layout
     steps: str  # column (one step per input column) | tensor (one step)
     step_dtype: type
+    columns: np.ndarray = field(init=False)  # [G, S] the weights by step group: read by every rate and curve point
 
-    @property
-    def columns(self) -> np.ndarray:
-        """[G, S] the weights by step group."""
-        return self.blocking.to_groups(self.w)
+    def __post_init__(self):
+        self.columns = self.blocking.to_groups(self.w)
 
     @property
     def cost(self) -> np.ndarray:
@@ -202,7 +201,7 @@ class EcsqPass(Pass):
     def _plain_rate(self, layers, delta: float, weights: int) -> float:
         bits = 0.0
         for layer in layers:
-            q = np.clip(np.round(layer.columns / self._steps(layer, delta)[:, None]), -MAX_CODE, MAX_CODE)
+            q = _rounded(layer.columns, self._steps(layer, delta))
             bits += entropy_bits(q) + self._side_bits(layer)
         return bits / weights
 
@@ -247,10 +246,10 @@ class EcsqPass(Pass):
         deltas = float(np.sqrt((scaled**2).mean()) or 1.0) * STEP_OCTAVES
         bits, distortion = [], []
         for delta in deltas:
-            steps = self._steps(layer, delta)[:, None]
-            q = np.clip(np.round(layer.columns / steps), -MAX_CODE, MAX_CODE)
+            steps = self._steps(layer, delta)
+            q = _rounded(layer.columns, steps)
             bits.append(entropy_bits(q) + self._side_bits(layer))
-            distortion.append(layer.gain * layer_error(layer, q * steps - layer.columns))
+            distortion.append(layer.gain * layer_error(layer, q * steps[:, None] - layer.columns))
         return Band(np.arange(len(deltas)), np.array(bits), np.array(distortion)), deltas
 
     def _deltas(self, layers, curves, max_bits: float) -> list[float]:
@@ -268,7 +267,7 @@ class EcsqPass(Pass):
         """[G, S] codes at global step `delta`: rate-aware rounding, with error feedback where H allows."""
         cfg = self.config
         steps = self._steps(layer, delta)
-        plain = np.clip(np.round(layer.columns / steps[:, None]), -MAX_CODE, MAX_CODE)
+        plain = _rounded(layer.columns, steps)
         if cfg.method != "scaled":
             return plain
         lengths = code_lengths(plain, -MAX_CODE, MAX_CODE)
@@ -341,6 +340,11 @@ class EcsqPass(Pass):
             m, e = site.to_matrix(layer.w), site.to_matrix(layer.w - w_hat)
             record.output_sqnr_db = db(layer.stats.quadratic(m), layer.stats.quadratic(e))
         return record
+
+
+def _rounded(columns: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Codes by plain rounding at one step per group [G], clipped to the container."""
+    return np.clip(np.round(columns / steps[:, None]), -MAX_CODE, MAX_CODE)
 
 
 def _bisect(rate_of, target: float, finest: float, iterations: int = 40) -> float:
