@@ -75,9 +75,6 @@ def emit_dequantize(graph: Graph, site: WeightSite, blocking: Blocking, code: Gr
     original = graph.initializers[site.name]
     scale = _scale_values(blocking.scales_to_shape(code.scale), original.data_type)
     zp = None if code.zero_point is None else blocking.scales_to_shape(code.zero_point)
-    attrs = {"axis": blocking.block_axis, "block_size": blocking.block} if blocking.block else {"axis": blocking.axis}
-    if blocking.axis is None:
-        attrs = {}
     node, stored = _dequantize_node(
         graph,
         site.name,
@@ -86,7 +83,7 @@ def emit_dequantize(graph: Graph, site: WeightSite, blocking: Blocking, code: Gr
         scale,
         zp,
         code.bits,
-        attrs,
+        blocking.dequantize_attrs,
         original.data_type,
         pass_name,
     )

@@ -45,6 +45,13 @@ class Blocking:
         s[self.block_axis] = -(-s[self.block_axis] // self.block)
         return tuple(s)
 
+    @property
+    def dequantize_attrs(self) -> dict:
+        """DequantizeLinear's attributes for this layout (none for a scalar step)."""
+        if self.axis is None:
+            return {}
+        return {"axis": self.block_axis, "block_size": self.block} if self.block else {"axis": self.axis}
+
     def to_groups(self, a: np.ndarray) -> np.ndarray:
         """[G, S] view: one row per scale."""
         if self.axis is None:
