@@ -47,7 +47,7 @@ from onnxtq.model_io import tensor_nbytes
 from onnxtq.packing import container_bits, min_opset
 from onnxtq.pass_infra import Context, Pass, PassConfig
 from onnxtq.quantize import quantize_groups
-from onnxtq.reconstruct import damped
+from onnxtq.reconstruct import DAMP, damped
 from onnxtq.report import PassReport, WeightRecord
 from onnxtq.weights import WeightSite, discover
 
@@ -399,7 +399,7 @@ def _feedback_group(w: np.ndarray, h: np.ndarray, scales: np.ndarray, values: np
     blocks = np.einsum("cici->c", h.reshape(c, kk, c, kk)) if c else np.zeros(0)
     order = np.argsort(-blocks, kind="stable")
     cols = (order[:, None] * kk + np.arange(kk)[None]).reshape(-1)
-    hp = damped(h[np.ix_(cols, cols)][None], 0.01)[0]
+    hp = damped(h[np.ix_(cols, cols)][None], DAMP)[0]
     u = np.linalg.cholesky(np.linalg.inv(hp)).T
     wp = w[:, order].reshape(r, -1).copy()
     out = np.empty((r, c), np.int64)
