@@ -59,6 +59,11 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     img.add_argument("--bgr", action="store_true", help="feed channels in BGR order")
 
 
+def _command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A sub-command whose help ends with the exit codes (those that read or write models)."""
+    return sub.add_parser(name, help=help, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnxtq",
@@ -70,12 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser(
-        "compress",
-        help="compress a model into a smaller ONNX file",
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    c = _command(sub, "compress", "compress a model into a smaller ONNX file")
     c.add_argument("model")
     c.add_argument("-o", "--output", help="default: ./<model name>.compressed.onnx")
     c.add_argument(
@@ -94,11 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
 
-    sw = sub.add_parser(
-        "sweep",
-        help="run several pipelines on one model, calibrating once, and tabulate size against fidelity",
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    sw = _command(
+        sub, "sweep", "run several pipelines on one model, calibrating once, and tabulate size against fidelity"
     )
     sw.add_argument("model")
     sw.add_argument("-o", "--out-dir", required=True, help="folder for <model>.<n>.onnx, one per pipeline")
@@ -110,11 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--verify-samples", type=int, default=8)
     sw.add_argument("--threads", type=int, default=0)
 
-    rp = sub.add_parser(
+    rp = _command(
+        sub,
         "report",
-        help="an HTML page (plots embedded) of run reports: per-layer bits, bound, SQNR, bytes; rate-fidelity curve",
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "an HTML page (plots embedded) of run reports: per-layer bits, bound, SQNR, bytes; rate-fidelity curve",
     )
     rp.add_argument("reports", nargs="+", metavar="REPORT.json", help="written by compress/sweep --report")
     rp.add_argument("-o", "--output", help="the HTML page (default: ./<first report name>.html)")
@@ -125,23 +121,15 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    v = sub.add_parser(
-        "verify",
-        help="compare a compressed model with its original (SQNR, max error)",
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    v = _command(sub, "verify", "compare a compressed model with its original (SQNR, max error)")
     v.add_argument("original")
     v.add_argument("compressed")
     _add_data_options(v)
     v.add_argument("--samples", type=int, default=32)
     v.add_argument("--min-sqnr", type=float, metavar="DB", help="exit 3 if any output's SQNR is below this")
 
-    pk = sub.add_parser(
-        "pack",
-        help="entropy-code a deployable model's integer weights into a .onnxtq container (transport/storage)",
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    pk = _command(
+        sub, "pack", "entropy-code a deployable model's integer weights into a .onnxtq container (transport/storage)"
     )
     pk.add_argument("model")
     pk.add_argument("-o", "--output", help="default: ./<model name>.onnxtq")
@@ -154,12 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     pk.add_argument("--json", action="store_true", help="print the size report as JSON")
 
-    up = sub.add_parser(
-        "unpack",
-        help="restore the deployable .onnx file, byte for byte, from a .onnxtq container",
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    up = _command(sub, "unpack", "restore the deployable .onnx file, byte for byte, from a .onnxtq container")
     up.add_argument("container")
     up.add_argument("-o", "--output", help="default: ./<container name>.onnx")
 
