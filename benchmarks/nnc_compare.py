@@ -106,8 +106,19 @@ def lossless(a) -> None:
                 f.write(json.dumps(row) + "\n")
 
 
+MIN_CODED = 16  # float tensors with fewer values are graph settings (Resize scales, Clip bounds, scalars), not weights
+
+
+def nnc_codes(t) -> bool:
+    """Whether NNC codes initializer T: float weights. Coding a Resize's scales changes the graph's shapes (PP-OCRv4
+    det failed shape inference that way), and NNC cannot code 0-d tensors (its coder indexes shape[0])."""
+    import math
+
+    return t.data_type == 1 and math.prod(t.dims) >= MIN_CODED
+
+
 def graph_bytes(model) -> int:
-    """LZMA size of the model with its float initializers' data removed (the part NNC does not code)."""
+    """LZMA size of the model with the data of the tensors NNC codes removed (the part NNC does not code)."""
     import lzma
 
     import onnx
@@ -115,7 +126,7 @@ def graph_bytes(model) -> int:
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(model)
     for t in skeleton.graph.initializer:
-        if t.data_type == onnx.TensorProto.FLOAT:
+        if nnc_codes(t):
             t.ClearField("raw_data")
             t.ClearField("float_data")
     return len(lzma.compress(skeleton.SerializeToString(), preset=9 | lzma.PRESET_EXTREME))
@@ -138,8 +149,7 @@ def code_floats(nnc_python: str, model, stem: str, qp: int) -> dict:
     import onnx
     from onnx import numpy_helper
 
-    # NNC cannot code 0-d tensors (its coder indexes shape[0]): scalars stay as they are
-    floats = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == 1 and t.dims}
+    floats = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if nnc_codes(t)}
     np.savez(stem + "_src.npz", **floats)
     cmd = [nnc_python, os.path.abspath(__file__), "--worker", stem + "_src.npz", stem + ".npz", stem + ".nnc", str(qp)]
     r = subprocess.run(cmd, capture_output=True, text=True)

@@ -50,7 +50,7 @@ import run_zoo  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ["mobilenet_v2", "efficientnet_lite0", "ppocrv4_det", "ppocrv4_rec", "minilm_l6"]
 PEERS = ["fp32", "fp16", "ort-qdq8", "ort-mnb4-rtn", "ort-mnb4-hqq", "nnc-qp28", "nnc-qp34"]
-ONNXTQ = ["w8", "w4", "tq4", "tq3", "tq2", "w2-crq", "kq8-w8", "e3"]
+ONNXTQ = ["w8", "w4", "tq4", "tq3", "tq2", "e4", "e3", "w2-crq", "kq8-w8"]
 QUICK = dict(
     models=["mobilenet_v2", "ppocrv4_rec"],
     methods=["fp32", "fp16", "ort-qdq8", "ort-mnb4-rtn", "nnc-qp34"],
