@@ -469,7 +469,9 @@ def compact(rows):
     return "\n".join(out) + "\n"
 
 
-def plot(rows, png):
+def plot(rows, png, against="transport"):
+    """One panel per model: task metric against transport MB (log; onnxtq's frontier drawn) or, with
+    against="sqnr", against output SQNR (what fidelity a metric needs, whoever made the file; FP32 left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -489,24 +491,30 @@ def plot(rows, png):
     }  # fp32: zstd of the file
     for ax, model in zip(axes, models):
         rs = [r for r in rows if r["model"] == model and r.get("metric") is not None]
+        if against == "sqnr":
+            rs = [r for r in rs if r.get("sqnr_db") is not None]
         for fam, (marker, color) in style.items():
-            pts = sorted((r["transport"] / 1e6, r["metric"], r["method"]) for r in rs if r["family"] == fam)
+            xs = (lambda r: r["sqnr_db"]) if against == "sqnr" else (lambda r: r["transport"] / 1e6)
+            pts = sorted((xs(r), r["metric"], r["method"]) for r in rs if r["family"] == fam)
             if not pts:
                 continue
             x, y, names = zip(*pts)
             ax.plot(x, y, marker=marker, color=color, ls="", label=fam, ms=5)
-            if fam == "onnxtq":  # its frontier: each point better than every smaller one
+            if fam == "onnxtq" and against == "transport":  # its frontier: each point better than every smaller one
                 sign = -1 if rs[0]["metric_name"] == "rec CER" else 1
                 front = [p for i, p in enumerate(pts) if all(sign * p[1] > sign * q[1] for q in pts[:i])]
                 ax.plot([p[0] for p in front], [p[1] for p in front], color=color, lw=1)
             for xi, yi, n in zip(x, y, names):
                 ax.annotate(n.replace("onnxtq ", ""), (xi, yi), fontsize=6, xytext=(2, 2), textcoords="offset points")
         name = next((r["metric_name"] for r in rs), "metric")
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
+        if against == "sqnr":
+            ax.set_xlabel("output SQNR dB (held-out inputs)", fontsize=8)
+        else:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
+            ax.set_xlabel("transport MB (log)", fontsize=8)
         ax.set_title(DISPLAY.get(model, model), fontsize=9)
-        ax.set_xlabel("transport MB (log)", fontsize=8)
         ax.set_ylabel(name + (" (lower is better)" if name == "rec CER" else ""), fontsize=8)
         if name == "rec CER":
             ax.set_yscale("symlog", linthresh=0.01)
@@ -550,7 +558,7 @@ def main():
         a.configs = QUICK["onnxtq"] if a.quick else ONNXTQ
     suffix = "_quick" if a.quick else ""
     a.md = a.md or os.path.join(REPO, "benchmarks", "results", f"peers{suffix}.md")
-    a.png = a.png or os.path.join(REPO, "benchmarks", "results", f"peers{suffix}.png")
+    a.png = a.png or a.md[:-3] + ".png"
     a.eval_extra, a.ort_calib, a.sqnr, a.runs = mode["eval_extra"], mode["ort_calib"], mode["sqnr"], mode["runs"]
     os.makedirs(a.out, exist_ok=True)
     if a.relatency:
@@ -568,6 +576,7 @@ def main():
         f.write("## Scoreboard: transport size and task metric\n\n" + compact(list(rows.values())))
         f.write("\n## Every row, by transport size\n" + table(list(rows.values())))
     plot(list(rows.values()), a.png)
+    plot(list(rows.values()), a.png[:-4] + "_sqnr.png", against="sqnr")
     with open(a.md[:-3] + ".jsonl", "w") as f:  # the rows of the table, compact
         f.writelines(json.dumps(r) + "\n" for r in rows.values())
 
