@@ -17,7 +17,8 @@ Gauss–Newton stand-in for the paper's diagonal loss Hessian. Methods, all at o
 
 Uniform codes are stored as INT4, INT8 or INT16 (the narrowest that holds their range), steps decoded by
 DequantizeLinear; the entropy-coded size is `onnxtq pack`'s. The rounding is re-run at most ATTEMPTS times,
-the rate target shifted by what feedback changed; `uniform`'s step and the codebook size are bisected.
+the aim re-set by a secant step through the last two tries (the closest kept); `uniform`'s step and the codebook
+size are bisected.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ METHODS = ("scaled", "uniform", "kmeans", "hkmeans")
 #: Largest code magnitude (INT16 container): equal slopes give the most sensitive columns steps far finer than
 #: their range; the entropy coder does not care how wide the container is, only the deployable file does.
 MAX_CODE = 2**15 - 1
-#: Runs of the final rounding at most, each re-aimed by what the previous one missed.
-ATTEMPTS = 3
+#: Runs of the final rounding at most, each re-aimed by what the previous ones missed (the closest is kept).
+ATTEMPTS = 4
 #: Steps each layer may take, relative to the rms of its scaled weights: entropies from ~7 bits to ~0.05.
 STEP_OCTAVES = 2.0 ** (np.arange(-18, 7) / 3)
 #: Entropy miss accepted, in bits per weight.
@@ -208,14 +209,17 @@ class EcsqPass(Pass):
     def _uniform(self, ctx: Context, layers, weights: int, report: PassReport) -> list[WeightRecord]:
         cfg = self.config
         curves = [self._curve(layer) for layer in tqdm(layers, desc="ecsq curves", disable=None, leave=False)]
-        offset, codes = 0.0, None
+        tries = []  # (aim, rate, deltas, codes): the plain-rounding rate aimed at, the rate feedback gave
+        aim = cfg.rate
         for _attempt in range(ATTEMPTS):
-            deltas = self._deltas(layers, curves, (cfg.rate - offset) * weights)
+            deltas = self._deltas(layers, curves, aim * weights)
             codes = [self._codes(*a) for a in tqdm(list(zip(layers, deltas)), desc="ecsq", disable=None, leave=False)]
             rate = (sum(entropy_bits(q) + self._side_bits(layer) for q, layer in zip(codes, layers))) / weights
+            tries.append((aim, rate, deltas, codes))
             if abs(rate - cfg.rate) <= TOLERANCE:
                 break
-            offset += rate - cfg.rate
+            aim = _reaim(tries, cfg.rate)
+        _, rate, deltas, codes = min(tries, key=lambda t: abs(t[1] - cfg.rate))
         code_bits = sum(entropy_bits(q) for q in codes) / weights
         how = "per-layer steps by one Lagrangian" if cfg.method == "scaled" else f"one step {deltas[0]:.4g}"
         report.notes.append(
@@ -345,6 +349,16 @@ class EcsqPass(Pass):
 def _rounded(columns: np.ndarray, steps: np.ndarray) -> np.ndarray:
     """Codes by plain rounding at one step per group [G], clipped to the container."""
     return np.clip(np.round(columns / steps[:, None]), -MAX_CODE, MAX_CODE)
+
+
+def _reaim(tries, target: float) -> float:
+    """The next plain-rounding rate to aim at: a secant step through the last two tries (feedback moves the
+    rate by a roughly constant factor), or a shift by the miss after the first."""
+    aim, rate = tries[-1][:2]
+    slope = 1.0
+    if len(tries) > 1 and tries[-2][0] != aim:
+        slope = (rate - tries[-2][1]) / (aim - tries[-2][0])
+    return max(aim + (target - rate) / (slope if slope > 0.2 else 1.0), 0.01)
 
 
 def _bisect(rate_of, target: float, finest: float, iterations: int = 40) -> float:
