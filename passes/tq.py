@@ -154,8 +154,9 @@ class TqPass(Pass):
             if attempt == SIZE_ATTEMPTS - 1:
                 report.notes.append(f"size target {cfg.size:,d} B missed by {excess:,d} B")
                 break
-            # graph structure (nodes, names, tensor headers) was not in the budget: take it off and redo
-            target["max_bits"] -= 8.0 * excess * 1.1
+            # graph structure (nodes, names, tensor headers) was not in the budget: take it off what the
+            # allocation used (it may have left part of its budget unspent) and redo
+            target["max_bits"] = min(target["max_bits"], chosen.bits) - 8.0 * excess * 1.1
             chosen = allocate(options, **target)
             ctx.graph = Graph(copy_model(pristine))
         report.records.extend(records)
