@@ -1,8 +1,9 @@
 """calibrate: stream calibration inputs through onnxruntime into per-layer statistics.
 
 For every weight site with an activation, records m = E[x] and H = E[x xᵀ] over the
-layer's input patches (see onnxtq.calibration.stats). Later passes read them from
-the context; a pass that changes activations marks them stale.
+layer's input patches (see onnxtq.calibration.stats), H's covariance shrunk toward its
+diagonal where the patches are few for the layer's width (`shrink=false`: the sample H).
+Later passes read them from the context; a pass that changes activations marks them stale.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ class CalibratePass(Pass):
                     WeightRecord.of(site, "skipped", reason="no activation statistics for this kind of layer")
                 )
             else:
-                detail = f"{stats.mode} H, d={stats.dim}, groups={stats.groups}"
+                detail = f"{stats.mode} H, d={stats.dim}, groups={stats.groups}, {stats.count} patches"
+                if stats.shrinkage >= 0.005:
+                    detail += f", covariance shrunk {100 * stats.shrinkage:.0f}% toward its diagonal"
                 report.records.append(WeightRecord.of(site, "observed", reason=detail))
         report.notes.append(f"{ctx.stats.samples} samples from {ctx.stats.description}")
         return report

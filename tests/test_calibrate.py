@@ -32,7 +32,7 @@ def test_memory_bounded_groups_give_identical_statistics():
 
 def test_gemm_statistics_match_the_runtime_activation():
     model, sites, source = _setup()
-    store = collect(model, sites, source, CalibrationConfig(batch=8, samples=20))
+    store = collect(model, sites, source, CalibrationConfig(batch=8, samples=20, shrink=False))
     gemm = next(s for s in sites if s.op == "Gemm")
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
@@ -43,12 +43,17 @@ def test_gemm_statistics_match_the_runtime_activation():
     assert stats.count == 20 and stats.mode == "full"
     np.testing.assert_allclose(stats.moment[0], rows.T.astype(np.float64) @ rows / 20, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(stats.mean[0], rows.mean(0), rtol=1e-5, atol=1e-7)
+    # by default: 20 rows of width 128, so the covariance is shrunk; the mean and each input's energy are kept
+    shrunk = collect(model, sites, source, CalibrationConfig(batch=8, samples=20)).get(gemm)
+    assert 0.05 < shrunk.shrinkage <= 1
+    np.testing.assert_allclose(np.diagonal(shrunk.moment[0]), np.diagonal(stats.moment[0]), rtol=1e-12)
+    np.testing.assert_array_equal(shrunk.mean, stats.mean)
 
 
 def test_drift_statistics_of_an_unchanged_model_are_its_own_statistics():
     """With nothing quantized yet, x̃ = x: E[x̃ x̃ᵀ] and E[x̃ xᵀ] both equal the calibration H."""
     model, sites, source = _setup()
-    config = CalibrationConfig(batch=6, samples=12)
+    config = CalibrationConfig(batch=6, samples=12, shrink=False)  # drift statistics are the sample moments
     store = collect(model, sites, source, config)
     drift = collect_drift(model, model, sites, source, config)
     for site in sites:

@@ -40,6 +40,7 @@ class CalibrationConfig:
     max_positions: int = 2048  # conv output positions sampled per input (0: all)
     seed: int = 0
     threads: int = 0
+    shrink: bool = True  # each H's covariance toward its diagonal by its sampling noise (LayerStats.shrunk)
 
 
 class StatsStore:
@@ -181,6 +182,8 @@ def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, con
                 bar.update(n)
     by_site = {}
     finalized = {key: acc.finalize() for key, (_, acc) in by_key.items()}
+    if config.shrink:
+        finalized = {key: stats.shrunk() for key, stats in finalized.items()}
     for site in targets:
         by_site[site.name] = finalized[_key(site)]
     return StatsStore(by_site, min(limit, source.num_samples), source.description)

@@ -7,6 +7,12 @@ float64 and merged exactly, so statistics over a stream equal those over the who
 
 Where d is large the full d×d matrix is replaced by its block diagonal (blocks of
 `block` columns) or its diagonal: memory then grows as d·block instead of d².
+
+A layer that sees few inputs for its width (a classifier after global pooling: one
+vector per sample) gets a sample H of low rank, and a reconstruction fitted to it hides
+its error in directions the calibration set never excited but new inputs do (EfficientNet-
+Lite0's classifier: 26.6 dB on calibration, 18.0 dB held out). `LayerStats.shrunk` moves
+the covariance toward its diagonal by the estimated sampling noise of its entries.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class LayerStats:
     mode: str  # full | blocked | diag
     moment: np.ndarray  # full [g, d, d]; blocked [g, nb, B, B]; diag [g, d]
     block: int = 0
+    shrinkage: float = 0.0  # mean weight moved from the covariance's off-diagonal (shrunk)
 
     @property
     def groups(self) -> int:
@@ -58,6 +65,35 @@ class LayerStats:
         pad = -self.dim % self.block
         rows = np.pad(rows, ((0, 0), (0, 0), (0, pad))).reshape(self.groups, rows.shape[1], -1, self.block)
         return float(np.einsum("gnbd,gbde,gnbe->", rows, self.moment, rows))
+
+    def shrunk(self) -> LayerStats:
+        """These statistics with each covariance block C = H − m mᵀ shrunk toward its diagonal,
+        C − λ·offdiag(C), where λ is Schäfer & Strimmer's estimate (2005) with Gaussian entry variances,
+        (c_ii c_jj + c_ij²)/n: the share of the off-diagonal that sampling noise explains, clipped to [0, 1].
+        The mean outer product, the diagonal and so every weight's own importance are kept."""
+        if self.mode == "diag" or self.count < 2:
+            return self
+        moment, lams = self.moment.copy(), []
+        for g in range(self.groups):
+            if self.mode == "full":
+                lams.append(_shrink_block(moment[g], self.mean[g], self.count))
+                continue
+            mean = np.pad(self.mean[g], (0, -self.dim % self.block)).reshape(-1, self.block)
+            lams += [_shrink_block(moment[g, b], mean[b], self.count) for b in range(moment.shape[1])]
+        return LayerStats(self.count, self.mean, self.mode, moment, self.block, float(np.mean(lams)))
+
+
+def _shrink_block(h: np.ndarray, mean: np.ndarray, n: int) -> float:
+    """Shrink the covariance of second moment H (in place) toward its diagonal; returns λ."""
+    c = h - np.outer(mean, mean)
+    var = np.diagonal(c).copy()
+    off2 = float((c**2).sum() - (var**2).sum())
+    if off2 <= 0:
+        return 0.0
+    noise = float(var.sum() ** 2 - (var**2).sum()) + off2  # Σ_{i≠j} c_ii c_jj + c_ij²
+    lam = min(noise / (n * off2), 1.0)
+    h -= lam * (c - np.diag(var))  # H − λ·offdiag(C)
+    return lam
 
 
 class MomentAccumulator:
