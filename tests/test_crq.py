@@ -124,3 +124,34 @@ def test_refine_keeps_ternary_codes_ternary(tmp_path):
     model = onnx.load(str(tmp_path / "t.onnx"))
     int2 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT2]
     assert int2 and all(set(np.unique(numpy_helper.to_array(t)).tolist()) <= {-1, 0, 1} for t in int2)
+
+
+def test_sequential_fitting_passes_a_layer_without_statistics(tmp_path, rng):
+    """A ConvTranspose has no input statistics (quantized by rounding); the layers around it are still fitted
+    to the quantized network's inputs (PP-OCRv4 det's upsampling failed the sequential drift run)."""
+    from builders import make_model
+    from onnx import TensorProto, helper
+
+    def weight(*shape):
+        return (rng.standard_normal(shape) * 0.2).astype(np.float32)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ra"], name="relu1"),
+        helper.make_node("ConvTranspose", ["ra", "wt"], ["b"], name="up", strides=[2, 2]),
+        helper.make_node("Relu", ["b"], ["rb"], name="relu2"),
+        helper.make_node("Conv", ["rb", "w2"], ["y"], name="conv2"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64, 12, 12])
+    model = make_model(
+        nodes, [x], [y], {"w1": weight(32, 8, 3, 3), "wt": weight(32, 16, 2, 2), "w2": weight(64, 16, 1, 1)}
+    )
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((24, 8, 6, 6)).astype(np.float32))
+    report = compress(
+        tmp_path / "m.onnx", tmp_path / "q.onnx", "calibrate,crq{bits=4,sequential=true}", calib=tmp_path / "calib.npz"
+    )
+    records = {r.name: r for r in report.passes[-1].changed}
+    assert set(records) == {"w1", "wt", "w2"}
+    assert min(v["sqnr_db"] for v in report.verification["outputs"].values()) > 15

@@ -201,7 +201,11 @@ def collect_drift(
     Per site: the statistics (E[x̃], E[x̃ x̃ᵀ]) of its input x̃ in `current`, and the cross moment
     E[x̃ xᵀ] with its input x in `reference`, over identical patches. A layer fitted to these
     reproduces the reference output from the inputs it will really get (no error accumulation).
+    Sites without statistics (no activation: ConvTranspose, Gather) get none here either.
     """
+    sites = [s for s in sites if s.activation is not None]
+    if not sites:
+        return {}
     inputs = {vi.name for vi in reference.graph.input}
     exposed = sorted({s.activation for s in sites} - inputs)
     runs = [
