@@ -294,7 +294,7 @@ def onnxtq_rows(a, model, src):
         r, out, source = found[cfg]
         row["source"] = source
         if out is None:
-            yield row | dict(error=f"onnxtq sweep rc={r.get('rc')}"), None
+            yield row | dict(error=r.get("error") or f"onnxtq sweep rc={r.get('rc')}"), None
             continue
         row.update(eval=r["eval"], tool_s=r.get("tool_wall_s"), transport_kind="onnxtq pack")
         row["onnxtq_sqnr_db"] = r.get("holdout_sqnr_db") or r.get("sqnr_db")

@@ -223,7 +223,8 @@ def sweep(a, model, src, cfgs, mdir):
     if os.path.exists(base + ".json"):
         os.remove(base + ".json")
     r, wall, rss = timed(a, cmd + ["--pipelines", *(CONFIGS[c] for c in cfgs)], base + ".log", base + ".time")
-    reports = json.load(open(base + ".json")) if r.returncode == 0 else [None] * len(cfgs)
+    # a failed pipeline is a report with its error, and the sweep goes on; no file at all: the sweep failed
+    reports = json.load(open(base + ".json")) if os.path.exists(base + ".json") else [None] * len(cfgs)
     found = {}
     for n, (cfg, rep) in enumerate(zip(cfgs, reports)):
         row = dict(
@@ -234,6 +235,8 @@ def sweep(a, model, src, cfgs, mdir):
             sweep_wall_s=wall,
             tool_max_rss_mb=rss,
         )
+        if rep is not None and rep.get("error"):
+            row["error"], rep = rep["error"], None
         if rep is not None:
             out = os.path.join(mdir, f"{model}_{cfg}.onnx")
             os.replace(os.path.join(tmp, f"{os.path.splitext(os.path.basename(src))[0]}.{n}.onnx"), out)

@@ -188,7 +188,7 @@ def _refuse_page(page: str | None, *inputs) -> None:
 def _sweep(args) -> int:
     _refuse_page(args.report_html, args.model, args.report)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    runs = sweep(
+    every = sweep(
         args.model,
         args.out_dir,
         args.pipelines,
@@ -199,18 +199,22 @@ def _sweep(args) -> int:
         args.threads,
     )
     print(f"{'pipeline':<48} {'bytes':>12} {'ratio':>7} {'SQNR dB':>8} {'seconds':>8}  file")
+    failed = [run for run in every if run.error]
+    for run in failed:
+        print(f"{run.pipeline:<48} failed: {run.error}")
+    runs = [run for run in every if not run.error]
     for run in runs:
         sqnr = min((v["sqnr_db"] for v in run.verification.get("outputs", {}).values()), default=float("nan"))
         seconds = sum(p.seconds for p in run.passes)
         ratio = run.bytes_before / run.bytes_after
         print(f"{run.pipeline:<48} {run.bytes_after:>12,d} {ratio:>6.2f}x {sqnr:>8.1f} {seconds:>8.1f}  {run.output}")
-    if args.report:
-        Path(args.report).write_text("[" + ",\n".join(run.to_json() for run in runs) + "]")
-    if args.report_html:
+    if args.report:  # every pipeline in order, failed ones with their error
+        Path(args.report).write_text("[" + ",\n".join(run.to_json() for run in every) + "]")
+    if args.report_html and runs:
         refuse = [args.model, args.report or args.model, *(run.output for run in runs)]
         report_page.write(runs, args.report_html, refuse=refuse)
         print(f"wrote {args.report_html}")
-    return 0
+    return 1 if failed else 0
 
 
 def _report(args) -> int:

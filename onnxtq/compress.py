@@ -13,7 +13,7 @@ import onnx
 
 from onnxtq import __version__, model_io
 from onnxtq.calibration.data import ImagePreprocessing, open_source
-from onnxtq.errors import VerificationError
+from onnxtq.errors import OnnxtqError, VerificationError
 from onnxtq.graph import Graph, constants_to_initializers, copy_model
 from onnxtq.pass_infra import Context
 from onnxtq.pipeline import parse
@@ -83,7 +83,8 @@ def sweep(
 ) -> list[RunReport]:
     """Several pipelines on one model, the `shared` head (normalisation, calibration) run once.
 
-    Writes OUT_DIR/<model>.<n>.onnx for the n-th pipeline; returns their run reports in order.
+    Writes OUT_DIR/<model>.<n>.onnx for the n-th pipeline; returns their run reports in order. A pipeline
+    that fails gets a report with its `error` (and no file): one failure does not cost the others' results.
     """
     head = parse(shared)
     tails = [parse(p) for p in pipelines]
@@ -95,11 +96,16 @@ def sweep(
         base = Context(Graph(work), data)
         head_reports = [prep_report] + head.run(base)
         for index, tail in enumerate(tails):
-            ctx = Context(Graph(copy_model(base.graph.model)), data, base.stats, base.stats_fresh)
-            reports = head_reports + tail.run(ctx)
-            output = Path(out_dir) / f"{Path(source_path).stem}.{index}.onnx"
             pipeline = f"{head.pipeline},{tail.pipeline}"
-            runs.append(_finish(original, ctx, pipeline, reports, source_path, output, verify_samples, None, threads))
+            output = Path(out_dir) / f"{Path(source_path).stem}.{index}.onnx"
+            try:
+                ctx = Context(Graph(copy_model(base.graph.model)), data, base.stats, base.stats_fresh)
+                reports = head_reports + tail.run(ctx)
+                runs.append(
+                    _finish(original, ctx, pipeline, reports, source_path, output, verify_samples, None, threads)
+                )
+            except OnnxtqError as exc:
+                runs.append(RunReport(pipeline, str(source_path), error=f"{type(exc).__name__}: {exc}"))
         return runs
     finally:
         if data is not None:

@@ -72,6 +72,7 @@ class RunReport:
     session: str = ""
     passes: list[PassReport] = field(default_factory=list)
     verification: dict = field(default_factory=dict)
+    error: str = ""  # why a sweep's pipeline produced no model (the sweep goes on with the next)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, default=str)

@@ -68,6 +68,8 @@ def load(paths: Iterable[str | os.PathLike]) -> list[dict]:
         for run in data if isinstance(data, list) else [data]:
             if not isinstance(run, dict) or not isinstance(run.get("passes"), list) or "pipeline" not in run:
                 raise DataError(f"'{path}' is not an onnxtq run report", "pass a file written by --report")
+            if run.get("error"):  # a sweep's failed pipeline: no model to show
+                continue
             try:
                 summary(run, layers(run))
             except (AttributeError, KeyError, TypeError, ValueError) as exc:

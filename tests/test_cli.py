@@ -114,3 +114,27 @@ def test_sweep_calibrates_once_and_writes_one_model_per_pipeline(tmp_path, capsy
     for i, r in enumerate(runs):
         assert (tmp_path / f"mnist_cnn.{i}.onnx").stat().st_size == r["bytes_after"]
         assert min(v["sqnr_db"] for v in r["verification"]["outputs"].values()) > 15
+
+
+def test_sweep_goes_on_past_a_failed_pipeline(tmp_path, capsys, monkeypatch):
+    """A pipeline that fails is reported with its error, in its place; the others still run (exit 1)."""
+    from onnxtq.passes import RtnPass
+
+    real_run = RtnPass.run
+
+    def failing_at_2_bits(self, ctx):
+        if self.config.bits == 2:
+            raise RuntimeError("broken on purpose")
+        return real_run(self, ctx)
+
+    monkeypatch.setattr(RtnPass, "run", failing_at_2_bits)
+    path, calib = bundled("mnist_cnn")
+    report = tmp_path / "runs.json"
+    pipelines = ["rtn{bits=4}", "rtn{bits=2}", "rtn{bits=8}"]
+    args = ["sweep", str(path), "-o", str(tmp_path), "--calib", str(calib), "--pipelines", *pipelines]
+    assert main([*args, "--report", str(report)]) == 1
+    assert "broken on purpose" in capsys.readouterr().out
+    runs = json.loads(report.read_text())
+    assert [bool(r["error"]) for r in runs] == [False, True, False]
+    assert not (tmp_path / "mnist_cnn.1.onnx").exists()
+    assert (tmp_path / "mnist_cnn.2.onnx").stat().st_size == runs[2]["bytes_after"]
