@@ -209,17 +209,19 @@ class EcsqPass(Pass):
     def _uniform(self, ctx: Context, layers, weights: int, report: PassReport) -> list[WeightRecord]:
         cfg = self.config
         curves = [self._curve(layer) for layer in tqdm(layers, desc="ecsq curves", disable=None, leave=False)]
-        tries = []  # (aim, rate, deltas, codes): the plain-rounding rate aimed at, the rate feedback gave
+        tries, best = [], None  # tries: (plain-rounding rate aimed at, rate given); best: (rate, deltas, codes)
         aim = cfg.rate
         for _attempt in range(ATTEMPTS):
             deltas = self._deltas(layers, curves, aim * weights)
             codes = [self._codes(*a) for a in tqdm(list(zip(layers, deltas)), desc="ecsq", disable=None, leave=False)]
             rate = (sum(entropy_bits(q) + self._side_bits(layer) for q, layer in zip(codes, layers))) / weights
-            tries.append((aim, rate, deltas, codes))
+            tries.append((aim, rate))
+            if best is None or abs(rate - cfg.rate) < abs(best[0] - cfg.rate):
+                best = rate, deltas, codes
             if abs(rate - cfg.rate) <= TOLERANCE:
                 break
             aim = _reaim(tries, cfg.rate)
-        _, rate, deltas, codes = min(tries, key=lambda t: abs(t[1] - cfg.rate))
+        rate, deltas, codes = best
         code_bits = sum(entropy_bits(q) for q in codes) / weights
         how = "per-layer steps by one Lagrangian" if cfg.method == "scaled" else f"one step {deltas[0]:.4g}"
         report.notes.append(
@@ -354,7 +356,7 @@ def _rounded(columns: np.ndarray, steps: np.ndarray) -> np.ndarray:
 def _reaim(tries, target: float) -> float:
     """The next plain-rounding rate to aim at: a secant step through the last two tries (feedback moves the
     rate by a roughly constant factor), or a shift by the miss after the first."""
-    aim, rate = tries[-1][:2]
+    aim, rate = tries[-1]
     slope = 1.0
     if len(tries) > 1 and tries[-2][0] != aim:
         slope = (rate - tries[-2][1]) / (aim - tries[-2][0])
