@@ -425,11 +425,13 @@ COMPACT = [  # (column, method): the scoreboard's columns
     ("NNC qp -34", "nnc-qp34"),
     ("NNC qp -28", "nnc-qp28"),
     ("onnxtq rtn 8", "onnxtq w8"),
+    ("onnxtq rtn 4", "onnxtq w4"),
     ("onnxtq tq 4 b/w", "onnxtq tq4"),
     ("onnxtq tq 3 b/w", "onnxtq tq3"),
     ("onnxtq ecsq 3 b/w", "onnxtq e3"),
     ("onnxtq ecsq 4 b/w", "onnxtq e4"),
     ("onnxtq crq 2-bit", "onnxtq w2-crq"),
+    ("onnxtq kq (3×3: 8-bit index), rtn 8", "onnxtq kq8-w8"),
 ]
 
 
