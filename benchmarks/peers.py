@@ -491,13 +491,13 @@ def plot(rows, png, against="transport"):
         "fp16": ("D", "C3"),
         "fp32": ("*", "k"),
     }  # fp32: zstd of the file
+    x_of = (lambda r: r["sqnr_db"]) if against == "sqnr" else (lambda r: r["transport"] / 1e6)
     for ax, model in zip(axes, models):
         rs = [r for r in rows if r["model"] == model and r.get("metric") is not None]
         if against == "sqnr":
             rs = [r for r in rs if r.get("sqnr_db") is not None]
         for fam, (marker, color) in style.items():
-            xs = (lambda r: r["sqnr_db"]) if against == "sqnr" else (lambda r: r["transport"] / 1e6)
-            pts = sorted((xs(r), r["metric"], r["method"]) for r in rs if r["family"] == fam)
+            pts = sorted((x_of(r), r["metric"], r["method"]) for r in rs if r["family"] == fam)
             if not pts:
                 continue
             x, y, names = zip(*pts)
