@@ -5,8 +5,8 @@ are {-1, 0, 1} in a packed INT2 container, and the layers kept at higher precisi
 import numpy as np
 import onnx
 import pytest
-from builders import bundled, fold_dequantize, run
-from onnx import numpy_helper
+from builders import bundled, fold_dequantize, make_model, run
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxtq import compress
 from onnxtq.errors import PreconditionError, UsageError
@@ -129,8 +129,6 @@ def test_refine_keeps_ternary_codes_ternary(tmp_path):
 def test_sequential_fitting_passes_a_layer_without_statistics(tmp_path, rng):
     """A ConvTranspose has no input statistics (quantized by rounding); the layers around it are still fitted
     to the quantized network's inputs (PP-OCRv4 det's upsampling failed the sequential drift run)."""
-    from builders import make_model
-    from onnx import TensorProto, helper
 
     def weight(*shape):
         return (rng.standard_normal(shape) * 0.2).astype(np.float32)
