@@ -7,18 +7,36 @@ original outputs, and quantizing passes quantize that instead of W, so errors st
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from onnxtq.calibration import CalibrationConfig
+from onnxtq.calibration.data import Source
+from onnxtq.errors import DataError
 from onnxtq.reconstruct import DAMP, Problems
 from onnxtq.weights import WeightSite
 
 #: Sequential fitting needs this many calibration patches per input dimension; below it (a classifier
 #: on a few hundred images) a layer would memorise its calibration outputs, so it keeps the original target.
 MIN_PATCHES_PER_INPUT = 16
-#: Sequential statistics are gathered once per layer (twice the moments of `calibrate`): fewer conv
-#: positions per input keep that affordable; 512 x 256 inputs still give 100+ patches per input dimension.
-DRIFT_CALIBRATION = CalibrationConfig(max_positions=512)
+#: Sequential statistics are gathered once per stage, running two networks each time. Per input the drift
+#: run samples fewer conv positions than `calibrate` (512: 256 inputs still give 100+ patches per input
+#: dimension), and it reads at most DRIFT_INPUT_VALUES input values (256 ImageNet crops); from larger inputs
+#: (PP-OCR det's 736x992 pages) it takes fewer, with proportionally more positions from each.
+DRIFT_POSITIONS = 512
+DRIFT_INPUT_VALUES = 256 * 3 * 224 * 224
+
+
+def drift_calibration(source: Source) -> CalibrationConfig:
+    """The drift run's budget for `source`: its samples and conv positions per sample."""
+    first = next(iter(source.batches(1)), None)
+    if first is None:
+        raise DataError("the calibration source yielded no samples")
+    values = max(1, sum(v.size for v in first[1].values()))
+    total = source.num_samples
+    samples = max(1, min(total, DRIFT_INPUT_VALUES // values))
+    return CalibrationConfig(samples=samples, max_positions=math.ceil(DRIFT_POSITIONS * total / samples))
 
 
 def enough(stats) -> bool:

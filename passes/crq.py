@@ -38,7 +38,7 @@ from onnxtq.pass_infra import Context, Pass, PassConfig
 from onnxtq.quantize import GroupCode, int_range, quantize_groups
 from onnxtq.reconstruct import Grid, Problems, cluster_pull, gptq, refit_steps
 from onnxtq.report import PassReport, WeightRecord
-from onnxtq.sequential import DRIFT_CALIBRATION, MIN_PATCHES_PER_INPUT, drift_target, enough, stages
+from onnxtq.sequential import MIN_PATCHES_PER_INPUT, drift_calibration, drift_target, enough, stages
 from onnxtq.weights import WeightSite, discover
 
 #: Above this depth the grid is fine enough that the cluster pull gains nothing GPTQ does not.
@@ -89,13 +89,13 @@ class CrqPass(Pass):
         sites = quantizable(discover(ctx.graph), self.config.min_elements, report)
         ends = {sites[0].name, sites[-1].name} if sites else set()
         if self.config.sequential:  # the network before any weight changes, to run beside the current one
-            reference = copy_model(ctx.graph.model)
+            reference, budget = copy_model(ctx.graph.model), drift_calibration(ctx.data)
         kept = []
         with tqdm(total=len(sites), desc=self.name, unit="weight", disable=None, leave=False) as bar:
             for stage in stages(sites) if self.config.sequential else [sites]:
                 drift = {}
                 if self.config.sequential:
-                    drift = collect_drift(reference, ctx.graph.model, stage, ctx.data, DRIFT_CALIBRATION)
+                    drift = collect_drift(reference, ctx.graph.model, stage, ctx.data, budget)
                 for site in stage:
                     bits = self._bits_for(site, ends)
                     record = self._quantize(ctx, site, bits, drift.get(site.name))

@@ -45,7 +45,7 @@ from onnxtq.quantize import int_range, quantize_groups
 from onnxtq.rd import Band, Option, allocate, gaussian_bound_bits, whitened_spectrum
 from onnxtq.reconstruct import Grid, Problems, gptq
 from onnxtq.report import PassReport, WeightRecord
-from onnxtq.sequential import DRIFT_CALIBRATION, drift_target, enough, stages
+from onnxtq.sequential import drift_calibration, drift_target, enough, stages
 from onnxtq.weights import WeightSite, discover
 
 DEPTHS = {"container": (2, 4, 8), "nominal": (2, 3, 4, 5, 6, 7, 8)}
@@ -187,13 +187,13 @@ class TqPass(Pass):
         """Every layer quantized and emitted as allocated: (records, Σ g·D, bound bits, nominal bits)."""
         records, predicted, bound_bits, nominal_bits = [], 0.0, 0.0, 0.0
         if self.config.sequential:  # the network before any weight changes, to run beside the current one
-            reference = copy_model(ctx.graph.model)
+            reference, budget = copy_model(ctx.graph.model), drift_calibration(ctx.data)
         by_name = {layer.site.name: layer for layer in layers}
         with tqdm(total=len(layers), desc="tq emit", disable=None, leave=False) as bar:
             for stage in stages(sites) if self.config.sequential else [sites]:
                 drift = {}
                 if self.config.sequential:
-                    drift = collect_drift(reference, ctx.graph.model, stage, ctx.data, DRIFT_CALIBRATION)
+                    drift = collect_drift(reference, ctx.graph.model, stage, ctx.data, budget)
                 for site in stage:
                     layer = by_name[site.name]
                     index, picks = chosen.choice[site.name]

@@ -5,10 +5,12 @@ import numpy as np
 import onnx
 from builders import bundled
 
-from onnxtq import model_io
+from onnxtq import model_io, sequential
 from onnxtq.calibration import CalibrationConfig, collect, collect_drift, open_source
+from onnxtq.calibration.collect import _with_outputs
 from onnxtq.compress import prepare
 from onnxtq.graph import Graph
+from onnxtq.sequential import drift_calibration
 from onnxtq.weights import discover
 
 
@@ -85,3 +87,27 @@ def test_drift_cross_moment_sees_the_changed_model(rng):
     np.testing.assert_allclose(own.moment[0], x_new.T @ x_new / 16, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(cross.moment[0], x_new.T @ x / 16, rtol=1e-6, atol=1e-9)
     assert not np.allclose(cross.moment[0], x.T @ x / 16, rtol=1e-3)
+
+
+def test_a_run_for_an_early_layer_holds_only_the_nodes_it_needs():
+    """onnxruntime runs every node a session holds: exposing an early activation cuts the rest away."""
+    model, sites, source = _setup()
+    early = next(s for s in sites if s.activation not in {vi.name for vi in model.graph.input})
+    cut = onnx.load_from_string(_with_outputs(model, [early.activation]))
+    assert [o.name for o in cut.graph.output] == [early.activation]
+    assert 0 < len(cut.graph.node) < len(model.graph.node) and len(cut.graph.initializer) < len(model.graph.initializer)
+    whole = onnx.ModelProto()
+    whole.CopyFrom(model)
+    whole.graph.output.append(onnx.helper.make_empty_tensor_value_info(early.activation))
+    _, feed = next(iter(source.batches(4)))
+    np.testing.assert_array_equal(
+        model_io.session(cut.SerializeToString()).run(None, feed)[0],
+        model_io.session(whole).run([early.activation], feed)[0],
+    )
+
+
+def test_the_drift_run_takes_fewer_large_inputs_with_more_positions_each(monkeypatch):
+    _, _, source = _setup(limit=20)  # 20 digits of 28x28 values
+    assert drift_calibration(source) == CalibrationConfig(samples=20, max_positions=sequential.DRIFT_POSITIONS)
+    monkeypatch.setattr(sequential, "DRIFT_INPUT_VALUES", 5 * 28 * 28)  # as if each digit were a page
+    assert drift_calibration(source) == CalibrationConfig(samples=5, max_positions=4 * sequential.DRIFT_POSITIONS)

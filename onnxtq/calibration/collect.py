@@ -126,13 +126,33 @@ def _plan(names: list[str], sizes: dict[str, int], budget: int) -> list[list[str
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    present = {o.name for o in exposed.graph.output}
-    for name in names:
-        if name not in present:
-            exposed.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    return exposed.SerializeToString()
+    """`model` answering only `names`, cut to the nodes they need (onnxruntime runs every node it holds)."""
+    if not names:
+        return model.SerializeToString()
+    needed, nodes = set(names), []
+    for node in reversed(model.graph.node):
+        if needed.intersection(node.output):
+            nodes.append(node)
+            needed |= _reads(node)
+    graph = model.graph
+    inputs = {vi.name for vi in graph.input}
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    del cut.graph.node[:], cut.graph.output[:], cut.graph.initializer[:]
+    cut.graph.node.extend(reversed(nodes))
+    cut.graph.initializer.extend(t for t in graph.initializer if t.name in needed or t.name in inputs)
+    cut.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
+    return cut.SerializeToString()
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """Every name `node` reads, its subgraphs' outer-scope names included."""
+    names = set(node.input)
+    for attr in node.attribute:
+        for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+            for inner in graph.node:
+                names |= _reads(inner)
+    return names
 
 
 def _first_batch(source: Source, config: CalibrationConfig) -> tuple[tuple[int, dict], int]:
