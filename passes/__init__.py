@@ -3,6 +3,7 @@
 from onnxtq.passes.calibrate import CalibratePass
 from onnxtq.passes.compact_names import CompactNamesPass
 from onnxtq.passes.crq import CrqPass
+from onnxtq.passes.dequantize_at_load import DequantizeAtLoadPass
 from onnxtq.passes.ecsq import EcsqPass
 from onnxtq.passes.fold_bn import FoldBatchNormPass
 from onnxtq.passes.kq import KqPass
@@ -21,6 +22,7 @@ REGISTRY = {
         EcsqPass,
         KqPass,
         RefinePass,
+        DequantizeAtLoadPass,
         CompactNamesPass,
     )
 }
@@ -30,6 +32,7 @@ __all__ = [
     "CalibratePass",
     "CompactNamesPass",
     "CrqPass",
+    "DequantizeAtLoadPass",
     "EcsqPass",
     "FoldBatchNormPass",
     "KqPass",

@@ -1,0 +1,159 @@
+"""dequantize-at-load: the rewritten weights are DequantizeLinear's values exactly, onnxruntime folds
+them into float initializers when it loads the session, and QDQ pairs it would run as int8 stay."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from builders import bundled, run
+from onnx import TensorProto, helper
+from onnxtq.passes import DequantizeAtLoadPass
+
+from onnxtq import compress, model_io
+from onnxtq.graph import Graph
+from onnxtq.pass_infra import Context
+
+CODES = {TensorProto.INT2, TensorProto.UINT2, TensorProto.INT4, TensorProto.UINT4, TensorProto.INT8, TensorProto.UINT8}
+DEQUANTIZING = {"DequantizeLinear", "Cast", "Sub", "Expand", "MatMulNBits"}
+
+
+def _optimized(model: onnx.ModelProto, path) -> onnx.ModelProto:
+    """The graph onnxruntime runs, with its default session options."""
+    options = model_io.session_options(exact=False)
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return onnx.load(str(path))
+
+
+@pytest.mark.parametrize(
+    ("name", "spec"),
+    [("mnist_cnn", "rtn{bits=4}"), ("mnist_transformer", "rtn{bits=4,block=32,symmetric=false,scale_bits=16}")],
+)
+def test_compressed_model_computes_the_same_and_runs_on_float_weights(tmp_path, name, spec):
+    path, calib = bundled(name)
+    plain, folded = tmp_path / "plain.onnx", tmp_path / "folded.onnx"
+    compress(path, plain, f"fold-bn,calibrate,{spec}", calib=calib)
+    report = compress(path, folded, f"fold-bn,calibrate,{spec},dequantize-at-load", calib=calib)
+    a, b = onnx.load(str(plain)), onnx.load(str(folded))
+    onnx.checker.check_model(b, full_check=True)
+    rewritten = sum(n.op_type == "DequantizeLinear" for n in a.graph.node)
+    assert rewritten > 0 and not any(n.op_type == "DequantizeLinear" for n in b.graph.node)
+    assert report.passes[-1].notes[0].startswith(f"{rewritten} DequantizeLinear weights now fold at load")
+    added = folded.stat().st_size - plain.stat().st_size
+    assert 0 < added < 400 * rewritten  # the codes stay what is stored: a few nodes per weight are added
+    image = np.load(path.parent / "eval.npz")["image"][:32]
+    np.testing.assert_allclose(run(b, {"image": image})[0], run(a, {"image": image})[0], rtol=1e-5, atol=1e-5)
+    # onnxruntime, default options: the codes became float weights at load, nothing dequantizes per run
+    optimized = _optimized(b, tmp_path / "optimized.onnx")
+    assert CODES.intersection(t.data_type for t in a.graph.initializer)
+    assert not CODES.intersection(t.data_type for t in optimized.graph.initializer)
+    assert not any(n.op_type in DEQUANTIZING for n in optimized.graph.node)
+
+
+def _dequantize_model(codes, scale, zero_point=None, **attrs) -> onnx.ModelProto:
+    """y = x + DequantizeLinear(codes, scale, zero_point): the weight itself, readable exactly."""
+    inits = [codes, scale] + ([zero_point] if zero_point is not None else [])
+    out_type = attrs.get("output_dtype") or scale.data_type
+    nodes = [
+        helper.make_node("DequantizeLinear", [t.name for t in inits], ["w"], name="dq", **attrs),
+        helper.make_node("Add", ["x", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dq",
+        [helper.make_tensor_value_info("x", out_type, list(codes.dims))],
+        [helper.make_tensor_value_info("y", out_type, list(codes.dims))],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 25)])  # INT2 codes
+    model.ir_version = 12
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _cases(rng):
+    def ints(name, dtype, shape, low, high):
+        return helper.make_tensor(name, dtype, shape, rng.integers(low, high, size=shape).ravel().tolist())
+
+    def floats(name, shape, dtype=TensorProto.FLOAT):
+        return helper.make_tensor(name, dtype, shape, rng.uniform(0.01, 0.1, size=shape).ravel().tolist())
+
+    return {
+        "per tensor, zero point": (
+            ints("q", TensorProto.UINT8, [6, 10], 0, 256),
+            floats("s", []),
+            ints("z", TensorProto.UINT8, [], 100, 140),
+            {},
+        ),
+        "per axis 0": (ints("q", TensorProto.INT8, [6, 10, 3], -128, 128), floats("s", [6]), None, {"axis": 0}),
+        "per axis 1, int4": (ints("q", TensorProto.INT4, [6, 10], -8, 8), floats("s", [10]), None, {"axis": 1}),
+        "blocks cut at the end": (
+            ints("q", TensorProto.UINT4, [10, 6], 0, 16),
+            floats("s", [3, 6]),
+            ints("z", TensorProto.UINT4, [3, 6], 0, 16),
+            {"axis": 0, "block_size": 4},
+        ),
+        "blocks on the last axis": (
+            ints("q", TensorProto.INT2, [5, 8], -2, 2),
+            floats("s", [5, 2]),
+            None,
+            {"axis": 1, "block_size": 4},
+        ),
+        "float16 steps, float output": (
+            ints("q", TensorProto.INT8, [6, 10], -128, 128),
+            floats("s", [6], TensorProto.FLOAT16),
+            None,
+            {"axis": 0, "output_dtype": 1},
+        ),
+        "float16 steps and output": (
+            ints("q", TensorProto.INT8, [6, 10], -128, 128),
+            floats("s", [10], TensorProto.FLOAT16),
+            None,
+            {"axis": 1},
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_cases(np.random.default_rng(0))))
+def test_rewrite_gives_dequantize_linear_values_exactly(case):
+    codes, scale, zero_point, attrs = _cases(np.random.default_rng(0))[case]
+    model = _dequantize_model(codes, scale, zero_point, **attrs)
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    ctx = Context(Graph(rewritten))
+    notes = DequantizeAtLoadPass().run(ctx).notes
+    assert notes[0].startswith("1 DequantizeLinear weights now fold at load")
+    onnx.checker.check_model(ctx.graph.model, full_check=True)
+    assert "DequantizeLinear" not in {n.op_type for n in ctx.graph.model.graph.node}
+    dtype = np.float16 if model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16 else np.float32
+    x = np.zeros(list(codes.dims), dtype)
+    np.testing.assert_array_equal(run(ctx.graph.model, {"x": x})[0], run(model, {"x": x})[0])
+
+
+def test_dequantize_beside_a_quantized_activation_stays():
+    """A QDQ pair (activation and weight dequantized into one MatMul) is what onnxruntime runs as int8."""
+    rng = np.random.default_rng(1)
+    inits = [
+        helper.make_tensor("q", TensorProto.INT8, [4, 3], rng.integers(-128, 128, size=12).tolist()),
+        helper.make_tensor("s", TensorProto.FLOAT, [], [0.02]),
+        helper.make_tensor("xs", TensorProto.FLOAT, [], [0.05]),
+        helper.make_tensor("xz", TensorProto.INT8, [], [0]),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["q", "s"], ["w"]),
+        helper.make_node("MatMul", ["xd", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    ctx = Context(Graph(model))
+    notes = DequantizeAtLoadPass().run(ctx).notes
+    assert notes[0].endswith("1 kept beside quantized activations")
+    assert [n.op_type for n in ctx.graph.model.graph.node].count("DequantizeLinear") == 2
