@@ -214,6 +214,8 @@ def _sweep(args) -> int:
         refuse = [args.model, args.report or args.model, *(run.output for run in runs)]
         report_page.write(runs, args.report_html, refuse=refuse)
         print(f"wrote {args.report_html}")
+    elif args.report_html:
+        print(f"no page written to {args.report_html}: every pipeline failed")
     return 1 if failed else 0
 
 

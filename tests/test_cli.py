@@ -138,3 +138,7 @@ def test_sweep_goes_on_past_a_failed_pipeline(tmp_path, capsys, monkeypatch):
     assert [bool(r["error"]) for r in runs] == [False, True, False]
     assert not (tmp_path / "mnist_cnn.1.onnx").exists()
     assert (tmp_path / "mnist_cnn.2.onnx").stat().st_size == runs[2]["bytes_after"]
+    # every pipeline failed: no page, and a line saying why
+    page = tmp_path / "page.html"
+    assert main([*args[:-3], "rtn{bits=2}", "--report-html", str(page)]) == 1
+    assert "no page written" in capsys.readouterr().out and not page.exists()
