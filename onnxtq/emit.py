@@ -4,6 +4,9 @@
 
 The float initializer is replaced by packed codes, a float scale tensor and (for
 asymmetric codes) a zero point; the consumer reads the DequantizeLinear output.
+Codes outside their container's range (a handful of outliers that would otherwise
+double the container) are stored as *escapes*: their positions and exact values,
+written over the dequantized weight by one ScatterElements.
 """
 
 from __future__ import annotations
@@ -70,16 +73,40 @@ def replace_initializer(graph: Graph, site: WeightSite, new_name: str) -> None:
     graph.graph.initializer.remove(original)
 
 
+#: Bytes one escaped code costs (its int32 position and float32 value), and the nodes and shapes escapes add.
+ESCAPE_BYTES, ESCAPE_OVERHEAD = 8, 200
+
+
+def code_range(bits: int, signed: bool) -> tuple[int, int]:
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
+def narrowest_container(q: np.ndarray, widths: tuple[int, ...] = (4, 8, 16)) -> int:
+    """The container width storing signed codes `q` in the fewest bytes, codes outside it sent as escapes."""
+
+    def stored(bits: int) -> float:
+        lo, hi = code_range(bits, True)
+        escaped = int(np.count_nonzero((q < lo) | (q > hi)))
+        return q.size * bits / 8 + (ESCAPE_BYTES * escaped + ESCAPE_OVERHEAD if escaped else 0)
+
+    return min(widths, key=stored)
+
+
 def emit_dequantize(graph: Graph, site: WeightSite, blocking: Blocking, code: GroupCode, pass_name: str) -> int:
     """Replace the weight of `site` by DequantizeLinear over `code`; returns the bytes now stored."""
     original = graph.initializers[site.name]
     scale = _scale_values(blocking.scales_to_shape(code.scale), original.data_type)
     zp = None if code.zero_point is None else blocking.scales_to_shape(code.zero_point)
+    q = blocking.from_groups(code.q)
+    lo, hi = code_range(code.bits, code.zero_point is None)
+    escaped = np.flatnonzero((q < lo) | (q > hi))
+    if escaped.size:
+        q = np.clip(q, lo, hi) if zp is not None else np.where((q < lo) | (q > hi), 0, q)  # 0: the likeliest code
     node, stored = _dequantize_node(
         graph,
         site.name,
         site.node,
-        blocking.from_groups(code.q),
+        q,
         scale,
         zp,
         code.bits,
@@ -88,11 +115,48 @@ def emit_dequantize(graph: Graph, site: WeightSite, blocking: Blocking, code: Gr
         pass_name,
     )
     out = node.output[0]
-    graph.originals[out] = (site, original)  # the float tensor, for passes that refine the codes later
+    nodes = [node]
+    if escaped.size:
+        out, patch, patch_stored = _escapes(graph, site, out, blocking, code, escaped, original.data_type, pass_name)
+        nodes += patch
+        stored += patch_stored
+    else:
+        graph.originals[out] = (site, original)  # the float tensor, for passes that refine the codes later
     replace_initializer(graph, site, out)
-    graph.graph.node.insert(0, node)
+    for n in reversed(nodes):
+        graph.graph.node.insert(0, n)
     graph.refresh()
     return sum(tensor_nbytes(t) for t in stored)
+
+
+def _escapes(graph: Graph, site, dequantized_name, blocking, code, escaped, float_type, pass_name):
+    """Reshape → ScatterElements(positions, exact values) → Reshape over the dequantized weight.
+
+    The values are what DequantizeLinear computes for the full codes (one float32 multiply), so the
+    weight is the one a wider container would give.
+    """
+    zp = 0 if code.zero_point is None else code.zero_point[:, None].astype(np.float32)
+    exact = blocking.from_groups((code.q.astype(np.float32) - zp) * code.scale.astype(np.float32)[:, None])
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(float_type)
+    base = site.name
+    stored = [
+        numpy_helper.from_array(np.array([-1], np.int64), graph.unique(f"{base}/onnxtq.flat")),
+        numpy_helper.from_array(escaped.astype(np.int32), graph.unique(f"{base}/onnxtq.escape_at")),
+        numpy_helper.from_array(exact.reshape(-1)[escaped].astype(dtype), graph.unique(f"{base}/onnxtq.escape_value")),
+        numpy_helper.from_array(np.array(exact.shape, np.int64), graph.unique(f"{base}/onnxtq.shape")),
+    ]
+    for t in stored:
+        graph.set_initializer(t)
+    flat, patched, weight = (graph.unique(f"{base}/onnxtq.{n}") for n in ("flat_weight", "patched", "escaped"))
+    nodes = [
+        onnx.helper.make_node("Reshape", [dequantized_name, stored[0].name], [flat]),
+        onnx.helper.make_node("ScatterElements", [flat, stored[1].name, stored[2].name], [patched], axis=0),
+        onnx.helper.make_node("Reshape", [patched, stored[3].name], [weight]),
+    ]
+    for n in nodes:
+        n.name = graph.unique(f"{site.node}/onnxtq.escape")
+        tag(n, pass_name, "escape")
+    return weight, nodes, stored
 
 
 @dataclass

@@ -15,7 +15,8 @@ Gauss–Newton stand-in for the paper's diagonal loss Hessian. Methods, all at o
 * `kmeans` / `hkmeans`: one codebook for all layers (as in the paper), by plain or Hessian-weighted
   k-means (weights g_l·h_j), its size chosen for the target entropy; emitted as Gather lookups.
 
-Uniform codes are stored as INT4, INT8 or INT16 (the narrowest that holds their range), steps decoded by
+Uniform codes are stored as INT4, INT8 or INT16, whichever stores the layer in the fewest bytes with the few
+codes outside its range sent as escapes (`emit.emit_dequantize`), steps decoded by
 DequantizeLinear; the entropy-coded size is `onnxtq pack`'s. The rounding is re-run at most ATTEMPTS times,
 the aim re-set by a secant step through the last two tries (the closest kept); `uniform`'s step and the codebook
 size are bisected.
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from onnxtq.bias import bias_note, correct_bias, output_shift
 from onnxtq.codebook import Emitted, emit_lookup, index_bits
-from onnxtq.emit import db, replace_weight
+from onnxtq.emit import code_range, db, narrowest_container, replace_weight
 from onnxtq.entropy import RateGrid, code_lengths, entropy_bits, weighted_kmeans_1d
 from onnxtq.gains import Probe, layer_output_error
 from onnxtq.graph import Graph
@@ -231,7 +232,9 @@ class EcsqPass(Pass):
         records = []
         for layer, q, delta in zip(layers, codes, deltas):
             steps = self._steps(layer, delta).astype(layer.step_dtype)
-            bits = next(b for b in (4, 8, 16) if -(2 ** (b - 1)) <= q.min() and q.max() < 2 ** (b - 1))
+            bits = narrowest_container(q)
+            lo, hi = code_range(bits, True)
+            escaped = int(np.count_nonzero((q < lo) | (q > hi)))
             code = GroupCode(q.astype(np.int32), steps, None, bits)
             record = replace_weight(
                 ctx.graph, layer.site, layer.blocking, code, layer.stats, self.name, cfg.bias_correct
@@ -239,6 +242,7 @@ class EcsqPass(Pass):
             record.nominal_bits = entropy_bits(q) / q.size
             record.detail = (
                 f"entropy {record.nominal_bits:.2f} b/w, INT{bits} codes in [{int(q.min())}, {int(q.max())}]"
+                + (f", {escaped} escaped" if escaped else "")
             )
             records.append(record)
         return records

@@ -27,7 +27,11 @@ def _optimized(model: onnx.ModelProto, path) -> onnx.ModelProto:
 
 @pytest.mark.parametrize(
     ("name", "spec"),
-    [("mnist_cnn", "rtn{bits=4}"), ("mnist_transformer", "rtn{bits=4,block=32,symmetric=false,scale_bits=16}")],
+    [
+        ("mnist_cnn", "rtn{bits=4}"),
+        ("mnist_cnn", "ecsq{rate=4}"),  # per-tensor steps, and escaped codes written over the weight
+        ("mnist_transformer", "rtn{bits=4,block=32,symmetric=false,scale_bits=16}"),
+    ],
 )
 def test_compressed_model_computes_the_same_and_runs_on_float_weights(tmp_path, name, spec):
     path, calib = bundled(name)

@@ -7,8 +7,10 @@ import onnx
 import pytest
 from builders import bundled, fold_dequantize, run
 from onnx import numpy_helper
+from onnxtq.passes import ecsq as ecsq_pass
 
 from onnxtq import compress
+from onnxtq.emit import code_range, narrowest_container
 from onnxtq.entropy import RateGrid, code_lengths, entropy_bits, weighted_kmeans_1d
 from onnxtq.errors import UsageError
 from onnxtq.pipeline import parse
@@ -67,6 +69,39 @@ def test_stored_codes_times_steps_is_what_onnxruntime_runs(tmp_path):
     np.testing.assert_allclose(run(model, {"image": data})[0], expected, rtol=1e-4, atol=1e-4)
     kinds = {len(numpy_helper.to_array(t).shape) for t in model.graph.initializer if t.name.endswith("scale")}
     assert 0 in kinds  # some weights have one step for the whole tensor
+
+
+def test_outlying_codes_are_escapes_not_a_wider_container(tmp_path, monkeypatch):
+    """The few codes beyond INT4/INT8 are stored as positions and values over the narrow container: the
+    weights are exactly the wider container's, and the file is smaller (MiniLM-L6 at 4 b/w: 539 codes
+    of 7 M had made their tensors INT16)."""
+    path, calib = bundled("mnist_cnn")
+    spec = "fold-bn,calibrate,ecsq{rate=4}"
+    escaped, wide = tmp_path / "escaped.onnx", tmp_path / "wide.onnx"
+    report = compress(path, escaped, spec, calib=calib)
+    assert any("escaped" in r.detail for r in _ecsq(report).changed)
+
+    def holding_every_code(q):
+        return next(b for b in (4, 8, 16) if code_range(b, True)[0] <= q.min() and q.max() <= code_range(b, True)[1])
+
+    monkeypatch.setattr(ecsq_pass, "narrowest_container", holding_every_code)
+    compress(path, wide, spec, calib=calib)
+    assert escaped.stat().st_size < 0.9 * wide.stat().st_size
+    image = np.load(path.parent / "eval.npz")["image"][:64]
+    np.testing.assert_array_equal(
+        run(onnx.load(str(escaped)), {"image": image})[0], run(onnx.load(str(wide)), {"image": image})[0]
+    )
+
+
+def test_narrowest_container_weighs_escapes_against_width():
+    q = np.zeros(4096, np.int64)
+    assert narrowest_container(q) == 4
+    q[:3] = 1000  # three escapes cost less than doubling 4096 codes
+    assert narrowest_container(q) == 4
+    q[:1000] = 1000  # a thousand do not
+    assert narrowest_container(q) == 16
+    q[:1000] = 100
+    assert narrowest_container(q) == 8
 
 
 @pytest.mark.parametrize("method", ["kmeans", "hkmeans"])
