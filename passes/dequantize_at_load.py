@@ -17,25 +17,17 @@ as an int8 kernel) is left alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import onnx
 from onnx import TensorProto, helper
 
 from onnxtq.graph import Graph
-from onnxtq.pass_infra import Context, Pass, PassConfig
+from onnxtq.pass_infra import Context, Pass
 from onnxtq.report import PassReport
 from onnxtq.weights import node_attr
 
 
-@dataclass(frozen=True)
-class DequantizeAtLoadConfig(PassConfig):
-    pass
-
-
 class DequantizeAtLoadPass(Pass):
     name = "dequantize-at-load"
-    Config = DequantizeAtLoadConfig
 
     def min_opset(self) -> int:
         return 13  # Reshape, Expand, Slice and Cast with their inputs as tensors
