@@ -17,6 +17,7 @@ as an int8 kernel) is left alone.
 from __future__ import annotations
 
 import math
+
 import onnx
 from onnx import TensorProto, helper
 
