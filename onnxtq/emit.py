@@ -22,7 +22,7 @@ from onnxtq.calibration.stats import LayerStats
 from onnxtq.graph import Graph, tag
 from onnxtq.model_io import tensor_nbytes
 from onnxtq.packing import int_tensor
-from onnxtq.quantize import Blocking, GroupCode
+from onnxtq.quantize import Blocking, GroupCode, int_range
 from onnxtq.report import WeightRecord
 from onnxtq.weights import WeightSite, node_attr
 
@@ -81,8 +81,10 @@ ESCAPE_BYTES, ESCAPE_OVERHEAD = 8, 200
 ESCAPE_PRICE = 4 * ESCAPE_BYTES
 
 
-def code_range(bits: int, signed: bool) -> tuple[int, int]:
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+def escapes(q: np.ndarray, bits: int, signed: bool) -> np.ndarray:
+    """Flat positions of the codes in `q` that the `bits`-bit container cannot hold."""
+    lo, hi = int_range(bits, signed)
+    return np.flatnonzero((q < lo) | (q > hi))
 
 
 def narrowest_container(q: np.ndarray, widths: tuple[int, ...] = (4, 8, 16)) -> int:
@@ -90,8 +92,7 @@ def narrowest_container(q: np.ndarray, widths: tuple[int, ...] = (4, 8, 16)) -> 
     (charged ESCAPE_PRICE each)."""
 
     def stored(bits: int) -> float:
-        lo, hi = code_range(bits, True)
-        escaped = int(np.count_nonzero((q < lo) | (q > hi)))
+        escaped = escapes(q, bits, True).size
         return q.size * bits / 8 + (ESCAPE_PRICE * escaped + ESCAPE_OVERHEAD if escaped else 0)
 
     return min(widths, key=stored)
@@ -103,10 +104,12 @@ def emit_dequantize(graph: Graph, site: WeightSite, blocking: Blocking, code: Gr
     scale = _scale_values(blocking.scales_to_shape(code.scale), original.data_type)
     zp = None if code.zero_point is None else blocking.scales_to_shape(code.zero_point)
     q = blocking.from_groups(code.q)
-    lo, hi = code_range(code.bits, code.zero_point is None)
-    escaped = np.flatnonzero((q < lo) | (q > hi))
-    if escaped.size:
-        q = np.clip(q, lo, hi) if zp is not None else np.where((q < lo) | (q > hi), 0, q)  # 0: the likeliest code
+    escaped = escapes(q, code.bits, code.zero_point is None)
+    if escaped.size and zp is None:
+        q = q.copy()
+        q.flat[escaped] = 0  # the likeliest code; the escapes write over it
+    elif escaped.size:
+        q = np.clip(q, *int_range(code.bits, False))
     node, stored = _dequantize_node(
         graph,
         site.name,

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from onnxtq.bias import bias_note, correct_bias, output_shift
 from onnxtq.codebook import Emitted, emit_lookup, index_bits
-from onnxtq.emit import code_range, db, narrowest_container, replace_weight
+from onnxtq.emit import db, escapes, narrowest_container, replace_weight
 from onnxtq.entropy import RateGrid, code_lengths, entropy_bits, weighted_kmeans_1d
 from onnxtq.gains import Probe, layer_output_error
 from onnxtq.graph import Graph
@@ -233,8 +233,7 @@ class EcsqPass(Pass):
         for layer, q, delta in zip(layers, codes, deltas):
             steps = self._steps(layer, delta).astype(layer.step_dtype)
             bits = narrowest_container(q)
-            lo, hi = code_range(bits, True)
-            escaped = int(np.count_nonzero((q < lo) | (q > hi)))
+            escaped = escapes(q, bits, True).size
             code = GroupCode(q.astype(np.int32), steps, None, bits)
             record = replace_weight(
                 ctx.graph, layer.site, layer.blocking, code, layer.stats, self.name, cfg.bias_correct

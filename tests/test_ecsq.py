@@ -10,11 +10,11 @@ from onnx import numpy_helper
 from onnxtq.passes import ecsq as ecsq_pass
 
 from onnxtq import compress
-from onnxtq.emit import code_range, narrowest_container
+from onnxtq.emit import narrowest_container
 from onnxtq.entropy import RateGrid, code_lengths, entropy_bits, weighted_kmeans_1d
 from onnxtq.errors import UsageError
 from onnxtq.pipeline import parse
-from onnxtq.quantize import Blocking
+from onnxtq.quantize import Blocking, int_range
 from onnxtq.reconstruct import damped, feedback_sensitivity
 
 INTEGER_TYPES = tuple(getattr(onnx.TensorProto, f"{s}INT{b}") for s in ("", "U") for b in (2, 4, 8, 16))
@@ -82,7 +82,7 @@ def test_outlying_codes_are_escapes_not_a_wider_container(tmp_path, monkeypatch)
     assert any("escaped" in r.detail for r in _ecsq(report).changed)
 
     def holding_every_code(q):
-        return next(b for b in (4, 8, 16) if code_range(b, True)[0] <= q.min() and q.max() <= code_range(b, True)[1])
+        return next(b for b in (4, 8, 16) if int_range(b, True)[0] <= q.min() and q.max() <= int_range(b, True)[1])
 
     monkeypatch.setattr(ecsq_pass, "narrowest_container", holding_every_code)
     compress(path, wide, spec, calib=calib)
