@@ -103,15 +103,22 @@ def _subgraph_inputs(g: onnx.GraphProto) -> set[str]:
     """Names read from the outer scope by If/Loop/Scan bodies (they count as uses)."""
     names: set[str] = set()
     for node in g.node:
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sg in subs:
-                local = {i.name for i in sg.input} | {t.name for t in sg.initializer}
-                for n in sg.node:
-                    local.update(n.output)
-                for n in sg.node:
-                    names.update(i for i in n.input if i and i not in local)
-                names |= _subgraph_inputs(sg)
+        names |= outer_reads(node)
+    return names
+
+
+def outer_reads(node: onnx.NodeProto) -> set[str]:
+    """Names the If/Loop/Scan bodies of `node` read from the scope around it (its inputs aside)."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for sg in subs:
+            local = {i.name for i in sg.input} | {t.name for t in sg.initializer}
+            for n in sg.node:
+                local.update(n.output)
+            for n in sg.node:
+                names.update(i for i in n.input if i and i not in local)
+            names |= _subgraph_inputs(sg)
     return names
 
 

@@ -19,7 +19,7 @@ from onnxtq import model_io
 from onnxtq.calibration.data import Source
 from onnxtq.calibration.stats import LayerStats, MomentAccumulator, choose_mode, conv_patches, dense_rows
 from onnxtq.errors import DataError
-from onnxtq.graph import infer_shapes, tensor_shapes
+from onnxtq.graph import copy_model, infer_shapes, outer_reads, tensor_shapes
 from onnxtq.weights import WeightSite
 
 #: Tensors exposed at once when probing sizes that shape inference cannot give.
@@ -133,26 +133,15 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
     for node in reversed(model.graph.node):
         if needed.intersection(node.output):
             nodes.append(node)
-            needed |= _reads(node)
+            needed |= set(node.input) | outer_reads(node)
     graph = model.graph
     inputs = {vi.name for vi in graph.input}
-    cut = onnx.ModelProto()
-    cut.CopyFrom(model)
+    cut = copy_model(model)
     del cut.graph.node[:], cut.graph.output[:], cut.graph.initializer[:]
     cut.graph.node.extend(reversed(nodes))
     cut.graph.initializer.extend(t for t in graph.initializer if t.name in needed or t.name in inputs)
     cut.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
     return cut.SerializeToString()
-
-
-def _reads(node: onnx.NodeProto) -> set[str]:
-    """Every name `node` reads, its subgraphs' outer-scope names included."""
-    names = set(node.input)
-    for attr in node.attribute:
-        for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-            for inner in graph.node:
-                names |= _reads(inner)
-    return names
 
 
 def _first_batch(source: Source, config: CalibrationConfig) -> tuple[tuple[int, dict], int]:
