@@ -9,19 +9,12 @@ all of them with default onnxruntime session options, batch 1, at 1 and 2 thread
 """
 
 import argparse
-import glob
 import json
 import os
 import subprocess
 
 import latency as latency_mod
-from peers import MODELS, feeds
-
-
-def inputs_file(calib_dir, model):
-    """The file `peers.feeds` reads for `model`: its held-out inputs, else its calibration inputs."""
-    found = glob.glob(os.path.join(calib_dir, model + "_holdout*.npz"))
-    return found[0] if found else glob.glob(os.path.join(calib_dir, model + "_calib*.npz"))[0]
+from peers import MODELS, feeds, inputs_file
 
 
 def rewrite(onnxtq, path, calib):
@@ -66,7 +59,7 @@ def main():
             row = rows.get((model, f"onnxtq {config}"))
             if row is None:
                 continue
-            paths = (row["path"], rewrite(a.onnxtq, row["path"], inputs_file(a.calib, model)))
+            paths = (row["path"], rewrite(a.onnxtq, row["path"], inputs_file(a.calib, model)[0]))
             sizes = " → ".join(f"{os.path.getsize(p):,d}" for p in paths)
             timed = [[latency_mod.latency(p, feed, threads, False, a.runs) for p in paths] for threads in (1, 2)]
             cells = " | ".join(f"{as_written:.1f} / **{loaded:.1f}**" for as_written, loaded in timed)

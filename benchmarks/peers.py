@@ -88,10 +88,15 @@ def pack_bytes(a, path):
     return os.path.getsize(dst)
 
 
+def inputs_file(calib_dir, model):
+    """(file, which) `feeds` reads for `model`: its held-out inputs, else (PP-OCRv4 det) its calibration inputs."""
+    found = glob.glob(os.path.join(calib_dir, model + "_holdout*.npz"))
+    return (found[0], "holdout") if found else (glob.glob(os.path.join(calib_dir, model + "_calib*.npz"))[0], "calib")
+
+
 def feeds(a, model, n):
     """n single-sample feeds for SQNR: the held-out file, or (PP-OCRv4 det) the last calibration inputs."""
-    found = glob.glob(os.path.join(a.calib, model + "_holdout*.npz"))
-    src, on = (found[0], "holdout") if found else (glob.glob(os.path.join(a.calib, model + "_calib*.npz"))[0], "calib")
+    src, on = inputs_file(a.calib, model)
     data = np.load(src)
     arrays = {k: data[k] for k in data.files}  # each data[k] reads the whole array again: once only
     total = arrays[data.files[0]].shape[0]
