@@ -32,6 +32,8 @@ def correct_bias(graph: Graph, node: onnx.NodeProto, site: WeightSite, shift: np
     Conv and Gemm get a bias input (of `dtype`) when they have none; MatMul is corrected through
     the constant operand of an Add that alone reads its output.
     """
+    if not np.isfinite(shift).all():
+        return "the correction is not finite"
     if site.op in ("Conv", "Gemm"):
         beta = float(node_attr(node, "beta", 1.0)) if site.op == "Gemm" else 1.0
         if beta == 0:
@@ -62,6 +64,8 @@ def _subtract(graph: Graph, name: str, shift: np.ndarray) -> str:
     if len(graph.consumers.get(name, [])) != 1:
         return "the bias is shared with other nodes"
     b = numpy_helper.to_array(t)
+    if not np.isfinite(b).all():
+        return "the bias holds NaN/Inf"
     if b.size != shift.size or (b.ndim > 1 and max(b.shape) != b.size):
         return f"bias of shape {list(b.shape)} does not hold one value per output channel"
     corrected = (b.astype(np.float64) - shift.reshape(b.shape)).astype(b.dtype)

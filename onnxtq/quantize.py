@@ -156,6 +156,8 @@ def quantize_groups(
             best_scale = np.where(better, scale, best_scale)
             if zp is not None:
                 best_zp = np.where(better, zp, best_zp)
+    if best_scale.max(initial=0.0) > np.finfo(scale_dtype).max:  # float16 cannot hold such steps
+        scale_dtype = np.float32
     tiny = float(np.finfo(scale_dtype).smallest_subnormal)
     stored = np.maximum(best_scale, tiny).astype(scale_dtype)  # the step ORT will use
     q = _codes(w.astype(np.float64), stored.astype(np.float64), best_zp, qrange)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnxtq.finite import nonfinite_reason
 from onnxtq.graph import Graph
 
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
@@ -180,4 +181,21 @@ def _why_not(graph: Graph, t: onnx.TensorProto, name: str) -> str | None:
         return "also a graph output"
     if t.data_type not in _FLOATS:
         return f"not a float tensor ({onnx.TensorProto.DataType.Name(t.data_type)})"
-    return None
+    return nonfinite_reason(graph.array(name))
+
+
+#: Ops whose float constant inputs onnxtq computes with: weights, biases, BatchNormalization parameters.
+_COMPUTED_FROM = _WEIGHT_OPS | {"BatchNormalization"}
+
+
+def nonfinite_weights(graph: Graph) -> list[str]:
+    """'name: reason' for every float constant onnxtq would compute with that holds NaN/Inf."""
+    names = {
+        name
+        for node in graph.graph.node
+        if node.op_type in _COMPUTED_FROM and node.domain in ("", "ai.onnx")
+        for name in node.input
+        if name in graph.initializers and graph.initializers[name].data_type in _FLOATS
+    }
+    found = ((name, nonfinite_reason(graph.array(name))) for name in sorted(names))
+    return [f"'{name}' {why.removesuffix(': left as it is')}" for name, why in found if why]

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxtq.finite import nonfinite_reason
 from onnxtq.model_io import tensor_nbytes
 from onnxtq.pass_infra import Context, Pass, PassConfig
 from onnxtq.report import PassReport, WeightRecord
@@ -86,15 +87,21 @@ class FoldBatchNormPass(Pass):
         gamma, beta, mean, var = (g.array(n).astype(np.float64) for n in bn.input[1:5])
         w_t = g.initializers[layer.input[1]]
         w = numpy_helper.to_array(w_t)
-        scale = gamma / np.sqrt(var + eps)
         has_bias = len(layer.input) > 2 and bool(layer.input[2])
         bias = g.array(layer.input[2]).astype(np.float64) if has_bias else np.zeros_like(mean)
         before = tensor_nbytes(w_t) + sum(tensor_nbytes(g.initializers[n]) for n in bn.input[1:5])
         before += tensor_nbytes(g.initializers[layer.input[2]]) if has_bias else 0
         gemm_transposed = layer.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in layer.attribute)
         shape = (1, -1) if gemm_transposed else (-1,) + (1,) * (w.ndim - 1)  # scale the output-channel axis
-        new_w = (w.astype(np.float64) * scale.reshape(shape)).astype(w.dtype)
-        new_b = ((bias - mean) * scale + beta).astype(w.dtype)
+        with np.errstate(all="ignore"):  # NaN/Inf parameters or a negative variance are caught below
+            scale = gamma / np.sqrt(var + eps)
+            new_w = (w.astype(np.float64) * scale.reshape(shape)).astype(w.dtype)
+            new_b = ((bias - mean) * scale + beta).astype(w.dtype)
+        why_not = nonfinite_reason(new_w) or nonfinite_reason(new_b)
+        if why_not:
+            return WeightRecord(
+                w_t.name, layer.name, layer.op_type, "skipped", reason=f"not folded: the result {why_not}"
+            )
         g.set_initializer(numpy_helper.from_array(new_w, w_t.name))
         bias_name = layer.input[2] if has_bias else g.unique(f"{w_t.name}/onnxtq.bias")
         g.set_initializer(numpy_helper.from_array(new_b, bias_name))

@@ -128,6 +128,9 @@ class TqPass(Pass):
         cfg = self.config
         report = self.new_report()
         sites = quantizable(discover(ctx.graph), cfg.min_elements, report)
+        if not sites:  # nothing to allocate over (and no rate to report per weight)
+            report.notes.append("no weight to quantize")
+            return report
         clock = [time.perf_counter()]
         layers = [self._layer(ctx, s) for s in tqdm(sites, desc="tq transforms", disable=None, leave=False)]
         probe = Probe(ctx.graph.model, ctx.data, cfg.gain_samples) if cfg.gains else None

@@ -19,6 +19,7 @@ from onnxtq import model_io
 from onnxtq.calibration.data import Source
 from onnxtq.calibration.stats import LayerStats, MomentAccumulator, choose_mode, conv_patches, dense_rows
 from onnxtq.errors import DataError
+from onnxtq.finite import nonfinite
 from onnxtq.graph import copy_model, infer_shapes, outer_reads, tensor_shapes
 from onnxtq.weights import WeightSite
 
@@ -144,6 +145,19 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
     return cut.SerializeToString()
 
 
+def _check_finite(activations: dict[str, np.ndarray], first_sample: int) -> None:
+    """No statistic is computed from NaN/Inf: a layer input that holds one on finite inputs is an error."""
+    for name, a in activations.items():
+        found = nonfinite(a)
+        if found:
+            count, first = found
+            raise DataError(
+                f"the model computes {count} NaN/Inf value(s) in tensor '{name}' (a layer's input) on calibration "
+                f"sample {first_sample + first[0]}, at index {first[1:]}",
+                "the model overflows on these inputs, or some of its constants hold NaN/Inf",
+            )
+
+
 def _first_batch(source: Source, config: CalibrationConfig) -> tuple[tuple[int, dict], int]:
     """The first sample, and the batch size that keeps one run's input under INPUT_BATCH_BYTES."""
     first = next(iter(source.batches(1)), None)
@@ -182,6 +196,7 @@ def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, con
                     feed = {k: v[: limit - seen] for k, v in feed.items()}
                     n = limit - seen
                 outputs = dict(zip(group, sess.run(group, feed))) if group else {}
+                _check_finite(outputs, seen)
                 outputs.update({k: v for k, v in feed.items() if k in wanted})
                 for site, acc in members:
                     for chunk in _chunks(site, outputs[site.activation], config, rngs[_key(site)]):
@@ -229,6 +244,8 @@ def collect_drift(
             break
         feed = {k: v[: limit - seen] for k, v in feed.items()}
         ref, cur = ({**dict(zip(exposed, sess.run(exposed, feed))), **feed} for sess in runs)
+        _check_finite(ref, seen)
+        _check_finite(cur, seen)
         for site in sites:
             seed = int(rng.integers(2**63))  # the same patch positions in both models
             x_ref = _chunks(site, ref[site.activation], config, np.random.default_rng(seed))

@@ -2,14 +2,17 @@
 
 Every source yields feeds `{input_name: array}` whose first axis is the batch, a few
 samples at a time, so memory stays bounded whatever the data set size. There is no
-random-data fallback: no data is an error.
+random-data fallback: no data is an error. Every batch is checked as it streams: a NaN or Inf
+in a float input is bad data (one such pixel turns bias corrections, and so the whole model, NaN).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ import numpy as np
 import onnx
 
 from onnxtq.errors import DataError
+from onnxtq.finite import nonfinite
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -46,13 +50,36 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def check_finite(feed: dict[str, np.ndarray], first_sample: int, where: str) -> None:
+    """DataError naming the input, the count and the first place of any NaN/Inf in a batch whose
+    first sample is number `first_sample` (axis 0 of each array indexes samples)."""
+    for name, a in feed.items():
+        found = nonfinite(a)
+        if found:
+            count, first = found
+            raise DataError(
+                f"calibration data ({where}): input '{name}' holds {count} NaN/Inf value(s) in one batch, "
+                f"the first in sample {first_sample + first[0]} at index {first[1:]}",
+                "remove or repair those samples; onnxtq computes no statistic from NaN or Inf",
+            )
+
+
 class Source:
-    """Base: `batches(n)` yields (samples, feed) with at most n samples per feed; re-iterable."""
+    """Base: `batches(n)` yields (samples, feed) with at most n samples per feed; re-iterable.
+
+    Subclasses implement `_batches`; `batches` checks every float value as it streams."""
 
     description = ""
     num_samples = 0
 
     def batches(self, batch: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        seen = 0
+        for n, feed in self._batches(batch):
+            check_finite(feed, seen, self.description)
+            yield n, feed
+            seen += n
+
+    def _batches(self, batch: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -65,7 +92,7 @@ class _NpyMember:
     def __init__(self, zf: zipfile.ZipFile, key: str):
         self.zf, self.member = zf, f"{key}.npy"
         info = zf.getinfo(self.member)
-        with zf.open(self.member) as f:
+        with _unreadable(self.member), zf.open(self.member) as f:
             self.shape, self.dtype, self.offset = self._header(f)
         need = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
         if need + self.offset > info.file_size:
@@ -84,11 +111,22 @@ class _NpyMember:
 
     def rows(self, count: int) -> Iterator[np.ndarray]:
         row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        with self.zf.open(self.member) as f:
+        with _unreadable(self.member), self.zf.open(self.member) as f:
             f.read(self.offset)
             for start in range(0, self.shape[0], count):
                 k = min(count, self.shape[0] - start)
                 yield np.frombuffer(f.read(k * row_bytes), self.dtype).reshape(k, *self.shape[1:])
+
+
+@contextlib.contextmanager
+def _unreadable(member: str):
+    """A damaged archive member (bad header, CRC, compression or length) is bad data, not a bug."""
+    try:
+        yield
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(
+            f"cannot read '{member}' from the calibration file: {exc}", "write it again with numpy.savez"
+        ) from exc
 
 
 class NpzSource(Source):
@@ -120,7 +158,7 @@ class NpzSource(Source):
         self.num_samples = min(total, limit) if limit else total
         self.description = f"{self.path.name}: {self.num_samples} samples"
 
-    def batches(self, batch: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    def _batches(self, batch: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         stacked = all(s.batched and len(self.members[s.name].shape) == len(s.shape) for s in self.specs)
         step = batch if stacked else 1
         streams = {n: m.rows(step) for n, m in self.members.items()}
@@ -200,14 +238,17 @@ class ImageFolderSource(Source):
         from PIL import Image
 
         h, w = self.prep.size
-        img = Image.open(path).convert("RGB").resize((w, h), Image.BILINEAR)
+        try:
+            img = Image.open(path).convert("RGB").resize((w, h), Image.BILINEAR)
+        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            raise DataError(f"cannot read image '{path}': {exc}", "remove it from the folder") from exc
         x = np.asarray(img, dtype=np.float32) * self.prep.scale
         if self.prep.bgr:
             x = x[..., ::-1]
         x = (x - np.float32(self.prep.mean)) / np.float32(self.prep.std)
         return x.transpose(2, 0, 1).astype(self.spec.dtype)
 
-    def batches(self, batch: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    def _batches(self, batch: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         step = batch if self.spec.batched else 1
         for i in range(0, len(self.files), step):
             chunk = self.files[i : i + step]
@@ -237,7 +278,7 @@ class ReaderSource(Source):
         self.num_samples = count
         self.description = f"{type(reader).__name__}: {count} samples"
 
-    def batches(self, batch: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    def _batches(self, batch: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         for i in range(self.num_samples):
             with np.load(self.dir / f"{i:08d}.npz") as z:
                 yield 1, {k: z[k] for k in z.files}
