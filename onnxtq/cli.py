@@ -16,18 +16,23 @@ from pathlib import Path
 
 from onnxtq import __version__, container, model_io, report_page
 from onnxtq.calibration.data import ImagePreprocessing, open_source
-from onnxtq.compress import DEFAULT_PIPELINE, compress, model_bytes, prepare, sweep
-from onnxtq.errors import DataError, OnnxtqError, UsageError
+from onnxtq.compress import DEFAULT_PIPELINE, Guards, compress, model_bytes, prepare, sweep
+from onnxtq.errors import DataError, OnnxtqError
 from onnxtq.graph import Graph, provenance
+from onnxtq.model_io import write_atomic
 from onnxtq.pipeline import registry
-from onnxtq.verify import compare, validate
+from onnxtq.report import output_line
+from onnxtq.verify import check_fidelity, compare, validate
 from onnxtq.weights import discover
 
 EXIT_CODES = """exit codes:
   0  success
-  1  a pass or onnxruntime failed unexpectedly (a bug: please report it with -v output)
-  2  bad input or usage: unreadable/unsafe model, bad calibration data, unknown pass or option
-  3  the compressed model failed verification (checker, onnxruntime, or --min-sqnr budget)"""
+  1  a bug: an unexpected failure in a pass or onnxruntime (please report it with -v output)
+  2  bad input or usage: unreadable/unsafe model, NaN/Inf in weights or calibration data, unknown pass or
+     option, an output path that is an input or another output or cannot be written
+  3  the compressed model failed verification (checker, onnxruntime, NaN/Inf outputs, --min-sqnr budget)
+  4  no gain: no weight was quantized, or the output is not smaller than the input (nothing written;
+     --allow-no-gain writes it and exits 0)"""
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -57,6 +62,23 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     img.add_argument("--image-mean", type=_floats, default=(0.0, 0.0, 0.0), metavar="R,G,B")
     img.add_argument("--image-std", type=_floats, default=(1.0, 1.0, 1.0), metavar="R,G,B")
     img.add_argument("--bgr", action="store_true", help="feed channels in BGR order")
+
+
+def _add_guard_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-no-gain",
+        action="store_true",
+        help="write the output (exit 0) even if no weight was quantized or it is not smaller than the input",
+    )
+    p.add_argument(
+        "--keep-nonfinite",
+        action="store_true",
+        help="leave weights that hold NaN/Inf as they are (their layers stay in float) instead of refusing the model",
+    )
+
+
+def _guards(args) -> Guards:
+    return Guards(allow_no_gain=args.allow_no_gain, keep_nonfinite=args.keep_nonfinite)
 
 
 def _command(sub, name: str, help: str) -> argparse.ArgumentParser:
@@ -93,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         "--min-sqnr", type=float, metavar="DB", help="refuse to write the output if any output's SQNR is below this"
     )
     c.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    _add_guard_options(c)
 
     sw = _command(
         sub, "sweep", "run several pipelines on one model, calibrating once, and tabulate size against fidelity"
@@ -106,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--report-html", metavar="HTML", help="write the report page with the rate-fidelity curve")
     sw.add_argument("--verify-samples", type=int, default=8)
     sw.add_argument("--threads", type=int, default=0)
+    _add_guard_options(sw)
 
     rp = _command(
         sub,
@@ -164,30 +188,30 @@ def _prep(args) -> ImagePreprocessing:
 
 def _compress(args) -> int:
     output = args.output or f"{Path(args.model).stem}.compressed.onnx"
-    calib = _calib(args, args.model)
-    _refuse_page(args.report_html, args.model, output, args.report)
+    also = {"--report": args.report, "--report-html": args.report_html}
     run = compress(
-        args.model, output, args.pipeline, calib, _prep(args), args.verify_samples, args.min_sqnr, args.threads
+        args.model,
+        output,
+        args.pipeline,
+        _calib(args, args.model),
+        _prep(args),
+        args.verify_samples,
+        args.min_sqnr,
+        args.threads,
+        _guards(args),
+        also,
     )
     print(run.table())
     print(f"wrote {output}")
     if args.report:
-        Path(args.report).write_text(run.to_json())
+        write_atomic(run.to_json().encode(), args.report)
     if args.report_html:
-        report_page.write([run], args.report_html, refuse=[args.model, output, args.report or args.model])
+        report_page.write([run], args.report_html)
         print(f"wrote {args.report_html}")
     return 0
 
 
-def _refuse_page(page: str | None, *inputs) -> None:
-    """Before any work: the report page may not be written over the model or another output."""
-    if page and Path(page).resolve() in {Path(p).resolve() for p in inputs if p}:
-        raise UsageError(f"--report-html '{page}' names the model or an output", "choose another path")
-
-
 def _sweep(args) -> int:
-    _refuse_page(args.report_html, args.model, args.report)
-    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     every = sweep(
         args.model,
         args.out_dir,
@@ -197,6 +221,8 @@ def _sweep(args) -> int:
         _prep(args),
         args.verify_samples,
         args.threads,
+        _guards(args),
+        {"--report": args.report, "--report-html": args.report_html},
     )
     print(f"{'pipeline':<48} {'bytes':>12} {'ratio':>7} {'SQNR dB':>8} {'seconds':>8}  file")
     failed = [run for run in every if run.error]
@@ -209,20 +235,19 @@ def _sweep(args) -> int:
         ratio = run.bytes_before / run.bytes_after
         print(f"{run.pipeline:<48} {run.bytes_after:>12,d} {ratio:>6.2f}x {sqnr:>8.1f} {seconds:>8.1f}  {run.output}")
     if args.report:  # every pipeline in order, failed ones with their error
-        Path(args.report).write_text("[" + ",\n".join(run.to_json() for run in every) + "]")
+        write_atomic(("[" + ",\n".join(run.to_json() for run in every) + "]").encode(), args.report)
     if args.report_html and runs:
-        refuse = [args.model, args.report or args.model, *(run.output for run in runs)]
-        report_page.write(runs, args.report_html, refuse=refuse)
+        report_page.write(runs, args.report_html)
         print(f"wrote {args.report_html}")
     elif args.report_html:
         print(f"no page written to {args.report_html}: every pipeline failed")
-    return 1 if failed else 0
+    return min((run.exit_code for run in failed), default=0)  # the gravest failure: 1 (a bug) before 2, 3, 4
 
 
 def _report(args) -> int:
     output = args.output or f"{Path(args.reports[0]).stem}.html"
     runs = report_page.load(args.reports)
-    data = report_page.write(runs, output, args.json, args.png_dir, refuse=args.reports)
+    data = report_page.write(runs, output, args.json, args.png_dir, inputs={"a run report": args.reports})
     for head in data["runs"]:
         sqnr = head["worst_output_sqnr_db"]
         print(f"{head['pipeline']:<48} {head['bytes_after']:>12,d} B {'' if sqnr is None else f'{sqnr:6.1f} dB'}")
@@ -299,11 +324,8 @@ def _verify(args) -> int:
         f"{result['samples']} samples; sizes {model_bytes(args.original):,d} B -> {model_bytes(args.compressed):,d} B"
     )
     for name, v in result["outputs"].items():
-        print(f"output {name}: SQNR {v['sqnr_db']:.2f} dB, max |err| {v['max_abs_err']:.4g}")
-    worst = min(v["sqnr_db"] for v in result["outputs"].values())
-    if args.min_sqnr is not None and worst < args.min_sqnr:
-        print(f"onnxtq: error: SQNR {worst:.2f} dB is below --min-sqnr {args.min_sqnr:g}", file=sys.stderr)
-        return 3
+        print(output_line(name, v))
+    check_fidelity(result, args.min_sqnr)
     return 0
 
 

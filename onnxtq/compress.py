@@ -1,24 +1,31 @@
-"""compress(): load → normalise → run the pipeline → validate → write atomically.
+"""compress(): load → check → normalise → run the pipeline → validate → write atomically.
 
-Nothing is written unless the result passes the checker, loads in onnxruntime and,
-when a budget is given, keeps every output's SQNR above it. The input is never touched.
+Before any work, every output path is checked against the inputs and the other outputs
+(onnxtq.paths), the model must pass the checker and load in onnxruntime, and weights holding
+NaN/Inf are refused unless the caller keeps them as they are. Nothing is written unless the
+result passes the checker, loads in onnxruntime, computes no NaN/Inf, keeps every output's SQNR
+above the budget when one is given, and gains something: at least one weight quantized and a
+file smaller than the input (else NoGainError, exit 4, unless `allow_no_gain`).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
 from onnxtq import __version__, model_io
 from onnxtq.calibration.data import ImagePreprocessing, open_source
-from onnxtq.errors import OnnxtqError, VerificationError
-from onnxtq.graph import Graph, constants_to_initializers, copy_model
+from onnxtq.errors import ModelError, NoGainError, OnnxtqError
+from onnxtq.graph import Graph, constants_to_initializers, copy_model, subgraph_tensors
 from onnxtq.pass_infra import Context
+from onnxtq.paths import check_outputs
 from onnxtq.pipeline import parse
 from onnxtq.report import PassReport, RunReport
-from onnxtq.verify import compare, validate
+from onnxtq.verify import check_constants, check_fidelity, check_input, check_runs, compare, validate
+from onnxtq.weights import nonfinite_weights
 
 DEFAULT_PIPELINE = "fold-bn,calibrate,rtn{bits=8}"
 
@@ -45,6 +52,47 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
     return work, report
 
 
+@dataclass(frozen=True)
+class Guards:
+    """What a run refuses unless told otherwise: no-gain outputs (exit 4) and NaN/Inf weights (exit 2)."""
+
+    allow_no_gain: bool = False
+    keep_nonfinite: bool = False
+
+
+def _start(source_path, calib, outputs: dict, guards: Guards, image_prep):
+    """Everything checked before any work: paths, the model itself, its weights; returns what the run needs."""
+    original, external = model_io.load_with_files(source_path)
+    inputs = {"the input model": [source_path], "its external data": external}
+    if isinstance(calib, (str, os.PathLike)):
+        inputs["the calibration data"] = [calib]
+    check_outputs(inputs, outputs)
+    check_input(original)
+    work, prep_report = prepare(original)
+    _check_weights(work, guards)
+    data = open_source(calib, original, prep=image_prep) if calib is not None else None
+    try:
+        if data is not None:
+            check_runs(original, data)
+    except BaseException:
+        if data is not None:
+            data.close()
+        raise
+    size = sum(Path(p).stat().st_size for p in [source_path, *external])
+    return original, work, prep_report, data, size
+
+
+def _check_weights(work: onnx.ModelProto, guards: Guards) -> None:
+    """Weights holding NaN/Inf are refused, unless the caller keeps them as they are."""
+    poisoned = nonfinite_weights(Graph(work))
+    if poisoned and not guards.keep_nonfinite:
+        more = f" and {len(poisoned) - 3} more" if len(poisoned) > 3 else ""
+        raise ModelError(
+            f"{len(poisoned)} weight tensor(s) hold NaN/Inf: {'; '.join(poisoned[:3])}{more}",
+            "repair the model, or keep those tensors as they are with --keep-nonfinite (their layers stay in float)",
+        )
+
+
 def compress(
     source_path: str | os.PathLike,
     output_path: str | os.PathLike,
@@ -54,18 +102,23 @@ def compress(
     verify_samples: int = 8,
     min_sqnr_db: float | None = None,
     threads: int = 0,
+    guards: Guards = Guards(),
+    also_writes: dict[str, str | os.PathLike | None] | None = None,
 ) -> RunReport:
-    """Compress the model at `source_path` into `output_path`; returns the run report."""
+    """Compress the model at `source_path` into `output_path`; returns the run report.
+
+    `also_writes` names the caller's other outputs (a report, a page), checked with `output_path`
+    against the inputs and each other before any work.
+    """
     manager = parse(pipeline)
-    original = model_io.load(source_path)
-    work, prep_report = prepare(original)
-    data = open_source(calib, original, prep=image_prep) if calib is not None else None
+    original, work, prep_report, data, size = _start(
+        source_path, calib, {"the output": output_path, **(also_writes or {})}, guards, image_prep
+    )
     try:
         ctx = Context(Graph(work), data)
         reports = [prep_report] + manager.run(ctx)
-        return _finish(
-            original, ctx, manager.pipeline, reports, source_path, output_path, verify_samples, min_sqnr_db, threads
-        )
+        run = RunReport(manager.pipeline, str(source_path), str(output_path), passes=reports, bytes_before=size)
+        return _finish(original, ctx, run, verify_samples, min_sqnr_db, threads, guards)
     finally:
         if data is not None:
             data.close()
@@ -80,72 +133,89 @@ def sweep(
     image_prep: ImagePreprocessing | None = None,
     verify_samples: int = 8,
     threads: int = 0,
+    guards: Guards = Guards(),
+    also_writes: dict[str, str | os.PathLike | None] | None = None,
 ) -> list[RunReport]:
     """Several pipelines on one model, the `shared` head (normalisation, calibration) run once.
 
     Writes OUT_DIR/<model>.<n>.onnx for the n-th pipeline; returns their run reports in order. A pipeline
-    that fails gets a report with its `error` (and no file): one failure does not cost the others' results.
+    that fails gets a report with its `error` and `exit_code` (and no file): one failure does not cost the
+    others' results.
     """
     head = parse(shared)
     tails = [parse(p) for p in pipelines]
-    original = model_io.load(source_path)
-    work, prep_report = prepare(original)
-    data = open_source(calib, original, prep=image_prep) if calib is not None else None
+    outputs = {f"pipeline {i + 1}'s output": sweep_output(source_path, out_dir, i) for i in range(len(tails))}
+    original, work, prep_report, data, size = _start(
+        source_path, calib, {**outputs, **(also_writes or {})}, guards, image_prep
+    )
     runs = []
     try:
         base = Context(Graph(work), data)
         head_reports = [prep_report] + head.run(base)
         for index, tail in enumerate(tails):
             pipeline = f"{head.pipeline},{tail.pipeline}"
-            output = Path(out_dir) / f"{Path(source_path).stem}.{index}.onnx"
+            output = sweep_output(source_path, out_dir, index)
             try:
                 ctx = Context(Graph(copy_model(base.graph.model)), data, base.stats, base.stats_fresh)
                 reports = head_reports + tail.run(ctx)
-                runs.append(
-                    _finish(original, ctx, pipeline, reports, source_path, output, verify_samples, None, threads)
-                )
+                run = RunReport(pipeline, str(source_path), str(output), passes=reports, bytes_before=size)
+                runs.append(_finish(original, ctx, run, verify_samples, None, threads, guards))
             except OnnxtqError as exc:
-                runs.append(RunReport(pipeline, str(source_path), error=f"{type(exc).__name__}: {exc}"))
+                error = f"{type(exc).__name__}: {exc}"
+                runs.append(RunReport(pipeline, str(source_path), error=error, exit_code=exc.exit_code))
         return runs
     finally:
         if data is not None:
             data.close()
 
 
+def sweep_output(source_path, out_dir, index: int) -> Path:
+    """Where a sweep writes its `index`-th pipeline's model."""
+    return Path(out_dir) / f"{Path(source_path).stem}.{index}.onnx"
+
+
 def _finish(
-    original,
-    ctx: Context,
-    pipeline: str,
-    reports,
-    source_path,
-    output_path,
-    verify_samples: int,
-    min_sqnr_db: float | None,
-    threads: int,
+    original, ctx: Context, run: RunReport, verify_samples: int, min_sqnr_db: float | None, threads: int, guards
 ) -> RunReport:
-    """Stamp, validate, verify against the original and write atomically: the tail every run shares."""
+    """Stamp, validate, verify against the original, check the gain and write atomically: the tail every
+    run shares."""
     result = ctx.graph.model
     onnx.helper.set_model_props(
         result,
         {
             **{p.key: p.value for p in original.metadata_props},
-            "onnxtq.pipeline": pipeline,
+            "onnxtq.pipeline": run.pipeline,
             "onnxtq.version": __version__,
         },
     )
+    check_constants(original, result)
     validate(result)
-    run = RunReport(pipeline, str(source_path), str(output_path), passes=reports)
+    data = model_io.serialize(result)
+    why = None if guards.allow_no_gain else no_gain(run, len(data), original)
+    if why:
+        raise NoGainError(f"{why}; nothing written")
     run.session = "onnxruntime CPU, session.qdq_matmulnbits_accuracy_level=0 (fp32 compute)"
     if ctx.stats is not None:
         run.calibration = f"{ctx.stats.samples} samples from {ctx.stats.description}"
     if ctx.data is not None and verify_samples:
         run.verification = compare(original, result, ctx.data, verify_samples, threads)
-        worst = min(v["sqnr_db"] for v in run.verification["outputs"].values())
-        if min_sqnr_db is not None and worst < min_sqnr_db:
-            raise VerificationError(
-                f"output SQNR {worst:.1f} dB is below the budget of {min_sqnr_db:g} dB; nothing written",
-                "use more bits, a smaller block, or lower --min-sqnr",
-            )
-    run.bytes_before = model_bytes(source_path)
-    run.bytes_after = model_io.save_atomic(result, output_path, refuse=Path(source_path))
+        check_fidelity(run.verification, min_sqnr_db, "; nothing written")
+    model_io.write_atomic(data, run.output, refuse=run.source)
+    run.bytes_after = len(data)
     return run
+
+
+def no_gain(run: RunReport, size: int, original: onnx.ModelProto) -> str | None:
+    """Why the output gains nothing (no weight quantized, or not smaller than the input), or None."""
+    records = [r for p in run.passes for r in p.records]
+    if not any(r.status == "quantized" for r in records):
+        skipped = {r.name: r.reason for r in records if r.status == "skipped"}
+        if skipped:
+            examples = "; ".join(f"'{name}': {why}" for name, why in list(skipped.items())[:3])
+            return f"no weight was quantized: {len(skipped)} candidate(s) skipped ({examples})"
+        hidden = subgraph_tensors(original)
+        where = f"; {hidden} tensor(s) sit inside If/Loop/Scan bodies, which onnxtq does not reach" if hidden else ""
+        return f"no weight was quantized: the pipeline quantizes nothing, or the model has no weight it can{where}"
+    if size >= run.bytes_before:
+        return f"the output ({size:,d} B) is not smaller than the input ({run.bytes_before:,d} B)"
+    return None

@@ -42,6 +42,7 @@ from onnx import external_data_helper, helper, numpy_helper
 from onnxtq.entropy import histogram_bits
 from onnxtq.errors import ModelError, UsageError, VerificationError
 from onnxtq.model_io import MAX_TENSOR_ELEMENTS, tensor_nbytes, write_atomic
+from onnxtq.paths import check_outputs
 
 MAGIC = b"ONNXTQC\x01"  # last byte: format version
 CODERS = ("rans", "huffman")
@@ -58,6 +59,8 @@ _STREAM_TYPES = {
 
 class ContainerError(ModelError):
     """The container file is truncated, corrupt, forged, or of an unknown version."""
+
+    default_hint = "the container is damaged or forged: pack the model again"
 
 
 @dataclasses.dataclass
@@ -567,6 +570,7 @@ def pack_file(
     min_elements: int = DEFAULT_MIN_ELEMENTS,
 ) -> PackReport:
     """Pack an .onnx file into a container file (atomically; never over the input)."""
+    check_outputs({"the input model": [model_path]}, {"the output": output})
     container, report = pack(_read(model_path, "model"), coder, min_elements)
     write_atomic(container, output, refuse=model_path)
     return report
@@ -574,6 +578,7 @@ def pack_file(
 
 def unpack_file(container_path: str | os.PathLike, output: str | os.PathLike) -> int:
     """Restore the .onnx file a container holds; returns its size in bytes."""
+    check_outputs({"the container": [container_path]}, {"the output": output})
     data = unpack(_read(container_path, "container"))
     write_atomic(data, output, refuse=container_path)
     return len(data)

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, version_converter
 
-from onnxtq.errors import ModelError, PreconditionError
+from onnxtq.errors import PreconditionError
 
 PROVENANCE_PASS = "onnxtq.pass"
 PROVENANCE_ROLE = "onnxtq.role"
@@ -122,6 +122,21 @@ def outer_reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def subgraph_tensors(model: onnx.ModelProto) -> int:
+    """Initializers and Constant nodes inside If/Loop/Scan bodies, at any depth (weights discovery misses)."""
+
+    def count(g: onnx.GraphProto, inside: bool) -> int:
+        n = len(g.initializer) + sum(node.op_type == "Constant" for node in g.node) if inside else 0
+        for node in g.node:
+            for attr in node.attribute:
+                n += sum(
+                    count(sg, True) for sg in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)
+                )
+        return n
+
+    return count(model.graph, False)
+
+
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """A deep copy (passes and runs that must leave the given model as it is)."""
     copy = onnx.ModelProto()
@@ -206,11 +221,3 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:
     for t in g.initializer:
         out[t.name] = list(t.dims)
     return out
-
-
-def check_model(model: onnx.ModelProto) -> None:
-    """onnx.checker full check (types included); raises ModelError with the checker's words."""
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as exc:
-        raise ModelError(f"onnx.checker rejects the model: {exc}") from exc

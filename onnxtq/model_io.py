@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 from onnx import external_data_helper, numpy_helper
 
-from onnxtq.errors import ModelError
+from onnxtq.errors import ModelError, UsageError
 
 #: Largest tensor we agree to materialise (elements); guards against forged dims.
 MAX_TENSOR_ELEMENTS = 2**33
@@ -25,6 +25,8 @@ _TWO_GB = 2**31 - 1
 
 def _dtype_size(data_type: int) -> float:
     """Bytes per element, fractional for packed sub-byte types."""
+    if data_type not in onnx.TensorProto.DataType.values() or data_type == onnx.TensorProto.UNDEFINED:
+        raise ModelError(f"unknown tensor element type {data_type}", "the file is corrupt or from a newer ONNX")
     np_type = onnx.helper.tensor_dtype_to_np_dtype(data_type)
     name = onnx.TensorProto.DataType.Name(data_type)
     if name.endswith("INT4") or name.startswith("FLOAT4"):
@@ -40,7 +42,9 @@ def tensor_nbytes(t: onnx.TensorProto) -> int:
     return int(np.ceil(n * _dtype_size(t.data_type)))
 
 
-def _check_dims(t: onnx.TensorProto, where: str) -> None:
+def _check_header(t: onnx.TensorProto, where: str) -> None:
+    """A known element type and a shape that is neither negative nor forged huge."""
+    _dtype_size(t.data_type)
     if any(d < 0 for d in t.dims):
         raise ModelError(f"tensor '{t.name}' in {where} has a negative dimension {list(t.dims)}")
     n = 1
@@ -64,35 +68,75 @@ def _iter_tensors(graph: onnx.GraphProto):
                     yield from _iter_tensors(g)
 
 
+def _count(info: dict[str, str], key: str, t: onnx.TensorProto) -> int | None:
+    """A non-negative integer field of a tensor's external-data entry (offset, length), or None if absent."""
+    if key not in info:
+        return None
+    text = info[key]
+    if not text.isdigit():
+        raise ModelError(f"tensor '{t.name}': external-data {key} '{text}' is not a non-negative integer")
+    return int(text)
+
+
 def _check_external(t: onnx.TensorProto, folder: Path) -> None:
     info = {e.key: e.value for e in t.external_data}
     location = info.get("location", "")
+    if not location:
+        raise ModelError(f"tensor '{t.name}' is marked external but names no location", "the file is corrupt")
     target = (folder / location).resolve()
-    if not location or os.path.isabs(location) or folder.resolve() not in target.parents:
+    if os.path.isabs(location) or folder.resolve() not in target.parents:
         raise ModelError(
             f"tensor '{t.name}' points at external data '{location}' outside the model's folder",
             "external data must live beside the model; refusing to read it",
         )
     if not target.is_file():
         raise ModelError(f"external data file '{location}' of tensor '{t.name}' is missing")
-    offset, length = int(info.get("offset", 0)), info.get("length")
+    offset, length = _count(info, "offset", t) or 0, _count(info, "length", t)
     expected = tensor_nbytes(t)
-    if length is not None and int(length) != expected:
+    if length is not None and length != expected:
         raise ModelError(f"tensor '{t.name}': external length {length} != {expected} bytes for its shape")
     if offset + expected > target.stat().st_size:
         raise ModelError(f"tensor '{t.name}': external data runs past the end of '{location}'")
 
 
+#: Values per entry of a typed data field where it is not one: packed sub-byte codes, complex pairs.
+_PER_ENTRY = {
+    onnx.TensorProto.INT4: 2,
+    onnx.TensorProto.UINT4: 2,
+    onnx.TensorProto.FLOAT4E2M1: 2,
+    onnx.TensorProto.INT2: 4,
+    onnx.TensorProto.UINT2: 4,
+    onnx.TensorProto.COMPLEX64: 0.5,
+    onnx.TensorProto.COMPLEX128: 0.5,
+}
+
+
 def _check_inline(t: onnx.TensorProto) -> None:
-    if t.HasField("raw_data") and len(t.raw_data) != tensor_nbytes(t) and t.data_type != onnx.TensorProto.STRING:
-        raise ModelError(
-            f"tensor '{t.name}' holds {len(t.raw_data)} bytes but its shape {list(t.dims)} needs {tensor_nbytes(t)}"
-        )
+    """The data a tensor holds in the file is exactly what its type and shape need."""
+    if t.HasField("segment"):
+        raise ModelError(f"tensor '{t.name}' is segmented", "segmented tensors are not supported")
+    n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    if t.data_type == onnx.TensorProto.STRING:
+        held, need, unit = len(t.string_data), n, "strings"
+    elif t.HasField("raw_data"):
+        held, need, unit = len(t.raw_data), tensor_nbytes(t), "bytes"
+    else:
+        field = onnx.helper.tensor_dtype_to_field(t.data_type)
+        held, need, unit = len(getattr(t, field)), int(np.ceil(n / _PER_ENTRY.get(t.data_type, 1))), f"{field} values"
+    if held != need:
+        raise ModelError(f"tensor '{t.name}' holds {held} {unit} but its shape {list(t.dims)} needs {need}")
 
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
     """Load a model with its external data after validating every tensor reference."""
+    return load_with_files(path)[0]
+
+
+def load_with_files(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[Path]]:
+    """`load`, and the external data files the model was read from besides its own."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"'{path}' is a folder, not a model file", "give the path of the .onnx file")
     if not path.is_file():
         raise ModelError(f"model file '{path}' does not exist", "check the path")
     try:
@@ -101,14 +145,26 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(f"'{path}' is not a readable ONNX model: {exc}", "is it an .onnx file?") from exc
     if not model.graph.node:
         raise ModelError(f"'{path}' has an empty graph")
+    files = set()
     for t in _iter_tensors(model.graph):
-        _check_dims(t, str(path))
+        _check_header(t, str(path))
         if external_data_helper.uses_external_data(t):
             _check_external(t, path.parent)
+            files.add((path.parent / next(e.value for e in t.external_data if e.key == "location")).resolve())
         else:
             _check_inline(t)
-    external_data_helper.load_external_data_for_model(model, str(path.parent))
-    return model
+    try:
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError) as exc:  # what the checks above cannot foresee (e.g. a file that vanished)
+        raise ModelError(f"cannot read the external data of '{path}': {exc}") from exc
+    return model, sorted(files)
+
+
+def serialize(model: onnx.ModelProto) -> bytes:
+    """The model as one file's bytes (protobuf caps a message at 2 GB)."""
+    if model.ByteSize() >= _TWO_GB:
+        raise ModelError("the compressed model exceeds 2 GB", "external-data output is not supported yet")
+    return model.SerializeToString()
 
 
 def save_atomic(model: onnx.ModelProto, path: str | os.PathLike, *, refuse: Path | None = None) -> int:
@@ -116,9 +172,7 @@ def save_atomic(model: onnx.ModelProto, path: str | os.PathLike, *, refuse: Path
 
     `refuse` is the input model's path: writing over it is never allowed.
     """
-    data = model.SerializeToString() if model.ByteSize() < _TWO_GB else None
-    if data is None:
-        raise ModelError("the compressed model exceeds 2 GB", "external-data output is not supported yet")
+    data = serialize(model)
     write_atomic(data, path, refuse=refuse)
     return len(data)
 
@@ -133,13 +187,19 @@ def write_atomic(data: bytes, path: str | os.PathLike, *, refuse: str | os.PathL
         raise ModelError(
             f"output '{path}' is the input model", "choose another output path; onnxtq never overwrites its input"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise UsageError(f"cannot write '{path}': {exc.strerror or exc}", "choose a folder you can write to") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, or the target is a folder: nothing is left behind
+        os.unlink(tmp)
+        raise UsageError(f"cannot write '{path}': {exc.strerror or exc}", "check the path and the free space") from exc
     except BaseException:
         os.unlink(tmp)
         raise

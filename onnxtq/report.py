@@ -73,6 +73,7 @@ class RunReport:
     passes: list[PassReport] = field(default_factory=list)
     verification: dict = field(default_factory=dict)
     error: str = ""  # why a sweep's pipeline produced no model (the sweep goes on with the next)
+    exit_code: int = 0  # the exit code that failure has on its own (onnxtq.errors)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, default=str)
@@ -81,6 +82,15 @@ class RunReport:
         lines = [p.summary() for p in self.passes]
         ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
         lines.append(f"model: {self.bytes_before:,d} B -> {self.bytes_after:,d} B ({ratio:.2f}x smaller)")
-        for name, v in self.verification.get("outputs", {}).items():
-            lines.append(f"output {name}: SQNR {v['sqnr_db']:.1f} dB, max |err| {v['max_abs_err']:.3g}")
+        lines += [output_line(name, v) for name, v in self.verification.get("outputs", {}).items()]
         return "\n".join(lines)
+
+
+def output_line(name: str, v: dict) -> str:
+    """One line for people: the output's SQNR and max error, or how many of its values are NaN/Inf."""
+    if v.get("nonfinite") or v.get("reference_nonfinite"):
+        return (
+            f"output {name}: {v['nonfinite']:,d} of {v['values']:,d} values are NaN/Inf "
+            f"(the original's: {v['reference_nonfinite']:,d})"
+        )
+    return f"output {name}: SQNR {v['sqnr_db']:.1f} dB, max |err| {v['max_abs_err']:.3g}"

@@ -24,8 +24,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from onnxtq.errors import DataError, UsageError
+from onnxtq.errors import DataError
 from onnxtq.model_io import write_atomic
+from onnxtq.paths import check_outputs
 from onnxtq.report import RunReport
 
 FINAL = ("quantized", "refined")  # record states that describe what the file stores
@@ -457,30 +458,29 @@ def write(
     html_path: str | os.PathLike,
     json_path: str | os.PathLike | None = None,
     png_dir: str | os.PathLike | None = None,
-    refuse: Iterable[str | os.PathLike] = (),
+    inputs: dict[str, Iterable[str | os.PathLike]] | None = None,
 ) -> dict:
     """Draw the figures and write the page (and the figures' JSON, and PNG files); returns the data.
 
-    Each file is written atomically; none may be one of the `refuse` paths (the inputs).
+    Every file is checked before anything is drawn (onnxtq.paths: none may be one of the `inputs`,
+    nor two the same file) and written atomically.
     """
     from onnxtq import plots  # matplotlib loads only when a page is drawn
 
     data = figures(runs)
+    targets = {"the page": Path(html_path)}
+    if json_path is not None:
+        targets["--json"] = Path(json_path)
+    if png_dir is not None:
+        targets.update({f"figure '{fig['id']}'": Path(png_dir) / f"{fig['id']}.png" for fig in data["figures"]})
+    check_outputs(inputs or {}, targets)
     drawing = tqdm(data["figures"], desc="report plots", unit="figure", disable=None, leave=False)
     images = {fig["id"]: plots.draw(fig) for fig in drawing}
-    targets = {Path(html_path): render(data, images).encode("utf-8")}
+    payloads = {Path(html_path): render(data, images).encode("utf-8")}
     if json_path is not None:
-        targets[Path(json_path)] = (json.dumps(data, indent=1, allow_nan=False) + "\n").encode("utf-8")
+        payloads[Path(json_path)] = (json.dumps(data, indent=1, allow_nan=False) + "\n").encode("utf-8")
     if png_dir is not None:
-        targets.update({Path(png_dir) / f"{fid}.png": png for fid, png in images.items()})
-    inputs = {Path(p).resolve() for p in refuse}
-    for path in targets:
-        if path.resolve() in inputs:
-            raise UsageError(
-                f"output '{path}' is an input", "choose another output path; onnxtq never overwrites its input"
-            )
-    if len({p.resolve() for p in targets}) < len(targets):
-        raise UsageError("two outputs name the same file", "give --json and -o different paths")
-    for path, payload in targets.items():
+        payloads.update({Path(png_dir) / f"{fid}.png": png for fid, png in images.items()})
+    for path, payload in payloads.items():
         write_atomic(payload, path)
     return data

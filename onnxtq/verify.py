@@ -1,27 +1,29 @@
-"""Check an emitted model: onnx.checker (full), an onnxruntime session, and its outputs
-against the original's on calibration inputs (SQNR and max error per output)."""
+"""Check models: onnx.checker (full), an onnxruntime session, and an emitted model's outputs against
+the original's on calibration inputs (SQNR and max error per output; any NaN or Inf is a failure)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from tqdm import tqdm
 
 from onnxtq import model_io
 from onnxtq.calibration.data import Source
-from onnxtq.graph import check_model
+from onnxtq.errors import ModelError, VerificationError
+from onnxtq.finite import nonfinite
 
 
 def compare(
     reference: onnx.ModelProto, candidate: onnx.ModelProto, source: Source, samples: int = 8, threads: int = 0
 ) -> dict:
-    """Per output: SQNR in dB (10·log10 Σref² / Σ(ref − out)²), max |err|, over up to `samples` inputs."""
+    """Per output: SQNR in dB (10·log10 Σref² / Σ(ref − out)²), max |err|, and how many of its values are
+    NaN/Inf in the candidate and in the reference, over up to `samples` inputs."""
     ref = model_io.session(reference, threads)
     out = model_io.session(candidate, threads)
     names = [o.name for o in ref.get_outputs()]
-    signal = dict.fromkeys(names, 0.0)
-    noise = dict.fromkeys(names, 0.0)
-    worst = dict.fromkeys(names, 0.0)
+    keys = ("signal", "noise", "max_abs_err", "values", "nonfinite", "reference_nonfinite")
+    sums = {name: dict.fromkeys(keys, 0.0) for name in names}
     seen = 0
     with tqdm(total=samples, desc="verify", unit="sample", disable=None, leave=False) as bar:
         for n, feed in source.batches(1):
@@ -29,15 +31,26 @@ def compare(
                 break
             for name, a, b in zip(names, ref.run(names, feed), out.run(names, feed)):
                 a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-                signal[name] += float((a**2).sum())
-                noise[name] += float(((a - b) ** 2).sum())
-                worst[name] = max(worst[name], float(np.abs(a - b).max(initial=0.0)))
+                finite = np.isfinite(a) & np.isfinite(b)
+                error = np.abs(a - b)
+                s = sums[name]
+                s["signal"] += float((a**2).sum())
+                s["noise"] += float((error**2).sum())
+                s["max_abs_err"] = max(s["max_abs_err"], float(error[finite].max(initial=0.0)))
+                s["values"] += b.size
+                s["nonfinite"] += int((~np.isfinite(b)).sum())
+                s["reference_nonfinite"] += int((~np.isfinite(a)).sum())
             seen += n
             bar.update(n)
-    return {
-        "samples": seen,
-        "outputs": {name: {"sqnr_db": _db(signal[name], noise[name]), "max_abs_err": worst[name]} for name in names},
-    }
+    outputs = {}
+    for name, s in sums.items():
+        finite = not (s["nonfinite"] or s["reference_nonfinite"])
+        outputs[name] = {
+            "sqnr_db": _db(s["signal"], s["noise"]) if finite else float("nan"),
+            "max_abs_err": s["max_abs_err"],
+            **{k: int(s[k]) for k in ("values", "nonfinite", "reference_nonfinite")},
+        }
+    return {"samples": seen, "outputs": outputs}
 
 
 def _db(signal: float, noise: float) -> float:
@@ -46,7 +59,91 @@ def _db(signal: float, noise: float) -> float:
     return float(10 * np.log10(max(signal, 1e-300) / noise))
 
 
+def check_fidelity(result: dict, min_sqnr_db: float | None, consequence: str = "") -> None:
+    """VerificationError if an output holds NaN/Inf (NaN compares false, so a budget alone never trips on
+    it) or, with a budget, if any output's SQNR is below `min_sqnr_db`."""
+    for name, v in result["outputs"].items():
+        if v["nonfinite"] or v["reference_nonfinite"]:
+            ours, theirs = v["nonfinite"], v["reference_nonfinite"]
+            raise VerificationError(
+                f"output '{name}' holds {ours:,d} NaN/Inf of {v['values']:,d} values (the original model's "
+                f"holds {theirs:,d}){consequence}",
+                "check the model and the calibration data for NaN/Inf; a model that outputs NaN is broken",
+            )
+    worst = min(v["sqnr_db"] for v in result["outputs"].values())
+    if min_sqnr_db is not None and worst < min_sqnr_db:
+        raise VerificationError(
+            f"output SQNR {worst:.1f} dB is below the budget of {min_sqnr_db:g} dB{consequence}",
+            "use more bits, a smaller block, or lower --min-sqnr",
+        )
+
+
+def _problem(model: onnx.ModelProto) -> str | None:
+    """Why the model cannot be used: the full checker's words or onnxruntime's; None if both accept it."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:  # the checker raises ValidationError, shape inference errors and others
+        return f"onnx.checker rejects it: {exc}"
+    try:
+        model_io.session(model)
+    except ModelError as exc:
+        return str(exc)
+    return None
+
+
+_INPUT_HINT = "onnxtq takes models that pass onnx.checker's full check and run in onnxruntime on their calibration data"
+
+
+def check_input(model: onnx.ModelProto) -> None:
+    """The model given to compress must be valid ONNX that onnxruntime loads: what onnxtq starts from."""
+    problem = _problem(model)
+    if problem:
+        raise ModelError(f"the model is not one onnxtq can compress: {problem}", _INPUT_HINT)
+
+
+def check_runs(model: onnx.ModelProto, source: Source) -> None:
+    """...and that runs on the first calibration sample with finite outputs (a model that cannot, or that
+    computes NaN, would fail every later step, at best with onnxruntime's words as if they were a bug)."""
+    first = next(iter(source.batches(1)), None)
+    if first is None:
+        return  # an empty source is refused by whoever reads it
+    sess = model_io.session(model)
+    try:
+        outputs = sess.run(None, first[1])
+    except Exception as exc:  # onnxruntime's Fail, InvalidArgument, RuntimeException...
+        raise ModelError(
+            f"onnxruntime cannot run the model on the first calibration sample: {exc}", _INPUT_HINT
+        ) from exc
+    for out, value in zip(sess.get_outputs(), outputs):
+        found = nonfinite(np.asarray(value))
+        if found:
+            raise ModelError(
+                f"on the first calibration sample the model's output '{out.name}' holds {found[0]} NaN/Inf value(s)",
+                "the model or its weights are broken: onnxtq compresses models that compute finite outputs",
+            )
+
+
+def check_constants(original: onnx.ModelProto, result: onnx.ModelProto) -> None:
+    """VerificationError if the run wrote a constant holding NaN/Inf that the original did not hold: with no
+    calibration data to run the model on, this is what stops a broken file (e.g. steps beyond float16)."""
+    constants = [(t.name, t) for t in original.graph.initializer] + [
+        (n.output[0], a.t)
+        for n in original.graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value"
+    ]
+    kept = {name for name, t in constants if nonfinite(numpy_helper.to_array(t))}
+    made = [t.name for t in result.graph.initializer if t.name not in kept and nonfinite(numpy_helper.to_array(t))]
+    if made:
+        raise VerificationError(
+            f"the compressed model's constant(s) {made[:3]} hold NaN/Inf; nothing written",
+            "this is a bug in onnxtq (or the weights are too large for float16 steps: try scale_bits=32)",
+        )
+
+
 def validate(model: onnx.ModelProto) -> None:
     """Full checker plus an onnxruntime session: what we emit must load in stock ORT."""
-    check_model(model)
-    model_io.session(model)
+    problem = _problem(model)
+    if problem:
+        raise VerificationError(f"the compressed model fails validation: {problem}")
