@@ -10,7 +10,6 @@ as the pass reported it), and the metric.
 import argparse
 import json
 import os
-import re
 
 from run_zoo import metric  # the zoo metric as run_zoo's tables print it
 
@@ -18,14 +17,12 @@ from onnxtq import container
 
 
 def pass_entropy(report_path: str) -> str:
-    """The entropy note of the run's quantizing pass (ecsq), if any."""
+    """The entropy the run's quantizing pass (ecsq) reached, from its report's typed rate, if any."""
     if not os.path.exists(report_path):
         return ""
     for p in json.load(open(report_path))["passes"]:
-        for note in p["notes"]:
-            m = re.match(r"(entropy [\d.]+ b/w|one codebook of \d+ values.*?b/w)", note)
-            if m:
-                return m.group(1)
+        if (p.get("rate") or {}).get("entropy") is not None:
+            return f"entropy {p['rate']['entropy']:.3f} b/w"
     return ""
 
 

@@ -12,7 +12,6 @@ import argparse
 import glob
 import json
 import os
-import re
 import shutil
 import subprocess
 from collections import Counter
@@ -142,20 +141,18 @@ def passes(out_dir, model, config):
 
 
 def rate_note(out_dir, model, config):
-    """'nominal X, container Y b/w' from a tq pass's rate note, or ''."""
-    notes = [n for p in passes(out_dir, model, config) if p["pass_name"] == "tq" for n in p["notes"]]
-    m = re.search(r"nominal ([\d.]+) b/w, container ([\d.]+) b/w", " ".join(notes))
-    return f"tq nominal {m[1]}, container {m[2]} b/w" if m else ""
+    """'nominal X, container Y b/w' from a tq pass's rate (its report's typed field), or ''."""
+    rate = next((p.get("rate") for p in passes(out_dir, model, config) if p["pass_name"] == "tq"), None)
+    return f"tq nominal {rate['nominal']:.3f}, container {rate['stored']:.3f} b/w" if rate else ""
 
 
 def kept(out_dir, model, config):
     """'N layers, B bytes' that a crq run kept at higher precision (from its report), or ''."""
-    notes = [n for p in passes(out_dir, model, config) for n in p["notes"] if n.startswith("kept at higher")]
-    layers = re.findall(r"\(([\w-]+), (\d+) bits, ([\d,]+) B\)", " ".join(notes))
+    layers = [k for p in passes(out_dir, model, config) for k in p.get("kept", [])]
     if not layers:
         return ""
-    kinds = Counter(kind for kind, _, _ in layers)
-    total = sum(int(b.replace(",", "")) for _, _, b in layers)
+    kinds = Counter(k["kind"] for k in layers)
+    total = sum(k["bytes"] for k in layers)
     return f"{', '.join(f'{n} {k}' for k, n in kinds.items())}: {total:,d} B"
 
 

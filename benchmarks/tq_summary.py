@@ -11,7 +11,6 @@ import argparse
 import glob
 import json
 import os
-import re
 
 
 def tq_pass(path):
@@ -26,17 +25,16 @@ def summary(out):
     ]
     for path in sorted(glob.glob(os.path.join(out, "models", "*_tq*.report.json"))):
         p = tq_pass(path)
-        notes = " ".join(p["notes"])
-        rate = re.search(r"nominal ([\d.]+) b/w, container ([\d.]+) b/w .*?bound ([\d.]+) b/w", notes)
-        sqnr = re.search(r"predicted output SQNR ([-\d.]+) dB .*?measured ([-\d.]+) dB", notes)
-        kept = re.search(r"transform kept on (\d+ of \d+)", notes)
+        rate, additivity = p.get("rate"), p.get("additivity")
         if not rate:
             continue
-        nominal, container, bound = (float(x) for x in rate.groups())
+        nominal, container, bound = rate["nominal"], rate["stored"], rate["bound"]
+        sqnr = f"{additivity['predicted_sqnr_db']:.2f} / {additivity['measured_sqnr_db']:.2f}" if additivity else ""
+        kept = f"{p['transformed']} of {len(p['records'])}" if p.get("transformed") is not None else ""
         run = os.path.basename(path).removesuffix(".report.json")
         rows.append(
             f"| {run} | {nominal:.2f} | {container:.2f} | {bound:.2f} | {container - bound:.2f} | "
-            f"{sqnr.group(1)} / {sqnr.group(2)} | {kept.group(1) if kept else ''} | {p['seconds']:.0f} |"
+            f"{sqnr} | {kept} | {p['seconds']:.0f} |"
         )
     return "\n".join(rows)
 

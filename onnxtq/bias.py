@@ -6,7 +6,7 @@ with m the calibration mean of the layer's input patches (im2col columns for Con
 zero padding is accounted for exactly). Weight error that is small per weight but shares
 a sign across a channel shifts every output of that channel; in MobileNetV2 the first
 depthwise conv's 8-bit error alone costs 20 dB of logit SQNR that way. Quantizing passes
-get it through `emit.replace_weight`, which corrects the bias before the weight is replaced.
+get it through the finishing tail (onnxtq.finish), which corrects the bias before the weight is written.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -353,7 +354,8 @@ def _list_passes(args) -> int:
         print(doc if doc.startswith(name) else f"{name}: {doc}")
         if args.options:
             for f in dataclasses.fields(cls.Config):
-                print(f"    {f.name} ({f.type}) = {f.default}")
+                help = f.metadata.get("help", "")
+                print(f"    {f.name} ({f.type}) = {f.default}" + (f"  {help}" if help else ""))
     return 0
 
 
@@ -387,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":

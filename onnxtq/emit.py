@@ -17,13 +17,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxtq.bias import correct_bias, output_shift
-from onnxtq.calibration.stats import LayerStats
 from onnxtq.graph import Graph, tag
 from onnxtq.model_io import tensor_nbytes
 from onnxtq.packing import int_tensor
 from onnxtq.quantize import Blocking, GroupCode, int_range
-from onnxtq.report import WeightRecord
 from onnxtq.weights import WeightSite, node_attr
 
 
@@ -313,101 +310,3 @@ def _set_attr(node: onnx.NodeProto, name: str, value: int) -> None:
 def dequantized(blocking: Blocking, code: GroupCode) -> np.ndarray:
     """The float weight ORT will compute, in the stored layout (numpy reference)."""
     return blocking.from_groups(code.dequantize())
-
-
-def replace_weight(
-    graph: Graph,
-    site: WeightSite,
-    blocking: Blocking,
-    code: GroupCode,
-    layer: LayerStats | None,
-    pass_name: str,
-    bias_correct: bool,
-    reference: LayerStats | None = None,
-) -> WeightRecord:
-    """The common tail of every quantizing pass: correct the bias, emit, and account the weight.
-
-    `layer` describes the inputs the layer will see; when those come from an already quantized
-    network, `reference` describes the original inputs, and the bias then absorbs E[Ŵx̃] − E[Wx].
-    """
-    stored_weight = graph.array(site.name)
-    w = stored_weight.astype(np.float64)
-    before = tensor_nbytes(graph.initializers[site.name])
-    w_hat = dequantized(blocking, code)
-    why_not = ""
-    if bias_correct and layer is None:
-        why_not = "no statistics"
-    elif bias_correct:
-        shift = output_shift(site, layer, w_hat - w)
-        if reference is not None:
-            shift += output_shift(site, layer, w) - output_shift(site, reference, w)
-        why_not = correct_bias(graph, graph.consumers[site.name][0][0], site, shift, stored_weight.dtype)
-    after = emit_dequantize(graph, site, blocking, code, pass_name)
-    record = WeightRecord.of(site, "quantized", bytes_before=before, bytes_after=after, bits=8 * after / w.size)
-    record.bias_corrected = bias_correct and not why_not
-    record.reason = f"bias not corrected: {why_not}" if why_not else ""
-    record.weight_sqnr_db = db((w**2).sum(), ((w - w_hat) ** 2).sum())
-    if layer is not None:
-        record.output_sqnr_db = db(layer.quadratic(site.to_matrix(w)), layer.quadratic(site.to_matrix(w - w_hat)))
-    return record
-
-
-def db(signal: float, noise: float) -> float:
-    return float(10 * np.log10(signal / noise)) if noise > 0 else float("inf")
-
-
-#: onnxruntime (1.32, CPU) fuses DequantizeLinear(INT2/UINT2) → MatMul into MatMulNBits and then computes
-#: wrong outputs when the weight's column count N is not a multiple of this (measured: errors as large as
-#: the outputs, at every accuracy level; N = 360 and 6624 are right, 361, 362 and 6625 wrong).
-NBITS_2BIT_COLUMNS = 4
-
-
-def split_unsafe_2bit_matmul_weights(graph: Graph) -> int:
-    """Split every 2-bit DequantizeLinear read by a MatMul whose N breaks onnxruntime's fusion.
-
-    The weight becomes two DequantizeLinear nodes (the first N − N mod 4 columns, then the rest) joined by
-    Concat: nothing is fused, the MatMul computes in float, and the stored bytes stay the same (steps and
-    zero points are per column, so they split with the codes). Returns the number of weights split.
-    """
-    split = 0
-    for node in list(graph.graph.node):
-        if node.op_type != "DequantizeLinear":
-            continue
-        q = graph.initializers.get(node.input[0])
-        two_bit = q is not None and q.data_type in (onnx.TensorProto.INT2, onnx.TensorProto.UINT2)
-        if not two_bit or len(q.dims) != 2 or q.dims[1] % NBITS_2BIT_COLUMNS == 0:
-            continue
-        if not any(r is not None and r.op_type == "MatMul" and i == 1 for r, i in graph.consumers[node.output[0]]):
-            continue
-        cut = q.dims[1] - q.dims[1] % NBITS_2BIT_COLUMNS
-        arrays = [numpy_helper.to_array(graph.initializers[name]) for name in node.input]
-        halves = []
-        for part, columns in enumerate((slice(0, cut), slice(cut, None))):
-            inputs = []
-            for name, a in zip(node.input, arrays):
-                per_column = a.ndim == 1 and int(node_attr(node, "axis", 1)) in (1, -1)
-                piece = a[:, columns] if a.ndim == 2 else (a[columns] if per_column else a)
-                new = graph.unique(f"{name}/part{part}")
-                if a.dtype.itemsize == 1 and a.dtype.kind not in "f":  # codes or zero points: packed again
-                    graph.set_initializer(int_tensor(new, piece, 2, a.dtype.kind == "i"))
-                else:
-                    graph.set_initializer(numpy_helper.from_array(piece, new))
-                inputs.append(new)
-            out = graph.unique(f"{node.output[0]}/part{part}")
-            dq = onnx.helper.make_node("DequantizeLinear", inputs, [out], name=graph.unique(f"{node.name}/part{part}"))
-            dq.attribute.extend(node.attribute)
-            dq.metadata_props.extend(node.metadata_props)
-            halves.append(dq)
-        concat = onnx.helper.make_node(
-            "Concat", [h.output[0] for h in halves], [node.output[0]], name=graph.unique(f"{node.name}/join"), axis=1
-        )
-        concat.metadata_props.extend(node.metadata_props)
-        position = list(graph.graph.node).index(node)
-        graph.graph.node.remove(node)
-        for n in reversed([*halves, concat]):
-            graph.graph.node.insert(position, n)
-        for name in node.input:
-            graph.graph.initializer.remove(graph.initializers[name])
-        graph.refresh()
-        split += 1
-    return split

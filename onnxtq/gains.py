@@ -23,14 +23,6 @@ from onnxtq.weights import WeightSite
 NOISE = 0.05
 
 
-def layer_output_error(site: WeightSite, stats, delta: np.ndarray) -> float:
-    """E‖ΔW x‖² by calibration, or ‖ΔW‖² for a weight without statistics (embeddings); Δ in the stored layout."""
-    m = site.to_matrix(delta)
-    if stats is None or m.shape[1] != stats.dim:
-        return float((np.asarray(m, np.float64) ** 2).sum())
-    return stats.quadratic(m)
-
-
 class Probe:
     """A few calibration inputs and the reference model's outputs on them."""
 

@@ -1,10 +1,20 @@
 """The pass contract and the manager that runs a pipeline of passes.
 
-A pass declares a name, a frozen config dataclass (the single definition behind the
-pipeline text, the CLI and `list-passes`), whether it needs calibration statistics and
-which opset its emission needs. `run(ctx)` rewrites `ctx.graph` in place and returns a
-PassReport in which every candidate weight is either changed or skipped with a reason.
-The manager upgrades the opset once, calibrates lazily, times passes and wraps failures.
+A pass declares a name, a frozen config dataclass (the single definition behind the pipeline
+text, the CLI and `list-passes`: each field's help is in its metadata), what it may write
+(`emits`, from which the manager computes the opset once) and its contract with the passes
+around it, in terms of two analyses:
+
+* `STATS`: calibration statistics of the current graph (keyed by its weight names);
+* `ORIGINALS`: the float weights that passes of this run replaced by codes (what `refine` re-codes).
+
+`needs`: it cannot run without them; `uses`: it reads them when they exist; `preserves`: they are
+still valid after it. Before a pass that needs or uses statistics an earlier pass invalidated, the
+manager recalibrates (with the config the statistics were made with); an analysis it cannot remake
+(originals) is refused with a hint, before any pass runs. `run(ctx)` rewrites `ctx.graph` in place and
+returns a PassReport in which every candidate weight is either changed or skipped with a reason.
+After the pipeline the finalising passes run (`finalizers`), e.g. the guard against onnxruntime's
+2-bit MatMul fusion.
 """
 
 from __future__ import annotations
@@ -13,19 +23,28 @@ import abc
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from onnxtq.calibration import StatsStore
 from onnxtq.calibration.data import Source
-from onnxtq.emit import NBITS_2BIT_COLUMNS, split_unsafe_2bit_matmul_weights
 from onnxtq.errors import OnnxtqError, PassError, PreconditionError, UsageError
 from onnxtq.graph import Graph, upgrade_opset
+from onnxtq.opsets import Emission, opset_for
 from onnxtq.report import PassReport
+
+STATS = "stats"
+ORIGINALS = "originals"
+ANALYSES = frozenset({STATS, ORIGINALS})
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with its help text (shown by `list-passes --options`)."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class PassConfig:
-    """Base for pass configs: frozen, typed fields with defaults."""
+    """Base for pass configs: frozen, typed fields with defaults (declared with `option`)."""
 
 
 @dataclass
@@ -62,8 +81,17 @@ class Pass(abc.ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type[PassConfig]] = PassConfig
-    needs_stats: ClassVar[bool] = False  # must have fresh calibration statistics
-    uses_stats: ClassVar[bool] = False  # uses statistics when present
+    needs: ClassVar[frozenset[str]]
+    uses: ClassVar[frozenset[str]] = frozenset()
+    preserves: ClassVar[frozenset[str]]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if getattr(cls, "__abstractmethods__", None):
+            return
+        for attr in ("needs", "preserves"):
+            if not hasattr(cls, attr) or not set(getattr(cls, attr)) <= ANALYSES:
+                raise TypeError(f"pass {cls.__name__} must declare `{attr}` as a subset of {sorted(ANALYSES)}")
 
     def __init__(self, **options):
         fields = {f.name: f for f in dataclasses.fields(self.Config)}
@@ -83,9 +111,9 @@ class Pass(abc.ABC):
             return self.name
         return f"{self.name}{{{','.join(f'{k}={_text(v)}' for k, v in self.options.items())}}}"
 
-    def min_opset(self) -> int:
-        """Default-domain opset the emitted nodes need (0: any)."""
-        return 0
+    def emits(self) -> Emission:
+        """What the pass may write (the opset it needs follows from it)."""
+        return Emission()
 
     @abc.abstractmethod
     def run(self, ctx: Context) -> PassReport: ...
@@ -95,26 +123,52 @@ class Pass(abc.ABC):
 
 
 def _text(v) -> str:
+    """An option value as pipeline text that parses back to the same value (floats exactly)."""
     if isinstance(v, bool):
         return str(v).lower()
-    return f"{v:g}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        text = repr(v)
+        return text[:-2] if text.endswith(".0") else text
+    return str(v)
+
+
+def finalizers() -> list[Pass]:
+    """Passes every pipeline ends with (imported lazily: passes depend on the engine, not back)."""
+    from onnxtq.passes import FINALIZERS
+
+    return [cls() for cls in FINALIZERS]
 
 
 class PassManager:
-    """Runs passes in order on a Graph; calibrates lazily; owns timing and error wrapping."""
+    """Runs passes in order on a Graph: upgrades the opset once, keeps the contract (recalibrating or
+    refusing), times passes, wraps failures, and ends with the finalising passes."""
 
     def __init__(self, passes: list[Pass]):
         if not passes:
             raise UsageError("the pipeline is empty", "e.g. --pipeline 'fold-bn,rtn{bits=8}'")
         self.passes = passes
+        self._refuse_lost_originals()
 
     @property
     def pipeline(self) -> str:
         return ",".join(p.spec for p in self.passes)
 
-    def run(self, ctx: Context) -> list[PassReport]:
+    def _refuse_lost_originals(self) -> None:
+        """Originals cannot be remade: a pass that needs them after one that drops them is refused now."""
+        for index, p in enumerate(self.passes):
+            if ORIGINALS not in p.needs:
+                continue
+            lost = [q.name for q in self.passes[:index] if ORIGINALS not in q.preserves]
+            if lost:
+                raise PreconditionError(
+                    f"pass #{index + 1} '{p.name}' needs the float weights earlier passes replaced, "
+                    f"and '{lost[-1]}' before it does not keep track of them",
+                    f"put '{lost[-1]}' after '{p.name}' in the pipeline",
+                )
+
+    def run(self, ctx: Context, finalize: bool = True) -> list[PassReport]:
         reports: list[PassReport] = []
-        target = max(p.min_opset() for p in self.passes)
+        target = opset_for(p.emits() for p in [*self.passes, *finalizers()])
         if ctx.graph.opset() < target:
             before = ctx.graph.opset()
             ctx.graph = Graph(upgrade_opset(ctx.graph.model, target))
@@ -122,37 +176,47 @@ class PassManager:
                 "upgrade-opset", f"upgrade-opset{{to={target}}}", notes=[f"opset {before} -> {target}"]
             )
             reports.append(upgrade)
-        for index, p in enumerate(self.passes):
-            if p.needs_stats and not ctx.stats_fresh:
-                raise PreconditionError(
-                    f"pass #{index + 1} '{p.name}' needs calibration statistics of the current model",
-                    "put 'calibrate' before it in the pipeline and give --calib DATA",
-                )
+        passes = [*self.passes, *(finalizers() if finalize else [])]
+        for index, p in enumerate(passes):
+            seen = self._statistics(ctx, p, index, reports)
             start = time.perf_counter()
             try:
                 report = p.run(ctx)
             except OnnxtqError:
                 raise
             except Exception as exc:
-                done = [q.name for q in self.passes[:index]]
+                done = [q.name for q in passes[:index]]
                 raise PassError(
                     f"pass #{index + 1} '{p.name}' failed after {done}: {type(exc).__name__}: {exc}"
                 ) from exc
             report.seconds = time.perf_counter() - start
-            if report.invalidates_stats:
+            report.stats = seen
+            if STATS not in p.preserves:
                 ctx.stats_fresh = False
-            reports.append(report)
-        split = split_unsafe_2bit_matmul_weights(ctx.graph)
-        if split:
-            reports.append(
-                PassReport(
-                    "guard-matmul-2bit",
-                    "guard-matmul-2bit",
-                    notes=[
-                        f"{split} 2-bit MatMul weights split in two along N: onnxruntime's MatMulNBits fusion "
-                        f"miscomputes 2-bit weights whose N is not a multiple of {NBITS_2BIT_COLUMNS}"
-                    ],
-                )
-            )
+            if report.records or report.notes or p not in passes[len(self.passes) :]:
+                reports.append(report)  # a finalising pass that did nothing says nothing
         ctx.graph.remove_dead()
         return reports
+
+    def _statistics(self, ctx: Context, p: Pass, index: int, reports: list[PassReport]) -> str:
+        """Make sure `p` sees fresh statistics if it needs (or uses) them; returns how it sees them."""
+        if STATS not in p.needs | p.uses:
+            return ""
+        if ctx.stats_fresh:
+            return "fresh"
+        if ctx.stats is not None and ctx.data is not None:  # an earlier pass invalidated them: make them again
+            from onnxtq.passes import CalibratePass
+
+            again = CalibratePass(**ctx.stats.options)
+            start = time.perf_counter()
+            report = again.run(ctx)
+            report.pass_name, report.spec = "recalibrate", f"recalibrate{again.spec.removeprefix('calibrate')}"
+            report.seconds = time.perf_counter() - start
+            reports.append(report)
+            return "recalibrated"
+        if STATS in p.needs:
+            raise PreconditionError(
+                f"pass #{index + 1} '{p.name}' needs calibration statistics of the current model",
+                "put 'calibrate' before it in the pipeline and give --calib DATA",
+            )
+        return "none"

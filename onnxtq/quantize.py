@@ -92,6 +92,23 @@ class Blocking:
         return np.moveaxis(t, self.block_axis, -1).reshape(-1)
 
 
+def blocking_for(site, block: int) -> Blocking:
+    """Group layout of a weight site: channels on the output axis, blocks along the reduction axis
+    (depthwise convs, whose reduction axis holds one input channel, and short rows stay per channel)."""
+    out_axis = 1 if site.transposed else 0
+    red_axis = 0 if site.transposed else 1
+    if site.kind == "depthwise" or site.shape[red_axis] <= block:
+        block = 0
+    return Blocking(site.shape, out_axis, block, red_axis)
+
+
+def step_dtype(site, scale_bits: int) -> type:
+    """The type a weight's steps are stored in: float16 where asked (half the side information), except
+    for MatMul weights: with float16 steps onnxruntime's (1.32) load-time fusion of DequantizeLinear→MatMul
+    into MatMulNBits builds a node it then rejects as mistyped."""
+    return np.float16 if scale_bits == 16 and site.op != "MatMul" else np.float32
+
+
 @dataclass
 class GroupCode:
     """Integer codes, steps and zero points of a grouped tensor."""

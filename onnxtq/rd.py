@@ -13,6 +13,7 @@ least rate for distortion D is reverse water-filling on the eigenvalues μ of W 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,11 +44,17 @@ class Band:
 
 @dataclass
 class Option:
-    """One way to code a layer: its bands and the bits it costs whatever they get (a basis, an index)."""
+    """One way to code a layer: its bands and the bits it costs whatever they get (a basis, an index).
+
+    `materialize(picks, drift=None)` (onnxtq.codec) turns a point per band into the coded layer; `drift`
+    = (statistics of the inputs the partly quantized network gives the layer, their cross moment with the
+    original inputs), for codecs that fit the layer to them.
+    """
 
     name: str
     bands: list[Band]
     fixed_bits: float = 0.0
+    materialize: Callable | None = field(default=None, repr=False)
 
     def at(self, lam: float) -> tuple[list[np.ndarray], float, float]:
         """(point per band, bits, distortion) at slope λ."""

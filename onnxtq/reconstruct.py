@@ -23,11 +23,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxtq.calibration.stats import LayerStats
+from onnxtq.quantize import GroupCode
 
 #: Relative damping of H (fraction of its mean diagonal) that keeps H⁻¹ well conditioned.
 DAMP = 0.01
 #: Columns rounded between two lazy (matrix-matrix) updates in GPTQ.
 GPTQ_BLOCK = 128
+#: Above this depth the grid is fine enough that the cluster pull gains nothing GPTQ does not.
+CLUSTER_PULL_MAX_BITS = 4
 
 
 @dataclass
@@ -206,3 +209,47 @@ def refit_steps(problems: Problems, w0: np.ndarray, codes: np.ndarray, grid: Gri
     old = problems.join(grid.step)[:, 0]
     new = num / np.where(den > 0, den, 1.0)
     return np.where((den > 0) & (new > 0), new, old)
+
+
+def reconstruct(site, w, blocking, code: GroupCode, layer, qrange, scale_dtype, method: str = "crq") -> GroupCode:
+    """Per output channel, the best of RTN, (ADMM →) refit → GPTQ on the layer objective.
+
+    `code` is the starting grid (RTN on it is the first candidate); `method=crq` adds the cluster pull
+    (at CLUSTER_PULL_MAX_BITS bits or fewer), `gptq` only error feedback and step refits. Per-channel grids
+    also get their steps refitted; a blocked grid keeps its steps.
+    """
+    per_channel = not blocking.block
+    size = blocking.to_groups(w).shape[1]
+
+    def layout(per_group: np.ndarray) -> np.ndarray:  # per-group values → matrix of the weight's shape
+        full = np.repeat(per_group.astype(np.float64)[:, None], size, axis=1)
+        return site.to_matrix(blocking.from_groups(full))
+
+    problems = Problems(layer, site.rows)
+    w0 = problems.split(site.to_matrix(w).astype(np.float64))
+    zero = code.zero_point if code.zero_point is not None else np.zeros(len(code.scale))
+    start = Grid(problems.split(layout(code.scale.astype(np.float64)), 1.0), problems.split(layout(zero)), *qrange)
+    candidates = [(start.codes(w0), start)]  # RTN
+    grid = start
+    if method == "crq" and code.bits <= CLUSTER_PULL_MAX_BITS:
+        pulled = cluster_pull(w0, problems.hessian, start)
+        candidates.append((pulled, start))
+        if per_channel:
+            grid = Grid(problems.split(layout(refit_steps(problems, w0, pulled, start)), 1.0), start.zero, *qrange)
+    for _ in range(2):
+        codes = gptq(w0, problems.hessian, grid)
+        candidates.append((codes, grid))
+        if not per_channel:
+            break
+        grid = Grid(problems.split(layout(refit_steps(problems, w0, codes, grid)), 1.0), grid.zero, *qrange)
+        candidates.append((codes, grid))
+    errors = np.stack([problems.row_error(g.values(c) - w0) for c, g in candidates])  # [candidates, n]
+    best = errors.argmin(axis=0)
+    q_rows = np.stack([problems.join(c) for c, _ in candidates])[best, np.arange(site.rows)]
+    q = blocking.to_groups(site.from_matrix(q_rows)).astype(np.int32)
+    scale = code.scale
+    if per_channel:
+        steps = np.stack([problems.join(g.step)[:, 0] for _, g in candidates])[best, np.arange(site.rows)]
+        scale = np.where(steps > 0, steps, code.scale).astype(scale_dtype)
+        q = np.clip(q, *qrange)
+    return GroupCode(q, scale, code.zero_point, code.bits)

@@ -1,5 +1,7 @@
 """What a run did, as data: per weight (bytes before/after, bits, distortion, or why skipped),
-per pass, and for the whole model. Rendered as a table for people and JSON for machines."""
+per pass (typed figures: rates, predicted and measured fidelity, layers kept at higher precision),
+and for the whole model. Rendered as a table for people and JSON for machines; the notes are
+sentences for people, never a place a program has to parse a number from."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class WeightRecord:
     bits: float | None = None  # stored bits per weight, scales and zero points included
     weight_sqnr_db: float | None = None  # 10·log10(‖W‖² / ‖W − Ŵ‖²)
     output_sqnr_db: float | None = None  # same for the layer output, E‖Wx‖² / E‖(W − Ŵ)x‖², from calibration
+    output_error: float | None = None  # the layer-output error itself, E‖(W − Ŵ)x‖² by calibration
     bias_corrected: bool = False  # the layer's bias absorbed the mean output error (onnxtq.bias)
     nominal_bits: float | None = None  # code bits per weight at their bit depths, before containers and steps
     bound_bits: float | None = None  # Gaussian rate-distortion bound at the output error reached, bits per weight
@@ -33,13 +36,49 @@ class WeightRecord:
 
 
 @dataclass
+class Rate:
+    """A quantizing pass's rate over the weights it quantized, in bits per weight."""
+
+    weights: int  # weights quantized
+    stored: float  # bits the file stores for them: codes in their containers, steps, zero points, bases
+    nominal: float | None = None  # code bits at their depths, before containers (tq, kq) or the codes' entropy (ecsq)
+    bound: float | None = None  # Gaussian rate-distortion bound at the distortion reached (tq)
+    predicted: float | None = None  # what the allocation predicted (tq)
+    entropy: float | None = None  # entropy of the codes, steps or codebook included: `onnxtq pack`'s size (ecsq)
+    target: float | None = None  # what the pass aimed at (tq rate, ecsq entropy)
+
+
+@dataclass
+class Additivity:
+    """The allocation's prediction of the network-output error (Σ gain·layer error) against a measurement."""
+
+    samples: int
+    predicted_sqnr_db: float
+    measured_sqnr_db: float
+
+
+@dataclass
+class Kept:
+    """A layer a pass quantized at other than its main bit depth (first/last, depthwise)."""
+
+    name: str
+    kind: str
+    bits: int
+    bytes: int
+
+
+@dataclass
 class PassReport:
     pass_name: str
     spec: str
     records: list[WeightRecord] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    invalidates_stats: bool = False
+    notes: list[str] = field(default_factory=list)  # sentences for people
     seconds: float = 0.0
+    stats: str = ""  # the calibration statistics the pass saw: fresh | recalibrated | none ("" if it reads none)
+    rate: Rate | None = None
+    additivity: Additivity | None = None
+    transformed: int | None = None  # tq: layers that kept their transform
+    kept: list[Kept] = field(default_factory=list)
 
     @property
     def changed(self) -> list[WeightRecord]:
@@ -52,6 +91,12 @@ class PassReport:
     @property
     def modified(self) -> bool:
         return bool(self.changed)
+
+    @property
+    def bias_corrected(self) -> tuple[int, int]:
+        """(layers whose bias absorbed the mean error, layers quantized)."""
+        done = [r for r in self.records if r.status == "quantized"]
+        return sum(r.bias_corrected for r in done), len(done)
 
     def summary(self) -> str:
         saved = sum(r.bytes_before - r.bytes_after for r in self.changed)

@@ -11,8 +11,9 @@ import math
 
 import numpy as np
 
-from onnxtq.calibration import CalibrationConfig
+from onnxtq.calibration import CalibrationConfig, collect_drift
 from onnxtq.calibration.data import Source
+from onnxtq.graph import copy_model
 from onnxtq.reconstruct import DAMP, Problems
 from onnxtq.weights import WeightSite
 
@@ -46,6 +47,21 @@ def stages(sites: list[WeightSite]) -> list[list[WeightSite]]:
     for site in sites:
         by_input.setdefault(site.activation or site.name, []).append(site)
     return list(by_input.values())
+
+
+def sequential_stages(ctx, sites: list[WeightSite], sequential: bool):
+    """(site, drift) in order: drift = (statistics of the inputs the network quantized so far gives the
+    site, their cross moment with the original inputs), gathered once per stage as the caller emits the
+    sites it got; None for every site when not `sequential`."""
+    if not sequential:
+        for site in sites:
+            yield site, None
+        return
+    reference, budget = copy_model(ctx.graph.model), drift_calibration(ctx.data)  # the network before any change
+    for stage in stages(sites):
+        drift = collect_drift(reference, ctx.graph.model, stage, ctx.data, budget)
+        for site in stage:
+            yield site, drift.get(site.name)
 
 
 def drift_target(site: WeightSite, w: np.ndarray, own, cross) -> np.ndarray:

@@ -23,6 +23,7 @@ import onnx
 
 from onnxtq.finite import nonfinite_reason
 from onnxtq.graph import Graph
+from onnxtq.report import PassReport, WeightRecord
 
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
@@ -169,6 +170,21 @@ def discover(graph: Graph) -> Discovery:
             else:
                 found.skipped.append((name, node.name, site))
     return found
+
+
+def quantizable(found: Discovery, min_elements: int, report: PassReport) -> list[WeightSite]:
+    """The sites a quantizing pass rewrites; every other candidate is recorded as skipped, with why."""
+    for name, node, reason in found.skipped:
+        report.records.append(WeightRecord(name, node, "", "skipped", reason=reason))
+    sites = []
+    for site in found.sites:
+        size = int(np.prod(site.shape))
+        if size < min_elements:
+            reason = f"kept in float: {size} elements < min_elements={min_elements}"
+            report.records.append(WeightRecord.of(site, "skipped", reason=reason))
+        else:
+            sites.append(site)
+    return sites
 
 
 def _why_not(graph: Graph, t: onnx.TensorProto, name: str) -> str | None:

@@ -6,6 +6,7 @@ from onnxtq.passes.crq import CrqPass
 from onnxtq.passes.dequantize_at_load import DequantizeAtLoadPass
 from onnxtq.passes.ecsq import EcsqPass
 from onnxtq.passes.fold_bn import FoldBatchNormPass
+from onnxtq.passes.guard_matmul_2bit import GuardMatmul2bitPass
 from onnxtq.passes.kq import KqPass
 from onnxtq.passes.refine import RefinePass
 from onnxtq.passes.rtn import RtnPass
@@ -27,7 +28,11 @@ REGISTRY = {
     )
 }
 
+#: What every pipeline ends with: not named in pipelines.
+FINALIZERS = (GuardMatmul2bitPass,)
+
 __all__ = [
+    "FINALIZERS",
     "REGISTRY",
     "CalibratePass",
     "CompactNamesPass",
@@ -35,6 +40,7 @@ __all__ = [
     "DequantizeAtLoadPass",
     "EcsqPass",
     "FoldBatchNormPass",
+    "GuardMatmul2bitPass",
     "KqPass",
     "RefinePass",
     "RtnPass",

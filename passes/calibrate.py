@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from onnxtq.calibration import CalibrationConfig, collect
 from onnxtq.errors import PreconditionError
-from onnxtq.pass_infra import Context, Pass
+from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass
 from onnxtq.report import PassReport, WeightRecord
 from onnxtq.weights import discover
 
@@ -29,6 +29,8 @@ class CalibrateConfig(CalibrationConfig):
 class CalibratePass(Pass):
     name = "calibrate"
     Config = CalibrateConfig
+    needs = frozenset()
+    preserves = frozenset({STATS, ORIGINALS})  # it makes the statistics
 
     def run(self, ctx: Context) -> PassReport:
         if ctx.data is None:
@@ -38,6 +40,7 @@ class CalibratePass(Pass):
             )
         found = discover(ctx.graph)
         ctx.stats = collect(ctx.graph.model, found.sites, ctx.data, self.config)
+        ctx.stats.options = dict(self.options)  # what a recalibration repeats
         ctx.stats_fresh = True
         report = self.new_report()
         for site in found.sites:

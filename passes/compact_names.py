@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from onnxtq.pass_infra import Context, Pass, PassConfig
+from onnxtq.pass_infra import Context, Pass, PassConfig, option
 from onnxtq.report import PassReport
 
 _FIRST = string.ascii_letters
@@ -40,12 +40,14 @@ def short_names(taken: set[str]) -> Iterator[str]:
 
 @dataclass(frozen=True)
 class CompactNamesConfig(PassConfig):
-    nodes: bool = True  # shorten node names too (not only tensor names)
+    nodes: bool = option(True, "shorten node names too (not only tensor names)")
 
 
 class CompactNamesPass(Pass):
     name = "compact-names"
     Config = CompactNamesConfig
+    needs = frozenset()
+    preserves = frozenset()  # statistics and originals are keyed by the names it changes
 
     def run(self, ctx: Context) -> PassReport:
         report = self.new_report()

@@ -22,17 +22,20 @@ import math
 import onnx
 from onnx import TensorProto, helper
 
-from onnxtq.graph import Graph
-from onnxtq.pass_infra import Context, Pass
+from onnxtq.graph import Graph, tag
+from onnxtq.opsets import Emission
+from onnxtq.pass_infra import STATS, Context, Pass
 from onnxtq.report import PassReport
 from onnxtq.weights import node_attr
 
 
 class DequantizeAtLoadPass(Pass):
     name = "dequantize-at-load"
+    needs = frozenset()
+    preserves = frozenset({STATS})  # originals: the DequantizeLinear nodes they are keyed by are gone
 
-    def min_opset(self) -> int:
-        return 13  # Reshape, Expand, Slice and Cast with their inputs as tensors
+    def emits(self) -> Emission:
+        return Emission(ops=13)  # Reshape, Expand, Slice and Cast with their inputs as tensors
 
     def run(self, ctx: Context) -> PassReport:
         report = self.new_report()
@@ -72,9 +75,9 @@ def _beside_quantized_activation(graph: Graph, node: onnx.NodeProto) -> bool:
 def _rewrite(graph: Graph, node: onnx.NodeProto, prefix: str, shapes: dict[tuple, str]) -> None:
     """Replace `node` by Cast/Sub/Mul (and the scale's broadcast) computing the same tensor.
 
-    Only the last node keeps the name and provenance of `node`; the values between are named
-    `prefix`.k and the shape constants are shared (`shapes`, by value): in a 1 MB model every
-    name spelled costs.
+    Only the last node keeps the name and provenance of `node`; the others are tagged as this pass's
+    (role `decode`), the values between are named `prefix`.k and the shape constants are shared
+    (`shapes`, by value): in a 1 MB model every name spelled costs.
     """
     q, scale = (graph.initializers[n] for n in node.input[:2])
     zero_point = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -86,7 +89,7 @@ def _rewrite(graph: Graph, node: onnx.NodeProto, prefix: str, shapes: dict[tuple
 
     def add(op: str, inputs: list[str], **attrs) -> str:
         out = graph.unique(f"{prefix}.{len(nodes)}")
-        nodes.append(helper.make_node(op, inputs, [out], **attrs))
+        nodes.append(tag(helper.make_node(op, inputs, [out], **attrs), DequantizeAtLoadPass.name, "decode"))
         return out
 
     def const(values: list[int]) -> str:
@@ -123,6 +126,7 @@ def _rewrite(graph: Graph, node: onnx.NodeProto, prefix: str, shapes: dict[tuple
         value = add("Cast", [value], to=out_type)
     nodes[-1].output[0] = node.output[0]
     nodes[-1].name = node.name
+    del nodes[-1].metadata_props[:]
     nodes[-1].metadata_props.extend(node.metadata_props)
     position = list(graph.graph.node).index(node)
     graph.graph.node.remove(node)

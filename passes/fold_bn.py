@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from onnxtq.finite import nonfinite_reason
 from onnxtq.model_io import tensor_nbytes
-from onnxtq.pass_infra import Context, Pass, PassConfig
+from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig
 from onnxtq.report import PassReport, WeightRecord
 
 
@@ -31,6 +31,8 @@ class FoldBatchNormConfig(PassConfig):
 class FoldBatchNormPass(Pass):
     name = "fold-bn"
     Config = FoldBatchNormConfig
+    needs = frozenset()
+    preserves = frozenset({STATS, ORIGINALS})  # exact: no layer input changes
 
     def run(self, ctx: Context) -> PassReport:
         report = self.new_report()

@@ -5,7 +5,8 @@ its grid as stored (steps, zero points, and the range of codes it already uses, 
 weight stays ternary) and its codes are re-chosen with the crq machinery (cluster pull, GPTQ,
 and step refits where the grid is per channel) to reproduce the layer output rather than the
 weight. The bias absorbs the change in mean output. Needs fresh calibration statistics and the
-float weights the earlier pass replaced in the same run.
+float weights the earlier pass replaced in the same run (the manager refuses a pipeline in which
+a pass between them drops those, e.g. compact-names).
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from onnxtq.passes.crq import reconstruct
-from onnxtq.passes.rtn import blocking_for
 from tqdm import tqdm
 
-from onnxtq.bias import correct_bias, output_shift
-from onnxtq.emit import db
+from onnxtq.codec import Coded, Layer
+from onnxtq.finish import db, finish
 from onnxtq.model_io import tensor_nbytes
 from onnxtq.packing import int_tensor
-from onnxtq.pass_infra import Context, Pass, PassConfig
-from onnxtq.quantize import GroupCode
+from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
+from onnxtq.quantize import GroupCode, blocking_for
+from onnxtq.reconstruct import reconstruct
 from onnxtq.report import PassReport, WeightRecord
 
 _CODE_TYPES = {
@@ -39,8 +39,8 @@ _CODE_TYPES = {
 
 @dataclass(frozen=True)
 class RefineConfig(PassConfig):
-    method: str = "crq"  # crq (cluster pull + GPTQ) | gptq
-    bias_correct: bool = True
+    method: str = option("crq", "crq (cluster pull + GPTQ) | gptq")
+    bias_correct: bool = option(True, "the bias absorbs the change in mean output")
 
     def __post_init__(self):
         if self.method not in ("crq", "gptq"):
@@ -50,7 +50,8 @@ class RefineConfig(PassConfig):
 class RefinePass(Pass):
     name = "refine"
     Config = RefineConfig
-    needs_stats = True
+    needs = frozenset({STATS, ORIGINALS})
+    preserves = frozenset({STATS, ORIGINALS})
 
     def run(self, ctx: Context) -> PassReport:
         report = self.new_report()
@@ -58,22 +59,23 @@ class RefinePass(Pass):
         nodes = [n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in g.originals]
         for node in tqdm(nodes, desc=self.name, unit="weight", disable=None, leave=False):
             site, original = g.originals[node.output[0]]
-            record = self._refine(ctx, node, site, numpy_helper.to_array(original))
-            report.records.append(record)
+            report.records.append(self._refine(ctx, node, site, numpy_helper.to_array(original)))
         if not nodes:
             report.notes.append("no weight quantized earlier in this run: nothing to refine")
         return report
 
     def _refine(self, ctx: Context, dq: onnx.NodeProto, site, w: np.ndarray) -> WeightRecord:
         g = ctx.graph
-        layer = ctx.stats.get(site)
+        layer = Layer(site, w, ctx.stats.get(site))
         codes_t = g.initializers[dq.input[0]]
         bits, signed = _CODE_TYPES.get(codes_t.data_type, (0, False))
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
         blocking = blocking_for(site, int(attrs.get("block_size", 0)))
         axis = blocking.block_axis if blocking.block else blocking.axis
-        if layer is None or not bits or attrs.get("axis", 1) != axis or len(dq.input) < 2:
-            return WeightRecord.of(site, "skipped", reason="no statistics, or a grid layout refine does not read")
+        if layer.stats is None:
+            return WeightRecord.of(site, "skipped", reason="no statistics for this kind of layer")
+        if not bits or attrs.get("axis", 1) != axis or len(dq.input) < 2:
+            return WeightRecord.of(site, "skipped", reason="its steps are not laid out per channel or block")
         scale_t = g.initializers[dq.input[1]]
         zero_t = g.initializers[dq.input[2]] if len(dq.input) > 2 and dq.input[2] else None
         q = numpy_helper.to_array(codes_t).astype(np.int32)
@@ -81,24 +83,28 @@ class RefinePass(Pass):
         zero = None if zero_t is None else blocking.scales_from_shape(numpy_helper.to_array(zero_t).astype(np.int32))
         old = GroupCode(blocking.to_groups(q), blocking.scales_from_shape(scale), zero, bits)
         qrange = (int(q.min()), int(q.max()))  # never widen what the earlier pass chose (ternary stays ternary)
-        new = reconstruct(site, w, blocking, old, layer, qrange, scale.dtype, self.config.method)
+        new = reconstruct(site, w, blocking, old, layer.stats, qrange, scale.dtype, self.config.method)
         w_old, w_new = (blocking.from_groups(c.dequantize()).astype(np.float64) for c in (old, new))
-        g.set_initializer(int_tensor(codes_t.name, blocking.from_groups(new.q), bits, signed))
-        g.set_initializer(
-            numpy_helper.from_array(blocking.scales_to_shape(new.scale).astype(scale.dtype), scale_t.name)
-        )
+
+        def rewrite(graph, pass_name: str) -> int:  # the new codes and steps over the old, in place
+            graph.set_initializer(int_tensor(codes_t.name, blocking.from_groups(new.q), bits, signed))
+            steps = blocking.scales_to_shape(new.scale).astype(scale.dtype)
+            graph.set_initializer(numpy_helper.from_array(steps, scale_t.name))
+            return sum(tensor_nbytes(graph.initializers[name]) for name in dq.input[:3] if name)
+
         reader = g.consumers[dq.output[0]][0][0]
-        why_not = ""
-        if self.config.bias_correct:
-            why_not = correct_bias(g, reader, site, output_shift(site, layer, w_new - w_old), w.dtype)
-        stored = sum(tensor_nbytes(t) for t in (g.initializers[name] for name in dq.input[:3] if name))
-        record = WeightRecord.of(site, "refined", bytes_before=stored, bytes_after=stored, bits=8 * stored / w.size)
+        record = finish(
+            g,
+            layer,
+            Coded(w_new, rewrite, status="refined"),
+            self.name,
+            self.config.bias_correct,
+            node=reader,
+            now=w_old,
+        )
         signal = site.to_matrix(w.astype(np.float64))
-        before = db(layer.quadratic(signal), layer.quadratic(signal - site.to_matrix(w_old)))
-        record.output_sqnr_db = db(layer.quadratic(signal), layer.quadratic(signal - site.to_matrix(w_new)))
-        record.weight_sqnr_db = db((w.astype(np.float64) ** 2).sum(), ((w - w_new) ** 2).sum())
-        record.bias_corrected = self.config.bias_correct and not why_not
+        before = db(layer.stats.quadratic(signal), layer.stats.quadratic(signal - site.to_matrix(w_old)))
         record.reason = f"layer output SQNR {before:.1f} -> {record.output_sqnr_db:.1f} dB" + (
-            f"; bias not corrected: {why_not}" if why_not else ""
+            f"; {record.reason}" if record.reason else ""
         )
         return record

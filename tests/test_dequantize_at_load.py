@@ -44,7 +44,7 @@ def test_compressed_model_computes_the_same_and_runs_on_float_weights(tmp_path, 
     assert rewritten > 0 and not any(n.op_type == "DequantizeLinear" for n in b.graph.node)
     assert report.passes[-1].notes[0].startswith(f"{rewritten} DequantizeLinear weights now fold at load")
     added = folded.stat().st_size - plain.stat().st_size
-    assert 0 < added < 400 * rewritten  # the codes stay what is stored: a few nodes per weight are added
+    assert 0 < added < 1000 * rewritten  # the codes stay what is stored: a few tagged nodes per weight are added
     image = np.load(path.parent / "eval.npz")["image"][:32]
     np.testing.assert_allclose(run(b, {"image": image})[0], run(a, {"image": image})[0], rtol=1e-5, atol=1e-5)
     # onnxruntime, default options: the codes became float weights at load, nothing dequantizes per run

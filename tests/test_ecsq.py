@@ -7,9 +7,9 @@ import onnx
 import pytest
 from builders import bundled, fold_dequantize, run
 from onnx import numpy_helper
-from onnxtq.passes import ecsq as ecsq_pass
 
 from onnxtq import compress
+from onnxtq.codecs import ecsq as ecsq_codec
 from onnxtq.emit import narrowest_container
 from onnxtq.entropy import RateGrid, code_lengths, entropy_bits, weighted_kmeans_1d
 from onnxtq.errors import UsageError
@@ -84,7 +84,7 @@ def test_outlying_codes_are_escapes_not_a_wider_container(tmp_path, monkeypatch)
     def holding_every_code(q):
         return next(b for b in (4, 8, 16) if int_range(b, True)[0] <= q.min() and q.max() <= int_range(b, True)[1])
 
-    monkeypatch.setattr(ecsq_pass, "narrowest_container", holding_every_code)
+    monkeypatch.setattr(ecsq_codec, "narrowest_container", holding_every_code)
     compress(path, wide, spec, calib=calib)
     assert escaped.stat().st_size < 0.9 * wide.stat().st_size
     image = np.load(path.parent / "eval.npz")["image"][:64]

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from onnxtq.errors import PassError, PreconditionError, UsageError
 from onnxtq.graph import Graph
-from onnxtq.pass_infra import Context, Pass, PassManager
+from onnxtq.pass_infra import STATS, Context, Pass, PassManager
 from onnxtq.pipeline import parse
 from onnxtq.report import PassReport
 
@@ -60,6 +60,7 @@ def test_unknown_pass_lists_known_ones():
 
 class Broken(Pass):
     name = "broken"
+    needs = preserves = frozenset()
 
     def run(self, ctx):
         raise ZeroDivisionError("boom")
@@ -67,7 +68,7 @@ class Broken(Pass):
 
 class NeedsStats(Pass):
     name = "needs-stats"
-    needs_stats = True
+    needs = preserves = frozenset({STATS})
 
     def run(self, ctx):
         return PassReport(self.name, self.spec)

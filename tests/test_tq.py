@@ -173,8 +173,7 @@ def test_2bit_matmul_weights_survive_onnxruntime_fusion(rng, columns):
     the guard the pass manager runs splits such weights so default sessions compute what numpy does."""
     import ml_dtypes
     from onnx import numpy_helper
-
-    from onnxtq.emit import split_unsafe_2bit_matmul_weights
+    from onnxtq.passes.guard_matmul_2bit import split_unsafe_2bit_matmul_weights
 
     d = 120
     q = rng.integers(0, 4, (d, columns)).astype(ml_dtypes.uint2)

@@ -9,7 +9,7 @@ pass over the data; each output is reduced to statistics and dropped at once.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -30,27 +30,33 @@ PROBE_TENSORS = 8
 INPUT_BATCH_BYTES = 16 * 2**20
 
 
+def _option(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
-    samples: int = 0  # 0 = every sample the source has
-    batch: int = 8
-    mode: str = "auto"  # auto | full | blocked | diag
-    max_full_dim: int = 4096
-    block: int = 512
-    memory_mb: int = 512
-    max_positions: int = 2048  # conv output positions sampled per input (0: all)
-    seed: int = 0
-    threads: int = 0
-    shrink: bool = True  # each H's covariance toward its diagonal by its sampling noise (LayerStats.shrunk)
+    samples: int = _option(0, "calibration inputs to read (0: every sample the source has)")
+    batch: int = _option(8, "inputs per onnxruntime run (fewer for large inputs)")
+    mode: str = _option("auto", "H per layer: auto | full | blocked | diag")
+    max_full_dim: int = _option(4096, "auto: full H up to this many columns, blocked above")
+    block: int = _option(512, "columns per diagonal block of a blocked H")
+    memory_mb: int = _option(512, "exposed activations per run, in MB (more layers: more runs)")
+    max_positions: int = _option(2048, "conv output positions sampled per input (0: all)")
+    seed: int = _option(0, "seed of the position sampling")
+    threads: int = _option(0, "onnxruntime intra-op threads (0: all cores)")
+    shrink: bool = _option(True, "shrink each H's covariance toward its diagonal by its sampling noise")
 
 
 class StatsStore:
-    """Read-only statistics by weight name, and what they were computed from."""
+    """Read-only statistics by weight name, what they were computed from, and the calibrate options that
+    made them (`options`: what a recalibration repeats)."""
 
     def __init__(self, by_site: dict[str, LayerStats], samples: int, description: str):
         self.by_site = by_site
         self.samples = samples
         self.description = description
+        self.options: dict = {}
 
     def get(self, site: WeightSite) -> LayerStats | None:
         return self.by_site.get(site.name)

@@ -1,0 +1,92 @@
+"""Layer codecs: the ways one weight can be coded, as operating points an allocator chooses among.
+
+A codec takes one weight site with its statistics (a `Layer`) and returns its operating points as
+`rd.Option`s: bands of bit depths, each with the bits it stores and the output distortion it is
+predicted to cost, in one unit for every codec and layer (network-weighted: the layer's measured gain ×
+E‖ΔW x‖² by calibration, `distortion`). `Option.materialize(picks)` turns the chosen point of each band
+into a `Coded` layer: the weight onnxruntime will compute and the recipe that writes it. A pass picks a
+codec's point for its own target (a bit depth, a rate, an entropy), then hands the Coded layer to the one
+finishing tail (`onnxtq.finish`), which corrects the bias, writes it and records it.
+
+Codecs whose layers share a codebook (kq's depthwise convs, ecsq's k-means) code a group of layers at
+once and write the shared part before the layers (`Group`).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from onnxtq.calibration.stats import LayerStats
+from onnxtq.graph import Graph
+from onnxtq.rd import Option
+from onnxtq.weights import WeightSite
+
+
+@dataclass
+class Layer:
+    """One weight site as a codec reads it: the weight as stored, its input statistics and its gain."""
+
+    site: WeightSite
+    w: np.ndarray  # the stored weight, in its stored layout and type
+    stats: LayerStats | None
+    gain: float = 1.0  # network-output error per unit of layer-output error (onnxtq.gains)
+
+    @classmethod
+    def of(cls, graph: Graph, site: WeightSite, stats, gain: float = 1.0) -> Layer:
+        return cls(site, graph.array(site.name), None if stats is None else stats.get(site), gain)
+
+    @property
+    def size(self) -> int:
+        return int(self.w.size)
+
+
+@dataclass
+class Coded:
+    """A layer's chosen operating point, materialised."""
+
+    w_hat: np.ndarray  # the weight onnxruntime will compute, stored layout (in the codec's own precision)
+    write: Callable[[Graph, str], int] = field(repr=False)  # (graph, pass name) → bytes it stores
+    nominal_bits: float | None = None  # code bits per weight at their depths (or the codes' entropy)
+    detail: str = ""  # how it is coded, for the report
+    inputs: LayerStats | None = None  # the inputs it was fitted to, when not the layer's own (sequential fitting)
+    status: str = "quantized"
+    output_error: float | None = None  # E‖(Ŵ − W)x‖² under those inputs, where the codec measured it already
+    error: np.ndarray | None = field(default=None, repr=False)  # Ŵ − W as the codec computed it (see finish)
+
+
+@dataclass
+class Group:
+    """Layers coded together: `prepare(graph, pass name)` writes what they share (a codebook) and returns its
+    bytes, before each layer's own Coded is finished."""
+
+    layers: list[Layer]
+    coded: list[Coded]
+    prepare: Callable[[Graph, str], int] | None = field(default=None, repr=False)
+
+
+def distortion(layer: Layer, delta: np.ndarray, stats: LayerStats | None = None) -> float:
+    """The network-weighted output distortion of a weight error Δ (stored layout): gain × E‖ΔW x‖²."""
+    return layer.gain * output_error(layer.site, layer.stats if stats is None else stats, delta)
+
+
+def output_error(site: WeightSite, stats: LayerStats | None, delta: np.ndarray) -> float:
+    """E‖ΔW x‖² by calibration, or ‖ΔW‖² for a weight without statistics (embeddings); Δ in the stored layout."""
+    m = site.to_matrix(delta)
+    if stats is None or m.shape[1] != stats.dim:
+        return float((np.asarray(m, np.float64) ** 2).sum())
+    return stats.quadratic(m)
+
+
+class Codec(abc.ABC):
+    """A way of coding weights: operating points per layer (see the module docstring)."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def options(self, layer: Layer) -> list[Option]:
+        """The layer's operating points, each Option with its `materialize`."""

@@ -1,0 +1,72 @@
+"""Cluster-regularized quantization, post-training: ternary and low-bit weights by layer-wise reconstruction.
+
+CRQ (Hu et al., 2019) pulls full-precision weights toward their cluster centres while retraining.
+Without labels or a training loop we do the same per layer on the calibration Hessian H = E[x xᵀ]
+(onnxtq.reconstruct):
+
+1. a starting grid per channel (or block): RTN with the output-weighted MSE-optimal clip;
+2. `method=crq`: ADMM pulls the weights onto that grid while keeping the layer output error
+   tr(ΔW H ΔWᵀ) small, the steps are refitted in closed form, and GPTQ error-feedback rounding
+   finishes on the refitted grid; `method=gptq`: GPTQ rounding and step refits only;
+   `method=rtn`: step 1 alone, the baseline at the same bits and precision policy;
+3. per output channel the candidate (RTN, ADMM, GPTQ) with the smallest output error is kept,
+   so a layer never ends worse than RTN on its own objective.
+
+Fitted to drifted inputs (sequential fitting) the target becomes the weight that maps the inputs x̃
+the quantized network gives the layer to the original outputs W·x, so errors stop accumulating.
+`ternary` restricts 2-bit codes to {−1, 0, +1} (INT2 container).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxtq.calibration import importance
+from onnxtq.codec import Codec, Coded, Layer, distortion
+from onnxtq.emit import dequantized, emit_dequantize
+from onnxtq.packing import container_bits
+from onnxtq.quantize import blocking_for, int_range, quantize_groups, step_dtype
+from onnxtq.rd import Band, Option
+from onnxtq.reconstruct import reconstruct
+from onnxtq.sequential import drift_target, enough
+
+
+class CrqCodec(Codec):
+    name = "crq"
+
+    def __init__(self, bits: int, ternary: bool = False, block: int = 0, method: str = "crq", scale_bits: int = 32):
+        self.bits, self.ternary, self.block, self.method, self.scale_bits = bits, ternary, block, method, scale_bits
+
+    def options(self, layer: Layer) -> list[Option]:
+        """One point: these bits, reconstructed on the layer's own statistics."""
+        coded = self.code(layer)
+        w = layer.w.astype(np.float64)
+        point = Band(
+            np.array([self.bits]),
+            np.array([float(layer.size * container_bits(self.bits) + 32 * layer.site.rows)]),
+            np.array([distortion(layer, coded.w_hat - w)]),
+        )
+        return [Option(f"crq {self.bits}-bit", [point], materialize=lambda picks, drift=None: self.code(layer, drift))]
+
+    def code(self, layer: Layer, drift=None) -> Coded:
+        """The layer coded at this codec's bits; with `drift` (own, cross statistics) fitted to those inputs."""
+        site, w = layer.site, layer.w
+        blocking = blocking_for(site, self.block)
+        stats, target, inputs = layer.stats, w, None
+        if drift is not None and enough(drift[0]):
+            inputs, cross = drift
+            stats = inputs
+            target = site.from_matrix(drift_target(site, site.to_matrix(w), inputs, cross)).astype(w.dtype)
+        ternary = self.ternary and self.bits == 2
+        symmetric = ternary or self.bits >= 3
+        qrange = (-1, 1) if ternary else int_range(self.bits, symmetric)
+        h = None if stats is None else blocking.to_groups(importance(site, stats))
+        scale_dtype = step_dtype(site, self.scale_bits)
+        code = quantize_groups(blocking.to_groups(target), self.bits, symmetric, True, h, scale_dtype, qrange)
+        if self.method != "rtn" and stats is not None and site.to_matrix(w).shape[1] == stats.dim:
+            code = reconstruct(site, target, blocking, code, stats, qrange, scale_dtype, self.method)
+        return Coded(
+            dequantized(blocking, code),
+            lambda graph, pass_name: emit_dequantize(graph, site, blocking, code, pass_name),
+            inputs=inputs,
+        )

@@ -1,0 +1,385 @@
+"""Transform quantization: decorrelate, allocate bits by rate–distortion, run in the transform domain.
+
+After Young et al. (TQ, TPAMI 2022), post-training:
+
+1. Per layer, a transform across input channels (onnxtq.transforms): `elt` (the local end-to-end
+   learned transform from the weight covariance and the calibration input autocorrelation), `klt`
+   or `identity`; grouped/depthwise convs and layers without full statistics stay in identity.
+2. Coefficient channels are cut into bands. Per band and bit depth (0, 2, 4, 8 — the depths an
+   ONNX container holds without waste — or every depth 2..8 with `depths=nominal`), per-row steps
+   minimise the layer-output error, and the band's point is (bits stored, output distortion ×
+   the layer's network gain). A band's share of the basis is part of its bits; 0 bits drops it.
+   Untransformed layers may also let each output channel (row) choose its own depth: rows are
+   independent in the layer-output error, and a Gather (int32 row order, paid for) restores their order.
+   Each coding of a layer (identity, per-row identity, banded identity, transformed) is one Option.
+3. Materialised, the chosen codes are finished by GPTQ error feedback (best per row of it and RTN),
+   the basis is quantized first (8 bits) and the coefficients refitted to it.
+4. Emission: `basis 1×1 → layer(T)` when that saves multiply-adds, else T·B folded in the graph;
+   coefficient bands as DequantizeLinear pieces joined by Concat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxtq import transforms
+from onnxtq.calibration import importance
+from onnxtq.codec import Codec, Coded, Layer, output_error
+from onnxtq.emit import Piece, emit_pieces, emit_transformed
+from onnxtq.packing import container_bits
+from onnxtq.quantize import int_range, quantize_groups, step_dtype
+from onnxtq.rd import Band, Option, gaussian_bound_bits, whitened_spectrum
+from onnxtq.reconstruct import Grid, Problems, gptq
+from onnxtq.sequential import drift_target, enough
+from onnxtq.weights import WeightSite
+
+DEPTHS = {"container": (2, 4, 8), "nominal": (2, 3, 4, 5, 6, 7, 8)}
+
+
+@dataclass
+class Coding:
+    """One way to code a layer: coefficients [n, K, kk], the metric H̃ over their columns, bands."""
+
+    transform: transforms.Transform | None  # None: identity, weight coded as it is
+    coeffs: np.ndarray
+    hessian: np.ndarray | None  # [K·kk, K·kk] for a single problem; None: the layer's own statistics
+    bands: list[tuple[int, int]]  # channel ranges [j0, j1)
+    per_row: bool = False  # one band whose output channels choose their depths apart (rows are independent)
+    weights: np.ndarray | None = None  # [n, K·kk] error weights of the step search when there is no full H
+
+
+@dataclass
+class TqLayer:
+    """A layer as tq codes it: its weight as [n, C, kk] float64 and the ways to code it."""
+
+    layer: Layer
+    w: np.ndarray  # [n, C, kk] float64
+    codings: list[Coding] = field(default_factory=list)
+    rows: tuple | None = None  # per-row points of the identity coding, shared by its uniform and per-row options
+
+    @property
+    def site(self) -> WeightSite:
+        return self.layer.site
+
+    @property
+    def stats(self):
+        return self.layer.stats
+
+    @property
+    def gain(self) -> float:
+        return self.layer.gain
+
+
+class TqCodec(Codec):
+    name = "tq"
+
+    def __init__(
+        self,
+        transform: str = "elt",
+        bands: int = 16,
+        band_columns: int = 64,
+        depths: str = "container",
+        basis_bits: int = 8,
+        runtime: str = "auto",
+        gptq: bool = True,
+        scale_bits: int = 16,
+    ):
+        self.transform, self.bands, self.band_columns, self.depths = transform, bands, band_columns, depths
+        self.basis_bits, self.runtime, self.gptq, self.scale_bits = basis_bits, runtime, gptq, scale_bits
+
+    def options(self, layer: Layer | TqLayer) -> list[Option]:
+        """One Option per coding of the layer; materialising one takes a depth per band from its picks (and
+        rebuilds H̃ for the quantized basis)."""
+        tq_layer = layer if isinstance(layer, TqLayer) else self.layer(layer)
+        options = []
+        for coding in tq_layer.codings:
+            option = self._option(tq_layer, coding)
+            option.materialize = self._materializer(tq_layer, coding, option)
+            options.append(option)
+        for coding in tq_layer.codings:
+            if coding.transform is not None:
+                coding.hessian = None
+        return options
+
+    def _materializer(self, layer: TqLayer, coding: Coding, option: Option):
+        def materialize(picks, drift=None) -> Coded:
+            depths = [option.bands[i].depth[p] for i, p in enumerate(picks)]
+            return self.materialize(layer, coding, depths, drift)
+
+        return materialize
+
+    def bound_bits(self, layer: TqLayer, distortion: float) -> float | None:
+        """Gaussian reverse-water-filling rate (bits per weight) for this layer at `distortion`."""
+        if layer.stats is None:
+            return None
+        site = layer.site
+        problems = Problems(layer.stats, site.rows)
+        w = problems.split(layer.w.reshape(site.rows, -1))
+        mu = whitened_spectrum(w, problems.hessian)
+        bits = gaussian_bound_bits(mu, problems.rows, distortion)
+        return bits / layer.w.size
+
+    def layer(self, plain: Layer) -> TqLayer:
+        """The site's weight as [n, C, kk] and its codings: identity, and a transform where one applies."""
+        site, stats = plain.site, plain.stats
+        m = site.to_matrix(plain.w).astype(np.float64)
+        kk = int(np.prod(site.conv.kernel)) if site.conv else 1
+        channels = m.shape[1] // kk
+        w = m.reshape(m.shape[0], channels, kk)
+        layer = TqLayer(plain, w)
+        full = stats is not None and stats.mode == "full" and stats.groups == 1
+        h = stats.moment[0] if full else None
+        diag = site.to_matrix(importance(site, stats)) if stats is not None and not full else None
+        layer.codings.append(Coding(None, w, h, [(0, channels)], weights=diag))
+        # per-row depths need a Gather of the rows after the pieces: their int32 order is fixed bits
+        layer.codings.append(Coding(None, w, h, [(0, channels)], per_row=True, weights=diag))
+        if full and len(self._bands(channels, kk)) > 1:  # bands buy mixed depths for a step per row each
+            layer.codings.append(Coding(None, w, h, self._bands(channels, kk)))
+        if full and self.transform != "identity" and channels > 1:
+            t = transforms.klt(w) if self.transform == "klt" else transforms.elt(w, transforms.tap_average(h, channels))
+            coeffs = transforms.coefficients(w, t.analysis)
+            layer.codings.append(
+                Coding(t, coeffs, transforms.transformed_hessian(h, t.synthesis), self._bands(channels, kk))
+            )
+        return layer
+
+    def _bands(self, channels: int, kk: int) -> list[tuple[int, int]]:
+        count = int(np.clip(channels * kk // self.band_columns, 1, min(self.bands, channels)))
+        edges = np.linspace(0, channels, count + 1).round().astype(int)
+        return list(zip(edges[:-1], edges[1:]))
+
+    def _scale_bits(self, site: WeightSite) -> int:
+        return 8 * np.dtype(self._step_dtype(site)).itemsize
+
+    def _step_dtype(self, site: WeightSite) -> type:
+        return step_dtype(site, self.scale_bits)
+
+    def _option(self, layer: TqLayer, coding: Coding) -> Option:
+        """Rate–distortion points of each band of one coding of a layer."""
+        n, _, kk = coding.coeffs.shape
+        site = layer.site
+        if coding.transform is None and len(coding.bands) == 1:
+            if layer.rows is None:
+                layer.rows = self._row_points(layer, coding)
+            depth, bits, dist = layer.rows
+            if coding.per_row:
+                return Option("identity per row", [Band(depth, bits, dist)], fixed_bits=32.0 * n)
+            return Option("identity", [Band(depth, bits.sum(axis=0), dist.sum(axis=0))])
+        basis_row = self.basis_bits * layer.w.shape[1] + self._scale_bits(site)
+        bands = []
+        for j0, j1 in coding.bands:
+            band = coding.coeffs[:, j0:j1].reshape(n, -1)
+            depth, bits, dist = [], [], []
+            # a dropped band: no codes and no basis rows; never the strongest, or a whole layer could vanish on the
+            # strength of a gain measured with small noise (dropping is far from the linear regime)
+            if coding.transform is not None and j0 > 0:
+                depth.append(0)
+                bits.append(0.0)
+                dist.append(self._distortion(layer, coding, j0, j1, -band))
+            for b in DEPTHS[self.depths]:
+                deq, stored = self._quantize(site, coding, j0, j1, band, b, self.gptq)
+                depth.append(b)
+                extra = (j1 - j0) * basis_row if coding.transform is not None else 0
+                bits.append(float(stored + extra))
+                dist.append(self._distortion(layer, coding, j0, j1, deq - band))
+            bands.append(Band(np.array(depth), np.array(bits), layer.gain * np.array(dist)))
+        return Option(coding.transform.kind if coding.transform else "identity", bands)
+
+    def _row_points(self, layer: TqLayer, coding: Coding):
+        """Depths [P] and, per output channel, bits and gain-weighted distortion [n, P] of the whole weight."""
+        n = coding.coeffs.shape[0]
+        m = coding.coeffs.reshape(n, -1)
+        channels = coding.coeffs.shape[1]
+        depths = DEPTHS[self.depths]
+        bits, dist = np.empty((n, len(depths))), np.empty((n, len(depths)))
+        for i, b in enumerate(depths):
+            deq, stored = self._quantize(layer.site, coding, 0, channels, m, b, self.gptq)
+            bits[:, i] = stored / n
+            dist[:, i] = layer.gain * self._row_errors(layer, coding, deq - m)
+        return np.array(depths), bits, dist
+
+    def _row_errors(self, layer: TqLayer, coding: Coding, delta: np.ndarray) -> np.ndarray:
+        """Layer-output error per output channel of a weight error `delta` [n, d]."""
+        if coding.hessian is not None:
+            return ((delta @ coding.hessian) * delta).sum(axis=1)
+        if layer.stats is not None and delta.shape[1] == layer.stats.dim:
+            problems = Problems(layer.stats, delta.shape[0])
+            return problems.row_error(problems.split(delta))
+        return (delta**2).sum(axis=1)
+
+    def _quantize(self, site, coding: Coding, j0: int, j1: int, band: np.ndarray, bits: int, feedback: bool):
+        """Per-row steps of one band at `bits` (RTN, or GPTQ within the band): (dequantized band, bits stored)."""
+        code = self._code(site, coding, j0, j1, band, bits)
+        n, cols = band.shape
+        stored_bits = container_bits(bits) if self.depths == "container" else bits
+        side = n * self._scale_bits(site) + (n * container_bits(bits) if code.zero_point is not None else 0)
+        step = np.repeat(code.scale.astype(np.float64)[:, None], cols, 1)
+        zero = np.zeros_like(step) if code.zero_point is None else np.repeat(code.zero_point[:, None], cols, 1)
+        q = code.q.astype(np.float64)
+        if feedback and coding.hessian is not None:
+            kk = coding.coeffs.shape[2]
+            h = coding.hessian[j0 * kk : j1 * kk, j0 * kk : j1 * kk]
+            q = self._feedback(band, h, q, step, zero, *int_range(bits, code.zero_point is None))
+        return step * (q - zero), n * cols * stored_bits + side
+
+    def _code(self, site, coding: Coding, j0: int, j1: int, band: np.ndarray, bits: int, rows=slice(None)):
+        """Per-row steps and codes of `band` (the given rows of coefficient channels j0..j1) at `bits`."""
+        h = self._column_weights(coding, j0, j1)
+        h = None if h is None else np.broadcast_to(h, (coding.coeffs.shape[0], h.shape[-1]))[rows]
+        scale_dtype = self._step_dtype(site)
+        return quantize_groups(band, bits, bits >= 3, True, h, scale_dtype)
+
+    def _column_weights(self, coding: Coding, j0: int, j1: int) -> np.ndarray | None:
+        kk = coding.coeffs.shape[2]
+        if coding.hessian is not None:
+            return np.diagonal(coding.hessian)[j0 * kk : j1 * kk]
+        return None if coding.weights is None else coding.weights[:, j0 * kk : j1 * kk]
+
+    def _distortion(self, layer: TqLayer, coding: Coding, j0: int, j1: int, delta: np.ndarray) -> float:
+        """Layer-output error of a band error `delta` [n, cols] (cross-band terms left out)."""
+        if coding.hessian is not None:
+            kk = coding.coeffs.shape[2]
+            h = coding.hessian[j0 * kk : j1 * kk, j0 * kk : j1 * kk]
+            return float(((delta @ h) * delta).sum())
+        return output_error(layer.site, layer.stats, layer.site.from_matrix(delta))
+
+    def materialize(self, layer: TqLayer, coding: Coding, depths: list, drift=None) -> Coded:
+        """Quantize one layer as allocated (a depth per band of `coding`).
+
+        With `drift` (statistics of the inputs the quantized network gives this layer, and their cross
+        moment with the original inputs) the codes are fitted to the weight that restores the original
+        outputs from those inputs.
+        """
+        site = layer.site
+        n, channels, kk = layer.w.shape
+        kept = [(j0, j1, b) for (j0, j1), b in zip(coding.bands, depths) if np.all(b > 0)]
+        stats, target, inputs = layer.stats, layer.w, None
+        if drift is not None and enough(drift[0]) and drift[0].mode == getattr(layer.stats, "mode", None):
+            stats, cross = drift
+            target = drift_target(site, layer.w.reshape(n, -1), stats, cross).reshape(layer.w.shape)
+            inputs = stats
+        basis_piece = None
+        coeffs, hessian = target, (stats.moment[0] if coding.hessian is not None else None)
+        if coding.transform is not None:
+            rows = np.concatenate([np.arange(j0, j1) for j0, j1, _ in kept])
+            basis = coding.transform.synthesis[rows]
+            code = quantize_groups(basis, self.basis_bits, True, True, None, self._step_dtype(site))
+            basis_hat = code.dequantize().astype(np.float64)
+            gbar = transforms.tap_average(stats.moment[0], channels)
+            coeffs = transforms.fit_coefficients(target, basis_hat, gbar)
+            hessian = transforms.transformed_hessian(stats.moment[0], basis_hat)
+            edges = np.cumsum([0] + [j1 - j0 for j0, j1, _ in kept])
+            kept = [(int(a), int(b), d) for a, b, (_, _, d) in zip(edges[:-1], edges[1:], kept)]
+            basis_q = code.q.T if site.transposed else code.q
+            if site.conv is not None:
+                basis_q = basis_q.reshape(*basis_q.shape, *[1] * len(site.conv.kernel))
+            basis_piece = Piece(basis_q, code.scale, None, self.basis_bits, 1 if site.transposed else 0)
+        refit = Coding(coding.transform, coeffs, hessian, [(a, b) for a, b, _ in kept], weights=coding.weights)
+        q, step, zero, lo, hi = self._codes(site, refit, kept)
+        if self.gptq and hessian is not None:
+            q = self._feedback(coeffs.reshape(n, -1), hessian, q, step, zero, lo, hi)
+        hat = (step * (q - zero)).reshape(coeffs.shape)
+        w_hat = hat if coding.transform is None else np.einsum("nkt,kc->nct", hat, basis_hat)
+        delta = site.from_matrix((w_hat - layer.w).reshape(n, -1))
+        pieces, axis, order = self._pieces(site, q, step, zero, kept, coeffs.shape)
+        used = sum(b - a for a, b, _ in kept)
+        if basis_piece is None:
+
+            def write(graph, pass_name: str) -> int:
+                return emit_pieces(graph, site, pieces, axis, pass_name, order)
+
+            runtime = ""
+        else:
+            factored = self._factored(site, channels, used)
+
+            def write(graph, pass_name: str) -> int:
+                return emit_transformed(graph, site, pieces, basis_piece, factored, pass_name)
+
+            runtime = ", factored" if factored else ", folded"
+        nominal = sum((b - a) * kk * np.broadcast_to(d, (n,)).sum() for a, b, d in kept) + (
+            0 if basis_piece is None else basis_piece.q.size * self.basis_bits
+        )
+        kind = coding.transform.kind if coding.transform else "identity"
+        if coding.per_row:
+            values, counts = np.unique(kept[0][2], return_counts=True)
+            depth_text = "rows at " + ", ".join(f"{v} bits: {c}" for v, c in zip(values[::-1], counts[::-1]))
+        else:
+            depth_text = f"band bits {[int(d) for _, _, d in kept]}"
+        return Coded(
+            site.from_matrix(w_hat.reshape(n, -1)),
+            write,
+            nominal_bits=nominal / layer.layer.size,
+            detail=f"{kind} {used}/{channels} channels, {depth_text}{runtime}",
+            inputs=inputs,
+            output_error=output_error(site, stats, delta),
+            error=delta,
+        )
+
+    def _codes(self, site, coding: Coding, kept):
+        """RTN codes and their grid, per element, for the kept bands: q, step, zero, lo, hi [n, K·kk]."""
+        n, _, kk = coding.coeffs.shape
+        cols = [(a * kk, b * kk) for a, b, _ in kept]
+        parts = []
+        for (a, b, bits), (c0, c1) in zip(kept, cols):
+            band = coding.coeffs[:, a:b].reshape(n, -1)
+            per_row = np.broadcast_to(bits, (n,))
+            part = [np.zeros((n, c1 - c0)) for _ in range(5)]  # q, step, zero, lo, hi
+            for depth in np.unique(per_row):
+                rows = per_row == depth
+                code = self._code(site, coding, a, b, band[rows], int(depth), rows)
+                lo, hi = int_range(int(depth), code.zero_point is None)
+                zero = 0.0 if code.zero_point is None else code.zero_point.astype(np.float64)[:, None]
+                part[0][rows] = code.q
+                part[1][rows] = code.scale.astype(np.float64)[:, None]
+                part[2][rows] = zero
+                part[3][rows], part[4][rows] = lo, hi
+            parts.append(part)
+        return tuple(np.concatenate(p, axis=1) for p in zip(*parts))
+
+    @staticmethod
+    def _feedback(w0, hessian, q, step, zero, lo, hi) -> np.ndarray:
+        """GPTQ on the chosen grid; per row, whichever of it and RTN has the smaller output error."""
+        lo, hi = (np.broadcast_to(v, step.shape) for v in (lo, hi))
+        grid = Grid(step[None], zero[None], lo[None], hi[None])
+        fed = gptq(w0[None], hessian[None], grid)[0]
+        err = [(((step * (c - zero) - w0) @ hessian) * (step * (c - zero) - w0)).sum(axis=1) for c in (q, fed)]
+        return np.where((err[1] < err[0])[:, None], fed, q)
+
+    def _pieces(self, site, q, step, zero, kept, shape):
+        """DequantizeLinear pieces in the stored layout: (pieces, axis they join on, row order or None).
+
+        Column bands join along the input axis; rows with their own depths are grouped by depth, joined
+        along the output axis, and put back in order by a Gather.
+        """
+        n, _, kk = shape
+        out_axis, in_axis = (1, 0) if site.transposed else (0, 1)
+        dtype = self._step_dtype(site)
+
+        def stored(codes):  # [r, channels, kk] -> the weight's layout
+            if site.conv is not None:
+                return codes.reshape(codes.shape[0], codes.shape[1], *site.shape[2:])
+            return codes[:, :, 0].T if site.transposed else codes[:, :, 0]
+
+        def piece(rows, a, b, bits):
+            cols = slice(a * kk, b * kk)
+            codes = q[rows, cols].reshape(-1, b - a, kk)
+            zp = None if bits >= 3 else zero[rows, a * kk].astype(np.int32)
+            return Piece(stored(codes).astype(np.int32), step[rows, a * kk].astype(dtype), zp, bits, out_axis)
+
+        per_row = np.ndim(kept[0][2]) > 0 and len(np.unique(kept[0][2])) > 1
+        if not per_row:
+            every = np.arange(n)
+            return [piece(every, a, b, int(np.max(d))) for a, b, d in kept], in_axis, None
+        a, b, depths = kept[0]
+        groups = [np.flatnonzero(depths == d) for d in np.unique(depths)[::-1]]
+        return [piece(rows, a, b, int(depths[rows[0]])) for rows in groups], out_axis, np.concatenate(groups)
+
+    def _factored(self, site: WeightSite, channels: int, kept: int) -> bool:
+        if self.runtime != "auto":
+            return self.runtime == "factored"
+        n = site.rows
+        kk = int(np.prod(site.conv.kernel)) if site.conv else 1
+        stride = int(np.prod(site.conv.strides)) if site.conv else 1
+        return channels * kept * stride + kept * kk * n < channels * kk * n

@@ -1,0 +1,74 @@
+"""The one finishing tail of every coded weight: correct the bias, write the codes, record the weight.
+
+    b ← b − E[(Ŵ − W_now) x]              (onnxtq.bias; W_now: what the layer computes before this step)
+
+then the codec's own recipe writes Ŵ (DequantizeLinear pieces, a transform, a codebook lookup, codes
+rewritten in place), and the record gives bytes before and after, bits per weight, weight and
+layer-output SQNR (and the layer-output error itself, E‖(Ŵ − W)x‖²), the nominal bits and how it is
+coded. A layer fitted to the inputs the partly quantized network gives it (sequential fitting) has its
+bias absorb E[Ŵx̃] − E[Wx]: the mean error measured against the original inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxtq.bias import correct_bias, output_shift
+from onnxtq.codec import Coded, Layer, output_error
+from onnxtq.graph import Graph
+from onnxtq.model_io import tensor_nbytes
+from onnxtq.report import WeightRecord
+
+
+def finish(
+    graph: Graph,
+    layer: Layer,
+    coded: Coded,
+    pass_name: str,
+    bias_correct: bool,
+    node: onnx.NodeProto | None = None,
+    now: np.ndarray | None = None,
+) -> WeightRecord:
+    """Bias-correct, write and record one coded layer.
+
+    `node` is the layer whose bias absorbs the error (default: the reader of the site's weight); `now` the
+    weight it computes before this step (default: the float weight; `refine` passes its earlier codes).
+    """
+    site = layer.site
+    w = layer.w.astype(np.float64)
+    stats = coded.inputs or layer.stats
+    reference = layer.stats if coded.inputs is not None else None
+    before = tensor_nbytes(graph.initializers[site.name]) if site.name in graph.initializers else None
+    why_not = ""
+    if bias_correct and stats is None:
+        why_not = "no statistics"
+    elif bias_correct:
+        # numpy's sums run in memory order, so a codec that computed Ŵ − W itself (in its matrix view) has
+        # the shift computed on that array, and on the weight laid out like it: the bias bits do not move
+        error = coded.error if coded.error is not None else coded.w_hat - (w if now is None else now)
+        shift = output_shift(site, stats, error)
+        if reference is not None:
+            w_like = w if coded.error is None else np.empty_like(error)
+            w_like[...] = w
+            shift += output_shift(site, stats, w_like) - output_shift(site, reference, w_like)
+        node = node if node is not None else graph.consumers[site.name][0][0]
+        why_not = correct_bias(graph, node, site, shift, layer.w.dtype)
+    after = coded.write(graph, pass_name)
+    record = WeightRecord.of(
+        site, coded.status, bytes_before=after if before is None else before, bytes_after=after, bits=8 * after / w.size
+    )
+    record.bias_corrected = bias_correct and not why_not
+    record.reason = f"bias not corrected: {why_not}" if why_not else ""
+    record.nominal_bits = coded.nominal_bits
+    record.detail = coded.detail
+    error = w - coded.w_hat
+    record.weight_sqnr_db = db((w**2).sum(), (error**2).sum())
+    if stats is not None:
+        record.output_error = coded.output_error if coded.output_error is not None else output_error(site, stats, error)
+        record.output_sqnr_db = db(output_error(site, stats, w), record.output_error)
+    return record
+
+
+def db(signal: float, noise: float) -> float:
+    return float(10 * np.log10(signal / noise)) if noise > 0 else float("inf")
