@@ -12,12 +12,12 @@ get it through the finishing tail (onnxtq.finish), which corrects the bias befor
 from __future__ import annotations
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 from onnx import numpy_helper
 
 from onnxtq.calibration.stats import LayerStats
-from onnxtq.graph import Graph
-from onnxtq.weights import WeightSite, node_attr
+from onnxtq.graph import Graph, node_attr
+from onnxtq.weights import WeightSite
 
 
 def output_shift(site: WeightSite, stats: LayerStats, delta: np.ndarray) -> np.ndarray:
@@ -26,7 +26,7 @@ def output_shift(site: WeightSite, stats: LayerStats, delta: np.ndarray) -> np.n
     return np.einsum("gnd,gd->gn", rows, stats.mean).reshape(-1)
 
 
-def correct_bias(graph: Graph, node: onnx.NodeProto, site: WeightSite, shift: np.ndarray, dtype) -> str:
+def correct_bias(graph: Graph, node: ir.Node, site: WeightSite, shift: np.ndarray, dtype) -> str:
     """Subtract `shift` from the bias of `node`, the layer that reads `site`; returns '' or why it could not.
 
     Conv and Gemm get a bias input (of `dtype`) when they have none; MatMul is corrected through
@@ -38,38 +38,35 @@ def correct_bias(graph: Graph, node: onnx.NodeProto, site: WeightSite, shift: np
         beta = float(node_attr(node, "beta", 1.0)) if site.op == "Gemm" else 1.0
         if beta == 0:
             return "Gemm with beta=0 ignores its bias"
-        if len(node.input) > 2 and node.input[2]:
-            return _subtract(graph, node.input[2], shift / beta)
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            return _subtract(graph, node.inputs[2], shift / beta)
         name = graph.unique(f"{site.name}/onnxtq.bias")
-        graph.set_initializer(numpy_helper.from_array((-shift / beta).astype(dtype), name))
-        del node.input[2:]
-        node.input.append(name)
-        graph.refresh()
+        bias = graph.set_initializer(numpy_helper.from_array((-shift / beta).astype(dtype), name))
+        node.resize_inputs(3)
+        node.replace_input_with(2, bias)
         return ""
     if site.op == "MatMul":
-        readers = graph.consumers.get(node.output[0], [])
-        if len(readers) != 1 or readers[0][0] is None or readers[0][0].op_type != "Add":
+        readers = list(node.outputs[0].uses())
+        if len(readers) != 1 or readers[0].node.op_type != "Add" or readers[0].node.graph is not graph.graph:
             return "MatMul output is not read by a single Add that could hold the correction"
-        add = readers[0][0]
-        other = add.input[1 - readers[0][1]]
-        return _subtract(graph, other, shift)
+        add, index = readers[0].node, readers[0].idx
+        return _subtract(graph, add.inputs[1 - index], shift)
     return f"no bias correction for {site.op}"
 
 
-def _subtract(graph: Graph, name: str, shift: np.ndarray) -> str:
+def _subtract(graph: Graph, bias: ir.Value, shift: np.ndarray) -> str:
     """b ← b − shift for a constant bias of shape [n] (or [1, n]) that only this layer reads."""
-    t = graph.initializers.get(name)
-    if t is None:
+    if bias is None or not bias.is_initializer():
         return "the bias is not a constant"
-    if len(graph.consumers.get(name, [])) != 1:
+    if len(bias.uses()) != 1:
         return "the bias is shared with other nodes"
-    b = numpy_helper.to_array(t)
+    b = graph.array(bias.name)
     if not np.isfinite(b).all():
         return "the bias holds NaN/Inf"
     if b.size != shift.size or (b.ndim > 1 and max(b.shape) != b.size):
         return f"bias of shape {list(b.shape)} does not hold one value per output channel"
     corrected = (b.astype(np.float64) - shift.reshape(b.shape)).astype(b.dtype)
-    graph.set_initializer(numpy_helper.from_array(corrected, name))
+    graph.set_initializer(numpy_helper.from_array(corrected, bias.name))
     return ""
 
 

@@ -269,7 +269,7 @@ def _inspect(args) -> int:
             "op": s.op,
             "kind": s.kind,
             "shape": list(s.shape),
-            "bytes": model_io.tensor_nbytes(graph.initializers[s.name]),
+            "bytes": graph.nbytes(s.name),
         }
         for s in found.sites
     ]
@@ -284,7 +284,7 @@ def _inspect(args) -> int:
             if vi.name not in graph.initializers
         ],
         "ops": dict(ops.most_common()),
-        "initializer_bytes": sum(model_io.tensor_nbytes(t) for t in graph.graph.initializer),
+        "initializer_bytes": sum(model_io.tensor_nbytes(t) for t in work.graph.initializer),
         "weights": weights,
         "skipped": [{"name": n, "node": node, "reason": r} for n, node, r in found.skipped],
         "onnxtq": {p.key: p.value for p in model.metadata_props if p.key.startswith("onnxtq.")},

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import numpy_helper
 
-from onnxtq.emit import replace_initializer
+from onnxtq.emit import prepend, replace_initializer
 from onnxtq.graph import Graph, tag
 from onnxtq.model_io import tensor_nbytes
 from onnxtq.packing import container_bits, int_tensor
@@ -209,30 +210,30 @@ class Emitted:
     """A float tensor the graph now computes and the bytes its new initializers take; for a codebook,
     its size K and codeword shape."""
 
-    name: str
+    value: ir.Value
     bytes: int
     size: int = 0
     tail: tuple[int, ...] = ()
 
 
-def emit_codebook(graph: Graph, base: str, book: Codebook, float_type: int, pass_name: str, before: int = 0) -> Emitted:
-    """Cast(INT8 codes)·step as nodes at position `before`; a codebook several lookups may read."""
+def emit_codebook(
+    graph: Graph, base: str, book: Codebook, float_type: int, pass_name: str, before: ir.Node | None = None
+) -> Emitted:
+    """Cast(INT8 codes)·step as nodes before `before` (first in the graph when None); a codebook several
+    lookups may read."""
     codes = numpy_helper.from_array(book.codes.astype(np.int8), graph.unique(f"{base}/onnxtq.codebook"))
     np_type = onnx.helper.tensor_dtype_to_np_dtype(float_type)
     step = numpy_helper.from_array(np.array(book.step, np_type), graph.unique(f"{base}/onnxtq.codebook_step"))
-    for t in (codes, step):
-        graph.set_initializer(t)
+    codes_value, step_value = graph.set_initializer(codes), graph.set_initializer(step)
     cast_out, out = graph.unique(f"{base}/onnxtq.codebook_float"), graph.unique(f"{base}/onnxtq.codebook_values")
-    nodes = [
-        onnx.helper.make_node(
-            "Cast", [codes.name], [cast_out], name=graph.unique(f"{base}/onnxtq.cast"), to=float_type
-        ),
-        onnx.helper.make_node("Mul", [cast_out, step.name], [out], name=graph.unique(f"{base}/onnxtq.decode")),
-    ]
-    for i, node in enumerate(nodes):
-        graph.graph.node.insert(before + i, tag(node, pass_name, "codebook"))
-    graph.refresh()
-    return Emitted(out, tensor_nbytes(codes) + tensor_nbytes(step), book.size, tuple(book.codes.shape[1:]))
+    cast = graph.node("Cast", [codes_value], [cast_out], graph.unique(f"{base}/onnxtq.cast"), to=float_type)
+    mul = graph.node("Mul", [cast.outputs[0], step_value], [out], graph.unique(f"{base}/onnxtq.decode"))
+    nodes = [tag(n, pass_name, "codebook") for n in (cast, mul)]
+    if before is None:
+        prepend(graph, nodes)
+    else:
+        graph.graph.insert_before(before, nodes)
+    return Emitted(mul.outputs[0], tensor_nbytes(codes) + tensor_nbytes(step), book.size, tuple(book.codes.shape[1:]))
 
 
 def index_bits(k: int) -> int:
@@ -275,77 +276,71 @@ def emit_lookup(
     Scales: `scales` [n] as given (float16 or float32), or `gains` = (gain indices [n], table [G]): a
     second lookup. A `Codebook` is emitted here; an `Emitted` one (shared by several weights) is read.
     """
-    original = graph.initializers[site.name]
-    ftype = original.data_type
+    weight = graph.initializers[site.name]
+    ftype = int(weight.const_value.dtype)
     base, node_base = site.name, site.node
-    position = min(list(graph.graph.node).index(c) for c, _ in graph.consumers[site.name] if c is not None)
+    first = min((use.node for use in weight.uses()), key=graph.graph.index)  # the lookup goes before it
     stored = 0
     if isinstance(codebook, Codebook):
-        book = emit_codebook(graph, base, codebook, ftype, pass_name, before=position)
-        position += 2
+        book = emit_codebook(graph, base, codebook, ftype, pass_name, before=first)
         stored += book.bytes
     else:
         book = codebook
     indices = np.asarray(indices)
     if indices.size and (indices.min() < 0 or indices.max() >= book.size):
         raise ValueError(f"{site.name}: indices outside the codebook of {book.size}")
-    nodes: list[onnx.NodeProto] = []
-    gathered = _gather(graph, base, node_base, indices, book.name, book.size, nodes, pass_name)
+    nodes: list[ir.Node] = []
+    gathered = _gather(graph, base, node_base, indices, book.value, book.size, nodes, pass_name)
     stored += gathered.bytes
-    out = gathered.name
+    out = gathered.value
     matrix = [site.rows, site.cols] if site.transposed else list(site.shape)
     if list(indices.shape) + list(book.tail) != matrix:
         shape = numpy_helper.from_array(np.array(matrix, np.int64), graph.unique(f"{base}/onnxtq.shape"))
-        graph.set_initializer(shape)
-        out = _node(graph, nodes, "Reshape", [out, shape.name], base, node_base, pass_name, "reshape")
+        out = _node(graph, nodes, "Reshape", [out, graph.set_initializer(shape)], base, node_base, pass_name, "reshape")
     if site.transposed:
         out = _node(graph, nodes, "Transpose", [out], base, node_base, pass_name, "transpose", perm=[1, 0])
     if gains is not None:
         g_idx, table = gains
         table_t = numpy_helper.from_array(np.asarray(table), graph.unique(f"{base}/onnxtq.gain_table"))
-        graph.set_initializer(table_t)
+        table_out = graph.set_initializer(table_t)
         stored += tensor_nbytes(table_t)
-        table_out = table_t.name
         if table_t.data_type != ftype:
             table_out = _node(graph, nodes, "Cast", [table_out], base, node_base, pass_name, "gain_table", to=ftype)
         g_idx = np.asarray(g_idx).reshape(_scale_shape(site))
         g = _gather(graph, f"{base}/gain", node_base, g_idx, table_out, len(table), nodes, pass_name)
         stored += g.bytes
-        out = _node(graph, nodes, "Mul", [out, g.name], base, node_base, pass_name, "scale")
+        out = _node(graph, nodes, "Mul", [out, g.value], base, node_base, pass_name, "scale")
     elif scales is not None:
         s = numpy_helper.from_array(
             np.asarray(scales).reshape(_scale_shape(site)), graph.unique(f"{base}/onnxtq.scale")
         )
-        graph.set_initializer(s)
+        s_out = graph.set_initializer(s)
         stored += tensor_nbytes(s)
-        s_out = s.name
         if s.data_type != ftype:
             s_out = _node(graph, nodes, "Cast", [s_out], base, node_base, pass_name, "scale_cast", to=ftype)
         out = _node(graph, nodes, "Mul", [out, s_out], base, node_base, pass_name, "scale")
-    for i, node in enumerate(nodes):
-        graph.graph.node.insert(position + i, node)
+    graph.graph.insert_before(first, nodes)
     replace_initializer(graph, site, out)
-    graph.refresh()
     return stored
 
 
 def _node(
-    graph: Graph, nodes: list, op: str, inputs: list[str], base: str, node_base: str, pass_name: str, role: str, **attrs
-) -> str:
-    """Append one tagged node reading `inputs` to `nodes`; returns its output name."""
+    graph: Graph, nodes: list, op: str, inputs: list, base: str, node_base: str, pass_name: str, role: str, **attrs
+) -> ir.Value:
+    """Append one tagged node reading `inputs` to `nodes`; returns its output."""
     out = graph.unique(f"{base}/onnxtq.{role}")
-    node = onnx.helper.make_node(op, inputs, [out], name=graph.unique(f"{node_base}/onnxtq.{role}"), **attrs)
+    node = graph.node(op, inputs, [out], graph.unique(f"{node_base}/onnxtq.{role}"), **attrs)
     nodes.append(tag(node, pass_name, role))
-    return out
+    return node.outputs[0]
 
 
 def _gather(
-    graph: Graph, base: str, node_base: str, indices: np.ndarray, table: str, k: int, nodes: list, pass_name: str
+    graph: Graph, base: str, node_base: str, indices: np.ndarray, table: ir.Value, k: int, nodes: list, pass_name: str
 ) -> Emitted:
     """Packed unsigned indices → Cast(INT32) → Gather(table, axis 0): the gathered tensor and the index bytes."""
     bits = container_bits(index_bits(k))
     idx = int_tensor(graph.unique(f"{base}/onnxtq.indices"), indices, bits, signed=False)
-    graph.set_initializer(idx)
-    cast = _node(graph, nodes, "Cast", [idx.name], base, node_base, pass_name, "index", to=onnx.TensorProto.INT32)
+    idx_value = graph.set_initializer(idx)
+    cast = _node(graph, nodes, "Cast", [idx_value], base, node_base, pass_name, "index", to=onnx.TensorProto.INT32)
     out = _node(graph, nodes, "Gather", [table, cast], base, node_base, pass_name, "lookup", axis=0)
     return Emitted(out, tensor_nbytes(idx))

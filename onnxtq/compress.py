@@ -19,7 +19,7 @@ import onnx
 from onnxtq import __version__, model_io
 from onnxtq.calibration.data import ImagePreprocessing, open_source
 from onnxtq.errors import ModelError, NoGainError, OnnxtqError
-from onnxtq.graph import Graph, constants_to_initializers, copy_model, subgraph_tensors
+from onnxtq.graph import Graph, constants_to_initializers, subgraph_tensors
 from onnxtq.pass_infra import Context
 from onnxtq.paths import check_outputs
 from onnxtq.pipeline import parse
@@ -156,7 +156,7 @@ def sweep(
             pipeline = f"{head.pipeline},{tail.pipeline}"
             output = sweep_output(source_path, out_dir, index)
             try:
-                ctx = Context(Graph(copy_model(base.graph.model)), data, base.stats, base.stats_fresh)
+                ctx = Context(Graph(base.graph.proto()), data, base.stats, base.stats_fresh)
                 reports = head_reports + tail.run(ctx)
                 run = RunReport(pipeline, str(source_path), str(output), passes=reports, bytes_before=size)
                 runs.append(_finish(original, ctx, run, verify_samples, None, threads, guards))
@@ -179,7 +179,7 @@ def _finish(
 ) -> RunReport:
     """Stamp, validate, verify against the original, check the gain and write atomically: the tail every
     run shares."""
-    result = ctx.graph.model
+    result = ctx.graph.proto()
     onnx.helper.set_model_props(
         result,
         {

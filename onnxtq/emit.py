@@ -15,13 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import numpy_helper
 
-from onnxtq.graph import Graph, tag
+from onnxtq.graph import Graph, node_attr, tag
 from onnxtq.model_io import tensor_nbytes
 from onnxtq.packing import int_tensor
 from onnxtq.quantize import Blocking, GroupCode, int_range
-from onnxtq.weights import WeightSite, node_attr
+from onnxtq.weights import WeightSite
 
 
 def _dequantize_node(
@@ -35,7 +36,7 @@ def _dequantize_node(
     attrs: dict,
     float_type: int,
     pass_name: str,
-) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+) -> tuple[ir.Node, list[onnx.TensorProto]]:
     """A DequantizeLinear node over new initializers (codes packed, `scale` as stored); not yet in the graph."""
     signed = zero_point is None
     q = int_tensor(graph.unique(f"{base}/onnxtq.q"), codes, bits, signed)
@@ -47,12 +48,9 @@ def _dequantize_node(
     if scale.dtype != onnx.helper.tensor_dtype_to_np_dtype(float_type):
         attrs["output_dtype"] = float_type  # DequantizeLinear-23: fp16 steps decode straight to the weight's type
     out = graph.unique(f"{base}/onnxtq.dequant")
-    node = onnx.helper.make_node(
-        "DequantizeLinear", [t.name for t in stored], [out], name=graph.unique(f"{node_base}/onnxtq.dequant"), **attrs
-    )
-    tag(node, pass_name, "dequant")
-    for t in stored:
-        graph.set_initializer(t)
+    name = graph.unique(f"{node_base}/onnxtq.dequant")
+    inputs = [graph.set_initializer(t) for t in stored]
+    node = tag(graph.node("DequantizeLinear", inputs, [out], name, **attrs), pass_name, "dequant")
     return node, stored
 
 
@@ -62,12 +60,23 @@ def _scale_values(scale: np.ndarray, float_type: int) -> np.ndarray:
     return scale if scale.dtype.itemsize < np.dtype(weight_dtype).itemsize else scale.astype(weight_dtype)
 
 
-def replace_initializer(graph: Graph, site: WeightSite, new_name: str) -> None:
-    """Point every reader of the site's weight at `new_name` and drop the float tensor."""
-    original = graph.initializers[site.name]
-    for consumer, index in graph.consumers[site.name]:
-        consumer.input[index] = new_name
-    graph.graph.initializer.remove(original)
+def float_type(graph: Graph, site: WeightSite) -> int:
+    """The TensorProto element type of the site's float weight."""
+    return int(graph.initializers[site.name].const_value.dtype)
+
+
+def replace_initializer(graph: Graph, site: WeightSite, new: ir.Value) -> None:
+    """Point every reader of the site's weight at `new` and drop the float tensor."""
+    graph.initializers[site.name].replace_all_uses_with(new)
+    graph.initializers.pop(site.name)
+
+
+def prepend(graph: Graph, nodes: list[ir.Node]) -> None:
+    """Put `nodes` first in the graph, in their order."""
+    if len(graph.graph):
+        graph.graph.insert_before(graph.graph.node(0), nodes)
+    else:
+        graph.graph.extend(nodes)
 
 
 #: Bytes one escaped code costs (its int32 position and float32 value), and the nodes and shapes escapes add.
@@ -97,8 +106,8 @@ def narrowest_container(q: np.ndarray, widths: tuple[int, ...] = (4, 8, 16)) -> 
 
 def emit_dequantize(graph: Graph, site: WeightSite, blocking: Blocking, code: GroupCode, pass_name: str) -> int:
     """Replace the weight of `site` by DequantizeLinear over `code`; returns the bytes now stored."""
-    original = graph.initializers[site.name]
-    scale = _scale_values(blocking.scales_to_shape(code.scale), original.data_type)
+    ftype = float_type(graph, site)
+    scale = _scale_values(blocking.scales_to_shape(code.scale), ftype)
     zp = None if code.zero_point is None else blocking.scales_to_shape(code.zero_point)
     q = blocking.from_groups(code.q)
     escaped = escapes(q, code.bits, code.zero_point is None)
@@ -107,34 +116,24 @@ def emit_dequantize(graph: Graph, site: WeightSite, blocking: Blocking, code: Gr
         q.flat[escaped] = 0  # the likeliest code; the escapes write over it
     elif escaped.size:
         q = np.clip(q, *int_range(code.bits, False))
+    original = graph.array(site.name)
     node, stored = _dequantize_node(
-        graph,
-        site.name,
-        site.node,
-        q,
-        scale,
-        zp,
-        code.bits,
-        blocking.dequantize_attrs,
-        original.data_type,
-        pass_name,
+        graph, site.name, site.node, q, scale, zp, code.bits, blocking.dequantize_attrs, ftype, pass_name
     )
-    out = node.output[0]
+    out = node.outputs[0]
     nodes = [node]
     if escaped.size:
-        out, patch, patch_stored = _escapes(graph, site, out, blocking, code, escaped, original.data_type, pass_name)
+        out, patch, patch_stored = _escapes(graph, site, out, blocking, code, escaped, ftype, pass_name)
         nodes += patch
         stored += patch_stored
     else:
-        graph.originals[out] = (site, original)  # the float tensor, for passes that refine the codes later
+        graph.originals[out.name] = (site, original)  # the float weight, for passes that refine the codes later
     replace_initializer(graph, site, out)
-    for n in reversed(nodes):
-        graph.graph.node.insert(0, n)
-    graph.refresh()
+    prepend(graph, nodes)
     return sum(tensor_nbytes(t) for t in stored)
 
 
-def _escapes(graph: Graph, site, dequantized_name, blocking, code, escaped, float_type, pass_name):
+def _escapes(graph: Graph, site, dequantized_value, blocking, code, escaped, float_type, pass_name):
     """Reshape → ScatterElements(positions, exact values) → Reshape over the dequantized weight.
 
     The values are what DequantizeLinear computes for the full codes (one float32 multiply), so the
@@ -150,18 +149,14 @@ def _escapes(graph: Graph, site, dequantized_name, blocking, code, escaped, floa
         numpy_helper.from_array(exact.reshape(-1)[escaped].astype(dtype), graph.unique(f"{base}/onnxtq.escape_value")),
         numpy_helper.from_array(np.array(exact.shape, np.int64), graph.unique(f"{base}/onnxtq.shape")),
     ]
-    for t in stored:
-        graph.set_initializer(t)
+    flat_shape, at, values, shape = (graph.set_initializer(t) for t in stored)
     flat, patched, weight = (graph.unique(f"{base}/onnxtq.{n}") for n in ("flat_weight", "patched", "escaped"))
-    nodes = [
-        onnx.helper.make_node("Reshape", [dequantized_name, stored[0].name], [flat]),
-        onnx.helper.make_node("ScatterElements", [flat, stored[1].name, stored[2].name], [patched], axis=0),
-        onnx.helper.make_node("Reshape", [patched, stored[3].name], [weight]),
-    ]
-    for n in nodes:
-        n.name = graph.unique(f"{site.node}/onnxtq.escape")
-        tag(n, pass_name, "escape")
-    return weight, nodes, stored
+    names = [graph.unique(f"{site.node}/onnxtq.escape") for _ in range(3)]
+    reshaped = graph.node("Reshape", [dequantized_value, flat_shape], [flat], names[0])
+    scatter = graph.node("ScatterElements", [reshaped.outputs[0], at, values], [patched], names[1], axis=0)
+    back = graph.node("Reshape", [scatter.outputs[0], shape], [weight], names[2])
+    nodes = [tag(n, pass_name, "escape") for n in (reshaped, scatter, back)]
+    return back.outputs[0], nodes, stored
 
 
 @dataclass
@@ -194,7 +189,7 @@ def _piece_node(graph: Graph, base: str, node_base: str, piece: Piece, float_typ
 
 def _pieces_node(
     graph: Graph, base: str, node_base: str, pieces: list[Piece], concat_axis: int, float_type: int, pass_name: str
-) -> tuple[str, list[onnx.NodeProto], int]:
+) -> tuple[ir.Value, list[ir.Node], int]:
     """DequantizeLinear per piece, joined by Concat along `concat_axis`: (float output, nodes, bytes stored)."""
     nodes, stored = [], 0
     for i, p in enumerate(pieces):
@@ -202,17 +197,12 @@ def _pieces_node(
         nodes.append(node)
         stored += sum(tensor_nbytes(t) for t in tensors)
     if len(nodes) == 1:
-        return nodes[0].output[0], nodes, stored
+        return nodes[0].outputs[0], nodes, stored
     out = graph.unique(f"{base}/onnxtq.concat")
-    concat = onnx.helper.make_node(
-        "Concat",
-        [n.output[0] for n in nodes],
-        [out],
-        name=graph.unique(f"{node_base}/onnxtq.concat"),
-        axis=concat_axis,
-    )
+    name = graph.unique(f"{node_base}/onnxtq.concat")
+    concat = graph.node("Concat", [n.outputs[0] for n in nodes], [out], name, axis=concat_axis)
     nodes.append(tag(concat, pass_name, "concat"))
-    return out, nodes, stored
+    return concat.outputs[0], nodes, stored
 
 
 def emit_pieces(
@@ -222,22 +212,18 @@ def emit_pieces(
 
     With `order` (the original index of each concatenated slice), a Gather puts the slices back in place.
     """
-    original = graph.initializers[site.name]
-    out, nodes, stored = _pieces_node(graph, site.name, site.node, pieces, axis, original.data_type, pass_name)
+    out, nodes, stored = _pieces_node(graph, site.name, site.node, pieces, axis, float_type(graph, site), pass_name)
     if order is not None:
         indices = numpy_helper.from_array(np.argsort(order).astype(np.int32), graph.unique(f"{site.name}/onnxtq.order"))
-        graph.set_initializer(indices)
+        index_value = graph.set_initializer(indices)
         stored += tensor_nbytes(indices)
         placed = graph.unique(f"{site.name}/onnxtq.placed")
-        gather = onnx.helper.make_node(
-            "Gather", [out, indices.name], [placed], name=graph.unique(f"{site.node}/onnxtq.order"), axis=axis
-        )
+        name = graph.unique(f"{site.node}/onnxtq.order")
+        gather = graph.node("Gather", [out, index_value], [placed], name, axis=axis)
         nodes.append(tag(gather, pass_name, "order"))
-        out = placed
+        out = gather.outputs[0]
     replace_initializer(graph, site, out)
-    for node in reversed(nodes):
-        graph.graph.node.insert(0, node)
-    graph.refresh()
+    prepend(graph, nodes)
     return stored
 
 
@@ -252,9 +238,8 @@ def emit_transformed(
     `basis.q` is [K, C, 1, 1] (a 1×1 conv weight) for Conv, [K, C] for Gemm(transB=1), [C, K] for weights
     stored transposed (MatMul, Gemm(transB=0)).
     """
-    original = graph.initializers[site.name]
-    ftype = original.data_type
-    node = graph.consumers[site.name][0][0]
+    ftype = float_type(graph, site)
+    node = next(iter(graph.initializers[site.name].uses())).node
     in_axis = 0 if site.transposed else 1
     t_out, t_nodes, stored = _pieces_node(graph, site.name, site.node, pieces, in_axis, ftype, pass_name)
     b_node, b_tensors = _piece_node(graph, f"{site.name}/basis", site.node, basis, ftype, pass_name)
@@ -262,23 +247,21 @@ def emit_transformed(
     new_nodes = [*t_nodes, b_node]
     if factored:
         z = graph.unique(f"{site.node}/onnxtq.basis_out")
+        name = graph.unique(f"{site.node}/onnxtq.basis")
+        operands = [node.inputs[0], b_node.outputs[0]]
         if site.op == "Conv":
-            spatial = len(site.shape) - 2
-            basis_node = onnx.helper.make_node(
-                "Conv", [node.input[0], b_node.output[0]], [z], kernel_shape=[1] * spatial
-            )
+            basis_node = graph.node("Conv", operands, [z], name, kernel_shape=[1] * (len(site.shape) - 2))
         elif site.op == "Gemm":
             trans_a = int(node_attr(node, "transA", 0))
-            basis_node = onnx.helper.make_node("Gemm", [node.input[0], b_node.output[0]], [z], transA=trans_a, transB=1)
-            _set_attr(node, "transA", 0)
+            basis_node = graph.node("Gemm", operands, [z], name, transA=trans_a, transB=1)
+            node.attributes["transA"] = ir.AttrInt64("transA", 0)
         else:
-            basis_node = onnx.helper.make_node("MatMul", [node.input[0], b_node.output[0]], [z])
-        basis_node.name = graph.unique(f"{site.node}/onnxtq.basis")
+            basis_node = graph.node("MatMul", operands, [z], name)
         new_nodes.append(tag(basis_node, pass_name, "basis"))
-        node.input[0] = z
+        node.replace_input_with(0, basis_node.outputs[0])
         weight_out = t_out
     else:
-        weight_out = graph.unique(f"{site.name}/onnxtq.product")
+        product_name = graph.unique(f"{site.name}/onnxtq.product")
         # one Einsum: onnxruntime's QDQ propagation would move DequantizeLinear past a Transpose or Reshape
         # and lose its output_dtype (float16 steps), so the product reads the dequantized tensors directly
         taps, ones = "hwd"[: len(site.shape) - 2], "xyz"[: len(site.shape) - 2]
@@ -286,25 +269,14 @@ def emit_transformed(
             equation = f"nk{taps},kc{ones}->nc{taps}"
         else:  # stored [C, n] = Bᵀ[C, K]·T[K, n], or [n, C] = T[n, K]·B[K, C]
             equation = "ck,kn->cn" if site.transposed else "nk,kc->nc"
-        operands = [b_node.output[0], t_out] if site.transposed else [t_out, b_node.output[0]]
-        product = onnx.helper.make_node(
-            "Einsum", operands, [weight_out], name=graph.unique(f"{site.node}/onnxtq.product"), equation=equation
-        )
+        operands = [b_node.outputs[0], t_out] if site.transposed else [t_out, b_node.outputs[0]]
+        name = graph.unique(f"{site.node}/onnxtq.product")
+        product = graph.node("Einsum", operands, [product_name], name, equation=equation)
         new_nodes.append(tag(product, pass_name, "product"))
+        weight_out = product.outputs[0]
     replace_initializer(graph, site, weight_out)
-    position = list(graph.graph.node).index(node)
-    for n in reversed(new_nodes):
-        graph.graph.node.insert(position, n)
-    graph.refresh()
+    graph.graph.insert_before(node, new_nodes)
     return stored
-
-
-def _set_attr(node: onnx.NodeProto, name: str, value: int) -> None:
-    for a in node.attribute:
-        if a.name == name:
-            a.i = value
-            return
-    node.attribute.append(onnx.helper.make_attribute(name, value))
 
 
 def dequantized(blocking: Blocking, code: GroupCode) -> np.ndarray:

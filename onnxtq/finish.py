@@ -12,12 +12,11 @@ bias absorb E[Ŵx̃] − E[Wx]: the mean error measured against the original inp
 from __future__ import annotations
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
 from onnxtq.bias import correct_bias, output_shift
 from onnxtq.codec import Coded, Layer, output_error
 from onnxtq.graph import Graph
-from onnxtq.model_io import tensor_nbytes
 from onnxtq.report import WeightRecord
 
 
@@ -27,7 +26,7 @@ def finish(
     coded: Coded,
     pass_name: str,
     bias_correct: bool,
-    node: onnx.NodeProto | None = None,
+    node: ir.Node | None = None,
     now: np.ndarray | None = None,
 ) -> WeightRecord:
     """Bias-correct, write and record one coded layer.
@@ -39,7 +38,7 @@ def finish(
     w = layer.w.astype(np.float64)
     stats = coded.inputs or layer.stats
     reference = layer.stats if coded.inputs is not None else None
-    before = tensor_nbytes(graph.initializers[site.name]) if site.name in graph.initializers else None
+    before = graph.nbytes(site.name) if site.name in graph.initializers else None
     why_not = ""
     if bias_correct and stats is None:
         why_not = "no statistics"
@@ -52,7 +51,7 @@ def finish(
             w_like = w if coded.error is None else np.empty_like(error)
             w_like[...] = w
             shift += output_shift(site, stats, w_like) - output_shift(site, reference, w_like)
-        node = node if node is not None else graph.consumers[site.name][0][0]
+        node = node if node is not None else next(iter(graph.initializers[site.name].uses())).node
         why_not = correct_bias(graph, node, site, shift, layer.w.dtype)
     after = coded.write(graph, pass_name)
     record = WeightRecord.of(

@@ -1,17 +1,22 @@
-"""In-memory graph helpers over `onnx.ModelProto`: lookups, rewrites, provenance, opsets.
+"""The model being rewritten, held in onnx-ir, and the protobuf helpers at its edges.
 
-We edit the protobuf directly rather than through onnx-graphsurgeon: graphsurgeon drops
-`NodeProto.metadata_props` (where provenance lives) and re-encodes packed INT4/INT2
-initializers one byte per element, both of which we need to keep intact.
+Passes edit an `ir.Model` (the ONNX project's IR, as onnxruntime's own MatMulNBits quantizer and
+Olive do): nodes and values know their producers and uses, so an edit needs no index to refresh.
+It keeps packed INT4/INT2 tensors as they are and node `metadata_props` (where provenance lives),
+and a tensor read from the file is written back byte for byte. `Graph.proto()` gives the ModelProto
+that onnxruntime, the checker and the file get: without the value_info onnx-ir would add for
+initializers (the file would grow) and with the default-domain opset entry spelled as it was read.
+
+ORT sessions, calibration and the opset converter work on protobufs: `proto()` on the way out,
+`Graph(proto)` on the way in.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 import onnx
-from onnx import numpy_helper, version_converter
+import onnx_ir as ir
+from onnx import version_converter
 
 from onnxtq.errors import PreconditionError
 
@@ -20,83 +25,138 @@ PROVENANCE_ROLE = "onnxtq.role"
 
 
 class Graph:
-    """A model plus the indices rewrites need; call `refresh()` after structural edits."""
+    """A model in onnx-ir with what rewrites need: initializers by name, uses, fresh names, dead-code removal.
 
-    def __init__(self, model: onnx.ModelProto):
+    Made from a ModelProto it takes the proto over: its tensors are read in place, not copied, and renames
+    reach them (give it a copy, as `compress.prepare` does, to keep the original).
+    """
+
+    def __init__(self, model: onnx.ModelProto | ir.Model):
+        if isinstance(model, onnx.ModelProto):
+            defaults = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+            self._spell_default_domain = any(o.HasField("domain") for o in defaults) or not defaults
+            self._value_info = {vi.name for vi in model.graph.value_info}
+            model = ir.serde.deserialize_model(model)
+        else:
+            self._spell_default_domain, self._value_info = True, set()
         self.model = model
-        self._used_names: set[str] = set()
-        # float weight tensors replaced during this run, by the DequantizeLinear output that now stands for them
+        # float weights replaced during this run, by the name of the DequantizeLinear output now standing for them
         self.originals: dict[str, tuple] = {}
-        self.refresh()
+        g = model.graph
+        self._names = {n.name for n in g if n.name} | set(g.initializers) | {v.name for v in g.inputs}
+        self._names |= {v.name for n in g for v in n.outputs}
 
     @property
-    def graph(self) -> onnx.GraphProto:
+    def graph(self) -> ir.Graph:
         return self.model.graph
 
-    def refresh(self) -> None:
-        g = self.model.graph
-        self.initializers = {t.name: t for t in g.initializer}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
-        for node in g.node:
-            for out in node.output:
-                self.producer[out] = node
-            for i, name in enumerate(node.input):
-                if name:
-                    self.consumers[name].append((node, i))
-        for sub in _subgraph_inputs(g):
-            self.consumers[sub].append((None, -1))  # type: ignore[arg-type]
-        self.graph_inputs = {v.name for v in g.input}
-        self.graph_outputs = {v.name for v in g.output}
-        self._used_names = {n.name for n in g.node} | set(self.initializers) | set(self.producer) | self.graph_inputs
+    @property
+    def initializers(self) -> dict[str, ir.Value]:
+        return self.graph.initializers
+
+    def array(self, name: str) -> np.ndarray:
+        return self.initializers[name].const_value.numpy()
+
+    def nbytes(self, name: str) -> int:
+        """Bytes the initializer stores (sub-byte types packed)."""
+        return int(self.initializers[name].const_value.nbytes)
+
+    def set_initializer(self, tensor: onnx.TensorProto) -> ir.Value:
+        """Add or replace (in place, keeping its position) an initializer by name."""
+        stored = ir.serde.deserialize_tensor(tensor)
+        value = self.initializers.get(tensor.name)
+        if value is None:
+            value = ir.Value(name=tensor.name, const_value=stored)
+            self.graph.register_initializer(value)
+        else:
+            value.const_value = stored
+        value.shape, value.dtype = stored.shape, stored.dtype
+        self._names.add(tensor.name)
+        return value
 
     def unique(self, base: str) -> str:
         """A fresh tensor/node name derived from `base` (deterministic)."""
         name, k = base, 1
-        while name in self._used_names:
+        while name in self._names:
             name = f"{base}_{k}"
             k += 1
-        self._used_names.add(name)
+        self._names.add(name)
         return name
 
-    def array(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.initializers[name])
-
-    def set_initializer(self, tensor: onnx.TensorProto) -> None:
-        """Add or replace an initializer by name."""
-        old = self.initializers.get(tensor.name)
-        if old is not None:
-            old.CopyFrom(tensor)
-        else:
-            self.graph.initializer.append(tensor)
-            self.initializers[tensor.name] = self.graph.initializer[-1]
-        self._used_names.add(tensor.name)
+    def node(self, op: str, inputs, outputs: list[str], name: str = "", **attrs) -> ir.Node:
+        """A default-domain node (not yet in the graph) reading `inputs` (Values; None for an absent optional
+        one) and writing new values named `outputs`; attributes in name order, as onnx.helper writes them."""
+        attributes = [_attr(key, value) for key, value in sorted(attrs.items())]
+        values = [ir.Value(name=out) for out in outputs]
+        return ir.Node("", op, inputs, attributes, outputs=values, name=name)  # "": unnamed, as written
 
     def opset(self) -> int:
-        for imp in self.model.opset_import:
-            if imp.domain in ("", "ai.onnx"):
-                return imp.version
-        return 1
+        return self.model.opset_imports.get("", self.model.opset_imports.get("ai.onnx", 1))
 
     def remove_dead(self) -> None:
-        """Drop nodes whose outputs nobody reads and initializers nobody uses."""
+        """Drop nodes whose outputs nobody reads and initializers nobody uses (and their graph inputs)."""
         g = self.graph
         while True:
-            self.refresh()
-            live = [n for n in g.node if any(o in self.consumers or o in self.graph_outputs for o in n.output)]
-            if len(live) == len(g.node):
+            dead = [n for n in g if not any(v.uses() or v.is_graph_output() for v in n.outputs)]
+            if not dead:
                 break
-            del g.node[:]
-            g.node.extend(live)
-        unused = [t for t in g.initializer if t.name not in self.consumers and t.name not in self.graph_outputs]
-        for t in unused:
-            g.initializer.remove(t)
-        names = {t.name for t in unused}
-        kept_inputs = [v for v in g.input if v.name not in names]
-        if len(kept_inputs) != len(g.input):
-            del g.input[:]
-            g.input.extend(kept_inputs)
-        self.refresh()
+            g.remove(dead, safe=True)
+        unused = [v for v in g.initializers.values() if not v.uses() and not v.is_graph_output()]
+        for v in unused:
+            g.initializers.pop(v.name)
+            if v in g.inputs:
+                g.inputs.remove(v)
+
+    def proto(self) -> onnx.ModelProto:
+        """The model as the file, onnxruntime and the checker see it."""
+        proto = ir.serde.serialize_model(self.model)
+        kept = [vi for vi in proto.graph.value_info if vi.name in self._value_info]
+        del proto.graph.value_info[:]
+        proto.graph.value_info.extend(kept)
+        if not self._spell_default_domain:
+            for entry in proto.opset_import:
+                if entry.domain == "":
+                    entry.ClearField("domain")
+        return proto
+
+
+def _attr(name: str, value) -> ir.Attr:
+    if isinstance(value, bool) or isinstance(value, (int, np.integer)):
+        return ir.AttrInt64(name, int(value))
+    if isinstance(value, float):
+        return ir.AttrFloat32(name, value)
+    if isinstance(value, str):
+        return ir.AttrString(name, value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, np.integer)) for v in value):
+        return ir.AttrInt64s(name, [int(v) for v in value])
+    raise TypeError(f"attribute {name}={value!r} is not one onnxtq writes")
+
+
+def tag(node: ir.Node, pass_name: str, role: str) -> ir.Node:
+    """Stamp provenance on a node we create, so later passes and people can tell who made it."""
+    node.metadata_props[PROVENANCE_PASS] = pass_name
+    node.metadata_props[PROVENANCE_ROLE] = role
+    return node
+
+
+def provenance(node: onnx.NodeProto | ir.Node) -> dict[str, str]:
+    props = node.metadata_props
+    pairs = props.items() if isinstance(props, dict) else ((p.key, p.value) for p in props)
+    return {k: v for k, v in pairs if k.startswith("onnxtq.")}
+
+
+def node_attr(node: onnx.NodeProto | ir.Node, name: str, default):
+    """An attribute's value (ints and floats as Python numbers, lists as lists), or `default`."""
+    if isinstance(node, ir.Node):
+        attr = node.attributes.get(name)
+        if attr is None:
+            return default
+        value = attr.value
+        return list(value) if isinstance(value, tuple) else value
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
 
 
 def _subgraph_inputs(g: onnx.GraphProto) -> set[str]:
@@ -144,18 +204,6 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def tag(node: onnx.NodeProto, pass_name: str, role: str) -> onnx.NodeProto:
-    """Stamp provenance on a node we create, so later passes and people can tell who made it."""
-    for key, value in ((PROVENANCE_PASS, pass_name), (PROVENANCE_ROLE, role)):
-        entry = node.metadata_props.add()
-        entry.key, entry.value = key, value
-    return node
-
-
-def provenance(node: onnx.NodeProto) -> dict[str, str]:
-    return {p.key: p.value for p in node.metadata_props if p.key.startswith("onnxtq.")}
-
-
 def constants_to_initializers(model: onnx.ModelProto) -> int:
     """Turn top-level `Constant` nodes holding tensors into initializers (PP-OCR stores weights so).
 
@@ -181,7 +229,7 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
 
 def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     """Convert the default-domain opset up to `target` with real op conversion."""
-    current = Graph(model).opset()
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     if current >= target:
         return model
     try:

@@ -171,7 +171,7 @@ class PassManager:
         target = opset_for(p.emits() for p in [*self.passes, *finalizers()])
         if ctx.graph.opset() < target:
             before = ctx.graph.opset()
-            ctx.graph = Graph(upgrade_opset(ctx.graph.model, target))
+            ctx.graph = Graph(upgrade_opset(ctx.graph.proto(), target))
             upgrade = PassReport(
                 "upgrade-opset", f"upgrade-opset{{to={target}}}", notes=[f"opset {before} -> {target}"]
             )

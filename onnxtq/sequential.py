@@ -13,7 +13,6 @@ import numpy as np
 
 from onnxtq.calibration import CalibrationConfig, collect_drift
 from onnxtq.calibration.data import Source
-from onnxtq.graph import copy_model
 from onnxtq.reconstruct import DAMP, Problems
 from onnxtq.weights import WeightSite
 
@@ -57,9 +56,9 @@ def sequential_stages(ctx, sites: list[WeightSite], sequential: bool):
         for site in sites:
             yield site, None
         return
-    reference, budget = copy_model(ctx.graph.model), drift_calibration(ctx.data)  # the network before any change
+    reference, budget = ctx.graph.proto(), drift_calibration(ctx.data)  # the network before any change
     for stage in stages(sites):
-        drift = collect_drift(reference, ctx.graph.model, stage, ctx.data, budget)
+        drift = collect_drift(reference, ctx.graph.proto(), stage, ctx.data, budget)
         for site in stage:
             yield site, drift.get(site.name)
 

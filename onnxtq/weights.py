@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from onnxtq.finite import nonfinite_reason
-from onnxtq.graph import Graph
+from onnxtq.graph import Graph, node_attr
 from onnxtq.report import PassReport, WeightRecord
 
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
@@ -79,14 +80,7 @@ class Discovery:
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (tensor, node, reason)
 
 
-def node_attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def conv_geometry(node: onnx.NodeProto, weight_shape: tuple[int, ...]) -> ConvGeometry:
+def conv_geometry(node: ir.Node, weight_shape: tuple[int, ...]) -> ConvGeometry:
     spatial = len(weight_shape) - 2
     kernel = tuple(node_attr(node, "kernel_shape", weight_shape[2:]))
     auto_pad = node_attr(node, "auto_pad", b"NOTSET")
@@ -100,11 +94,12 @@ def conv_geometry(node: onnx.NodeProto, weight_shape: tuple[int, ...]) -> ConvGe
     )
 
 
-def _site(graph: Graph, node: onnx.NodeProto, index: int, t: onnx.TensorProto) -> WeightSite | str:
+def _site(node: ir.Node, index: int, t: ir.Value) -> WeightSite | str:
     """A WeightSite for input `index` of `node`, or the reason it is not one."""
-    shape = tuple(int(d) for d in t.dims)
+    shape = tuple(int(d) for d in t.const_value.shape)
     op = node.op_type
-    data = node.input[0] if node.input else None
+    data = node.inputs[0].name if node.inputs and node.inputs[0] is not None else None
+    node_name = node.name or ""
     if op == "Conv" and index == 1:
         if len(shape) not in (3, 4):
             return f"{len(shape) - 2}-D convolution is not supported"
@@ -115,24 +110,24 @@ def _site(graph: Graph, node: onnx.NodeProto, index: int, t: onnx.TensorProto) -
             if geo.group == 1
             else ("depthwise" if shape[1] == 1 and geo.group == shape[0] == c_in else "grouped-conv")
         )
-        return WeightSite(t.name, node.name, op, kind, shape, False, data, geo)
+        return WeightSite(t.name, node_name, op, kind, shape, False, data, geo)
     if op == "ConvTranspose" and index == 1:
-        return WeightSite(t.name, node.name, op, "conv-transpose", shape, False, None, conv_geometry(node, shape))
+        return WeightSite(t.name, node_name, op, "conv-transpose", shape, False, None, conv_geometry(node, shape))
     if op == "Gemm" and index == 1:
         if len(shape) != 2:
             return "Gemm weight is not 2-D"
         trans_b = bool(node_attr(node, "transB", 0))
         return WeightSite(
-            t.name, node.name, op, "gemm", shape, not trans_b, data, trans_a=bool(node_attr(node, "transA", 0))
+            t.name, node_name, op, "gemm", shape, not trans_b, data, trans_a=bool(node_attr(node, "transA", 0))
         )
     if op == "MatMul" and index == 1:
         if len(shape) != 2:
             return f"MatMul weight has rank {len(shape)}; only 2-D weights are handled"
-        return WeightSite(t.name, node.name, op, "matmul", shape, True, data)
+        return WeightSite(t.name, node_name, op, "matmul", shape, True, data)
     if op == "Gather" and index == 0:
         if len(shape) != 2 or int(node_attr(node, "axis", 0)) != 0:
             return "only 2-D embedding tables gathered on axis 0 are handled"
-        return WeightSite(t.name, node.name, op, "gather", shape, False, None)
+        return WeightSite(t.name, node_name, op, "gather", shape, False, None)
     if op in ("Gemm", "MatMul") and index == 0:
         return f"{op} has a constant first operand; only the right-hand weight is handled"
     return f"input {index} of {op} is not a weight onnxtq quantizes"
@@ -145,30 +140,29 @@ def discover(graph: Graph) -> Discovery:
     """All weight sites in node order, plus every skipped candidate with its reason."""
     found = Discovery()
     seen: set[str] = set()
-    for node in graph.graph.node:
+    for node in graph.graph:
         if node.op_type not in _WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
             continue
-        for index, name in enumerate(node.input):
-            if not name or name in seen:
+        for index, value in enumerate(node.inputs):
+            if value is None or not value.name or value.name in seen:
                 continue
-            t = graph.initializers.get(name)
-            if t is None:
-                producer = graph.producer.get(name)
+            name = value.name
+            if not value.is_initializer():
+                producer = value.producer()
                 if producer is not None and producer.op_type == "DequantizeLinear":
                     seen.add(name)
-                    found.skipped.append((name, node.name, "already quantized (fed by DequantizeLinear)"))
+                    found.skipped.append((name, node.name or "", "already quantized (fed by DequantizeLinear)"))
                 continue
             if node.op_type in ("Conv", "ConvTranspose", "Gemm") and index == 2:
                 continue  # biases stay in float: tiny, and they set the output offset
             if node.op_type == "Gather" and index == 1:
                 continue
             seen.add(name)
-            reason = _why_not(graph, t, name)
-            site = reason or _site(graph, node, index, t)
+            site = _why_not(graph, value) or _site(node, index, value)
             if isinstance(site, WeightSite):
                 found.sites.append(site)
             else:
-                found.skipped.append((name, node.name, site))
+                found.skipped.append((name, node.name or "", site))
     return found
 
 
@@ -187,17 +181,18 @@ def quantizable(found: Discovery, min_elements: int, report: PassReport) -> list
     return sites
 
 
-def _why_not(graph: Graph, t: onnx.TensorProto, name: str) -> str | None:
-    users = graph.consumers.get(name, [])
-    if len(users) > 1:
-        return f"shared by {len(users)} consumers"
-    if name in graph.graph_inputs:
+def _why_not(graph: Graph, value: ir.Value) -> str | None:
+    users = len(value.uses())
+    if users > 1:
+        return f"shared by {users} consumers"
+    if value.is_graph_input():
         return "also a graph input, so it can be overridden at run time"
-    if name in graph.graph_outputs:
+    if value.is_graph_output():
         return "also a graph output"
-    if t.data_type not in _FLOATS:
-        return f"not a float tensor ({onnx.TensorProto.DataType.Name(t.data_type)})"
-    return nonfinite_reason(graph.array(name))
+    dtype = int(value.const_value.dtype)
+    if dtype not in _FLOATS:
+        return f"not a float tensor ({onnx.TensorProto.DataType.Name(dtype)})"
+    return nonfinite_reason(graph.array(value.name))
 
 
 #: Ops whose float constant inputs onnxtq computes with: weights, biases, BatchNormalization parameters.
@@ -207,11 +202,11 @@ _COMPUTED_FROM = _WEIGHT_OPS | {"BatchNormalization"}
 def nonfinite_weights(graph: Graph) -> list[str]:
     """'name: reason' for every float constant onnxtq would compute with that holds NaN/Inf."""
     names = {
-        name
-        for node in graph.graph.node
+        value.name
+        for node in graph.graph
         if node.op_type in _COMPUTED_FROM and node.domain in ("", "ai.onnx")
-        for name in node.input
-        if name in graph.initializers and graph.initializers[name].data_type in _FLOATS
+        for value in node.inputs
+        if value is not None and value.is_initializer() and int(value.const_value.dtype) in _FLOATS
     }
     found = ((name, nonfinite_reason(graph.array(name))) for name in sorted(names))
     return [f"'{name}' {why.removesuffix(': left as it is')}" for name, why in found if why]

@@ -39,7 +39,7 @@ class CalibratePass(Pass):
                 "give --calib DATA (.npz keyed by input names, or an image folder) or put calib.npz beside the model",
             )
         found = discover(ctx.graph)
-        ctx.stats = collect(ctx.graph.model, found.sites, ctx.data, self.config)
+        ctx.stats = collect(ctx.graph.proto(), found.sites, ctx.data, self.config)
         ctx.stats.options = dict(self.options)  # what a recalibration repeats
         ctx.stats_fresh = True
         report = self.new_report()

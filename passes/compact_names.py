@@ -15,7 +15,7 @@ import string
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import onnx
+import onnx_ir as ir
 
 from onnxtq.pass_infra import Context, Pass, PassConfig, option
 from onnxtq.report import PassReport
@@ -51,54 +51,45 @@ class CompactNamesPass(Pass):
 
     def run(self, ctx: Context) -> PassReport:
         report = self.new_report()
-        model = ctx.graph.model
-        before = model.ByteSize()
-        keep = {v.name for v in model.graph.input} | {v.name for v in model.graph.output}
-        values: dict[str, str] = {}
+        g = ctx.graph.graph
+        before = ctx.graph.proto().ByteSize()
+        keep = {v.name for v in g.inputs} | {v.name for v in g.outputs}
+        values: dict[int, str] = {}  # by id: a value renamed once is renamed everywhere it is read
         nodes: dict[str, str] = {}
         value_names, node_names = short_names(keep), short_names(set())
 
-        def value(name: str) -> str:
-            if not name or name in keep:
-                return name
-            if name not in values:
-                values[name] = next(value_names)
-            return values[name]
+        def rename(value: ir.Value | None) -> None:
+            if value is None or not value.name or value.name in keep or id(value) in values:
+                return
+            values[id(value)] = value.name = next(value_names)
 
-        def node_name(name: str) -> str:
-            if not self.config.nodes:
-                return name
-            if name not in nodes:
-                nodes[name] = next(node_names)
-            return nodes[name]
+        def node_name(node: ir.Node) -> None:
+            if self.config.nodes and node.name:
+                if node.name not in nodes:
+                    nodes[node.name] = next(node_names)
+                node.name = nodes[node.name]
 
-        _rename_graph(model.graph, value, node_name, top=True)
-        ctx.graph.refresh()
-        report.notes.append(
-            f"renamed {len(values)} tensors and {len(nodes)} nodes: {before:,d} B -> {model.ByteSize():,d} B"
-        )
+        _rename_graph(g, rename, node_name, top=True)
+        after = ctx.graph.proto().ByteSize()
+        report.notes.append(f"renamed {len(values)} tensors and {len(nodes)} nodes: {before:,d} B -> {after:,d} B")
         return report
 
 
-def _rename_graph(graph: onnx.GraphProto, value, node_name, top: bool) -> None:
-    """Apply the value and node renamings to one graph and, recursively, its subgraphs."""
-    for t in graph.initializer:
-        t.name = value(t.name)
-    for sparse in graph.sparse_initializer:
-        sparse.values.name = value(sparse.values.name)
-        sparse.indices.name = value(sparse.indices.name)
-    for vi in graph.value_info:
-        vi.name = value(vi.name)
+def _rename_graph(graph: ir.Graph, rename, node_name, top: bool) -> None:
+    """Apply the renamings to one graph and, recursively, its subgraphs, in the order the file lists them:
+    initializers, a body's own inputs and outputs, then each node's name, inputs and outputs."""
+    for value in list(graph.initializers.values()):
+        rename(value)
     if not top:  # a body's own inputs and outputs are internal names
-        for vi in list(graph.input) + list(graph.output):
-            vi.name = value(vi.name)
-    for annotation in graph.quantization_annotation:
-        annotation.tensor_name = value(annotation.tensor_name)
-    for node in graph.node:
-        if node.name:
-            node.name = node_name(node.name)
-        node.input[:] = [value(n) for n in node.input]
-        node.output[:] = [value(n) for n in node.output]
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                _rename_graph(sub, value, node_name, top=False)
+        for value in [*graph.inputs, *graph.outputs]:
+            rename(value)
+    for node in graph:
+        node_name(node)
+        for value in [*node.inputs, *node.outputs]:
+            rename(value)
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                _rename_graph(attr.value, rename, node_name, top=False)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for sub in attr.value:
+                    _rename_graph(sub, rename, node_name, top=False)

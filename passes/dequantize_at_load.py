@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import math
 
-import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper
 
-from onnxtq.graph import Graph, tag
+from onnxtq.graph import Graph, node_attr, tag
 from onnxtq.opsets import Emission
 from onnxtq.pass_infra import STATS, Context, Pass
 from onnxtq.report import PassReport
-from onnxtq.weights import node_attr
 
 
 class DequantizeAtLoadPass(Pass):
@@ -40,72 +39,75 @@ class DequantizeAtLoadPass(Pass):
     def run(self, ctx: Context) -> PassReport:
         report = self.new_report()
         graph = ctx.graph
-        before = graph.model.ByteSize()
+        before = graph.proto().ByteSize()
         rewritten, kept, shapes = 0, 0, {}
-        for node in list(graph.graph.node):
-            if node.op_type != "DequantizeLinear" or not all(n in graph.initializers for n in node.input if n):
+        for node in list(graph.graph):
+            if node.op_type != "DequantizeLinear" or not all(v.is_initializer() for v in node.inputs if v is not None):
                 continue
-            if _beside_quantized_activation(graph, node):
+            if _beside_quantized_activation(node):
                 kept += 1
                 continue
             _rewrite(graph, node, f"dq{rewritten}", shapes)
             rewritten += 1
         graph.remove_dead()
         report.notes.append(
-            f"{rewritten} DequantizeLinear weights now fold at load: {before:,d} B -> {graph.model.ByteSize():,d} B"
+            f"{rewritten} DequantizeLinear weights now fold at load: {before:,d} B -> {graph.proto().ByteSize():,d} B"
             + (f"; {kept} kept beside quantized activations" if kept else "")
         )
         return report
 
 
-def _beside_quantized_activation(graph: Graph, node: onnx.NodeProto) -> bool:
+def _beside_quantized_activation(node: ir.Node) -> bool:
     """Whether a reader of `node` also reads a dequantized activation (ORT fuses that into an int8 kernel)."""
-    for reader, _ in graph.consumers[node.output[0]]:
-        for name in reader.input if reader is not None else ():
-            producer = graph.producer.get(name)
+    for use in node.outputs[0].uses():
+        for value in use.node.inputs:
+            producer = value.producer() if value is not None else None
             if (
                 producer is not None
                 and producer.op_type == "DequantizeLinear"
-                and producer.input[0] not in graph.initializers
+                and not producer.inputs[0].is_initializer()
             ):
                 return True
     return False
 
 
-def _rewrite(graph: Graph, node: onnx.NodeProto, prefix: str, shapes: dict[tuple, str]) -> None:
+def _rewrite(graph: Graph, node: ir.Node, prefix: str, shapes: dict[tuple, ir.Value]) -> None:
     """Replace `node` by Cast/Sub/Mul (and the scale's broadcast) computing the same tensor.
 
     Only the last node keeps the name and provenance of `node`; the others are tagged as this pass's
     (role `decode`), the values between are named `prefix`.k and the shape constants are shared
     (`shapes`, by value): in a 1 MB model every name spelled costs.
     """
-    q, scale = (graph.initializers[n] for n in node.input[:2])
-    zero_point = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    out_type = int(node_attr(node, "output_dtype", 0)) or scale.data_type
-    shape, rank = list(q.dims), len(q.dims)
+    q, scale = node.inputs[:2]
+    zero_point = node.inputs[2] if len(node.inputs) > 2 else None
+    out_type = int(node_attr(node, "output_dtype", 0)) or int(scale.const_value.dtype)
+    shape = [int(d) for d in q.const_value.shape]
+    rank = len(shape)
     axis = int(node_attr(node, "axis", 1)) % max(rank, 1)
     block = int(node_attr(node, "block_size", 0))
-    nodes: list[onnx.NodeProto] = []
+    nodes: list[ir.Node] = []
 
-    def add(op: str, inputs: list[str], **attrs) -> str:
+    def add(op: str, inputs: list[ir.Value], **attrs) -> ir.Value:
         out = graph.unique(f"{prefix}.{len(nodes)}")
-        nodes.append(tag(helper.make_node(op, inputs, [out], **attrs), DequantizeAtLoadPass.name, "decode"))
-        return out
+        nodes.append(tag(graph.node(op, inputs, [out], **attrs), DequantizeAtLoadPass.name, "decode"))
+        return nodes[-1].outputs[0]
 
-    def const(values: list[int]) -> str:
+    def const(values: list[int]) -> ir.Value:
         if tuple(values) not in shapes:
-            shapes[tuple(values)] = name = graph.unique(f"onnxtq.shape.{'_'.join(map(str, values))}")
-            graph.set_initializer(helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
+            name = graph.unique(f"onnxtq.shape.{'_'.join(map(str, values))}")
+            shapes[tuple(values)] = graph.set_initializer(
+                helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
+            )
         return shapes[tuple(values)]
 
-    def as_float(name: str) -> str:
-        is_float = name in graph.initializers and graph.initializers[name].data_type == TensorProto.FLOAT
-        return name if is_float else add("Cast", [name], to=TensorProto.FLOAT)
+    def as_float(value: ir.Value) -> ir.Value:
+        is_float = value.is_initializer() and int(value.const_value.dtype) == TensorProto.FLOAT
+        return value if is_float else add("Cast", [value], to=TensorProto.FLOAT)
 
-    def broadcast(name: str) -> str:
-        """`name` (a scale or zero point) as float, shaped to broadcast against the codes."""
-        dims = list(graph.initializers[name].dims)
-        value = as_float(name)
+    def broadcast(value: ir.Value) -> ir.Value:
+        """`value` (a scale or zero point) as float, shaped to broadcast against the codes."""
+        dims = [int(d) for d in value.const_value.shape]
+        value = as_float(value)
         if math.prod(dims) == 1:
             return value
         if not block:  # one value per index along `axis`
@@ -118,18 +120,18 @@ def _rewrite(graph: Graph, node: onnx.NodeProto, prefix: str, shapes: dict[tuple
             value = add("Slice", [value, const([0]), const([shape[axis]]), const([axis])])
         return value
 
-    value = as_float(q.name)
+    value = as_float(q)
     if zero_point is not None:
         value = add("Sub", [value, broadcast(zero_point)])
-    value = add("Mul", [value, broadcast(scale.name)])
+    value = add("Mul", [value, broadcast(scale)])
     if out_type != TensorProto.FLOAT:
         value = add("Cast", [value], to=out_type)
-    nodes[-1].output[0] = node.output[0]
-    nodes[-1].name = node.name
-    del nodes[-1].metadata_props[:]
-    nodes[-1].metadata_props.extend(node.metadata_props)
-    position = list(graph.graph.node).index(node)
-    graph.graph.node.remove(node)
-    for n in reversed(nodes):
-        graph.graph.node.insert(position, n)
-    graph.refresh()
+    last, old = nodes[-1], node.outputs[0]
+    last.name = node.name
+    last.metadata_props.clear()
+    last.metadata_props.update(node.metadata_props)
+    graph.graph.insert_before(node, nodes)
+    name = old.name
+    old.replace_all_uses_with(value, replace_graph_outputs=True)
+    graph.graph.remove(node, safe=True)
+    value.name = name  # readers see the tensor they read before

@@ -91,8 +91,9 @@ class EcsqPass(Pass):
     def _gains(self, ctx: Context, sites) -> dict[str, float]:
         if not self.config.gains or self.config.method in ("kmeans", "uniform"):
             return {}
-        probe = Probe(ctx.graph.model, ctx.data, self.config.gain_samples)
-        return probe.gains(ctx.graph.model, sites, lambda s, e: output_error(s, ctx.stats.get(s), e))
+        model = ctx.graph.proto()
+        probe = Probe(model, ctx.data, self.config.gain_samples)
+        return probe.gains(model, sites, lambda s, e: output_error(s, ctx.stats.get(s), e))
 
     def _uniform(self, ctx: Context, codec: EcsqCodec, layers, weights: int, report: PassReport) -> list[WeightRecord]:
         cfg = self.config

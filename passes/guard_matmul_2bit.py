@@ -43,51 +43,50 @@ NBITS_2BIT_COLUMNS = 4
 
 
 def split_unsafe_2bit_matmul_weights(graph: Graph) -> int:
-    """Split every 2-bit DequantizeLinear read by a MatMul whose N breaks onnxruntime's fusion.
-
-    The weight becomes two DequantizeLinear nodes (the first N − N mod 4 columns, then the rest) joined by
-    Concat: nothing is fused, the MatMul computes in float, and the stored bytes stay the same (steps and
-    zero points are per column, so they split with the codes). Returns the number of weights split.
-    """
+    """Split every 2-bit DequantizeLinear read by a MatMul whose N breaks onnxruntime's fusion; returns how many."""
     split = 0
-    for node in list(graph.graph.node):
-        if node.op_type != "DequantizeLinear":
+    for node in list(graph.graph):
+        if node.op_type != "DequantizeLinear" or not node.inputs[0].is_initializer():
             continue
-        q = graph.initializers.get(node.input[0])
-        two_bit = q is not None and q.data_type in (onnx.TensorProto.INT2, onnx.TensorProto.UINT2)
-        if not two_bit or len(q.dims) != 2 or q.dims[1] % NBITS_2BIT_COLUMNS == 0:
+        q = node.inputs[0].const_value
+        codes = int(q.dtype)
+        if codes not in (onnx.TensorProto.INT2, onnx.TensorProto.UINT2) or len(q.shape) != 2:
             continue
-        if not any(r is not None and r.op_type == "MatMul" and i == 1 for r, i in graph.consumers[node.output[0]]):
+        n = int(q.shape[1])
+        if n % NBITS_2BIT_COLUMNS == 0:
             continue
-        cut = q.dims[1] - q.dims[1] % NBITS_2BIT_COLUMNS
-        arrays = [numpy_helper.to_array(graph.initializers[name]) for name in node.input]
+        if not any(use.node.op_type == "MatMul" and use.idx == 1 for use in node.outputs[0].uses()):
+            continue
+        cut = n - n % NBITS_2BIT_COLUMNS
+        arrays = [graph.array(v.name) for v in node.inputs]
         halves = []
         for part, columns in enumerate((slice(0, cut), slice(cut, None))):
             inputs = []
-            for name, a in zip(node.input, arrays):
+            for value, a in zip(node.inputs, arrays):
                 per_column = a.ndim == 1 and int(node_attr(node, "axis", 1)) in (1, -1)
                 piece = a[:, columns] if a.ndim == 2 else (a[columns] if per_column else a)
-                new = graph.unique(f"{name}/part{part}")
-                if a.dtype.itemsize == 1 and a.dtype.kind not in "f":  # codes or zero points: packed again
-                    graph.set_initializer(int_tensor(new, piece, 2, a.dtype.kind == "i"))
+                new = graph.unique(f"{value.name}/part{part}")
+                if int(value.const_value.dtype) in (onnx.TensorProto.INT2, onnx.TensorProto.UINT2):
+                    signed = int(value.const_value.dtype) == onnx.TensorProto.INT2  # codes or zero points: packed again
+                    inputs.append(graph.set_initializer(int_tensor(new, piece, 2, signed)))
                 else:
-                    graph.set_initializer(numpy_helper.from_array(piece, new))
-                inputs.append(new)
-            out = graph.unique(f"{node.output[0]}/part{part}")
-            dq = onnx.helper.make_node("DequantizeLinear", inputs, [out], name=graph.unique(f"{node.name}/part{part}"))
-            dq.attribute.extend(node.attribute)
-            dq.metadata_props.extend(node.metadata_props)
+                    inputs.append(graph.set_initializer(numpy_helper.from_array(piece, new)))
+            out = graph.unique(f"{node.outputs[0].name}/part{part}")
+            dq = graph.node("DequantizeLinear", inputs, [out], graph.unique(f"{node.name}/part{part}"))
+            for key, attr in node.attributes.items():
+                dq.attributes[key] = attr
+            dq.metadata_props.update(node.metadata_props)
             halves.append(dq)
-        concat = onnx.helper.make_node(
-            "Concat", [h.output[0] for h in halves], [node.output[0]], name=graph.unique(f"{node.name}/join"), axis=1
+        old = node.outputs[0]
+        concat = graph.node(
+            "Concat", [h.outputs[0] for h in halves], [old.name], graph.unique(f"{node.name}/join"), axis=1
         )
-        concat.metadata_props.extend(node.metadata_props)
-        position = list(graph.graph.node).index(node)
-        graph.graph.node.remove(node)
-        for n in reversed([*halves, concat]):
-            graph.graph.node.insert(position, n)
-        for name in node.input:
-            graph.graph.initializer.remove(graph.initializers[name])
-        graph.refresh()
+        concat.metadata_props.update(node.metadata_props)
+        graph.graph.insert_before(node, [*halves, concat])
+        old.replace_all_uses_with(concat.outputs[0], replace_graph_outputs=True)
+        stale = list(node.inputs)
+        graph.graph.remove(node, safe=True)
+        for value in stale:
+            graph.initializers.pop(value.name)
         split += 1
     return split

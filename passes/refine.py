@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import numpy_helper
 from tqdm import tqdm
 
 from onnxtq.codec import Coded, Layer
 from onnxtq.finish import db, finish
-from onnxtq.model_io import tensor_nbytes
 from onnxtq.packing import int_tensor
 from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
 from onnxtq.quantize import GroupCode, blocking_for
@@ -56,43 +56,43 @@ class RefinePass(Pass):
     def run(self, ctx: Context) -> PassReport:
         report = self.new_report()
         g = ctx.graph
-        nodes = [n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in g.originals]
+        nodes = [n for n in g.graph if n.op_type == "DequantizeLinear" and n.outputs[0].name in g.originals]
         for node in tqdm(nodes, desc=self.name, unit="weight", disable=None, leave=False):
-            site, original = g.originals[node.output[0]]
-            report.records.append(self._refine(ctx, node, site, numpy_helper.to_array(original)))
+            site, original = g.originals[node.outputs[0].name]
+            report.records.append(self._refine(ctx, node, site, original))
         if not nodes:
             report.notes.append("no weight quantized earlier in this run: nothing to refine")
         return report
 
-    def _refine(self, ctx: Context, dq: onnx.NodeProto, site, w: np.ndarray) -> WeightRecord:
+    def _refine(self, ctx: Context, dq: ir.Node, site, w: np.ndarray) -> WeightRecord:
         g = ctx.graph
         layer = Layer(site, w, ctx.stats.get(site))
-        codes_t = g.initializers[dq.input[0]]
-        bits, signed = _CODE_TYPES.get(codes_t.data_type, (0, False))
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
+        codes_v = dq.inputs[0]
+        bits, signed = _CODE_TYPES.get(int(codes_v.const_value.dtype), (0, False))
+        attrs = {key: attr.value for key, attr in dq.attributes.items()}
         blocking = blocking_for(site, int(attrs.get("block_size", 0)))
         axis = blocking.block_axis if blocking.block else blocking.axis
         if layer.stats is None:
             return WeightRecord.of(site, "skipped", reason="no statistics for this kind of layer")
-        if not bits or attrs.get("axis", 1) != axis or len(dq.input) < 2:
+        if not bits or attrs.get("axis", 1) != axis or len(dq.inputs) < 2:
             return WeightRecord.of(site, "skipped", reason="its steps are not laid out per channel or block")
-        scale_t = g.initializers[dq.input[1]]
-        zero_t = g.initializers[dq.input[2]] if len(dq.input) > 2 and dq.input[2] else None
-        q = numpy_helper.to_array(codes_t).astype(np.int32)
-        scale = numpy_helper.to_array(scale_t)
-        zero = None if zero_t is None else blocking.scales_from_shape(numpy_helper.to_array(zero_t).astype(np.int32))
+        scale_v = dq.inputs[1]
+        zero_v = dq.inputs[2] if len(dq.inputs) > 2 else None
+        q = g.array(codes_v.name).astype(np.int32)
+        scale = g.array(scale_v.name)
+        zero = None if zero_v is None else blocking.scales_from_shape(g.array(zero_v.name).astype(np.int32))
         old = GroupCode(blocking.to_groups(q), blocking.scales_from_shape(scale), zero, bits)
         qrange = (int(q.min()), int(q.max()))  # never widen what the earlier pass chose (ternary stays ternary)
         new = reconstruct(site, w, blocking, old, layer.stats, qrange, scale.dtype, self.config.method)
         w_old, w_new = (blocking.from_groups(c.dequantize()).astype(np.float64) for c in (old, new))
 
         def rewrite(graph, pass_name: str) -> int:  # the new codes and steps over the old, in place
-            graph.set_initializer(int_tensor(codes_t.name, blocking.from_groups(new.q), bits, signed))
+            graph.set_initializer(int_tensor(codes_v.name, blocking.from_groups(new.q), bits, signed))
             steps = blocking.scales_to_shape(new.scale).astype(scale.dtype)
-            graph.set_initializer(numpy_helper.from_array(steps, scale_t.name))
-            return sum(tensor_nbytes(graph.initializers[name]) for name in dq.input[:3] if name)
+            graph.set_initializer(numpy_helper.from_array(steps, scale_v.name))
+            return sum(graph.nbytes(v.name) for v in dq.inputs[:3] if v is not None)
 
-        reader = g.consumers[dq.output[0]][0][0]
+        reader = next(iter(dq.outputs[0].uses())).node
         record = finish(
             g,
             layer,

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 from tqdm import tqdm
 
 from onnxtq.bias import bias_note
@@ -27,8 +26,7 @@ from onnxtq.codec import Layer, output_error
 from onnxtq.codecs.tq import DEPTHS, TqCodec
 from onnxtq.finish import db, finish
 from onnxtq.gains import Probe
-from onnxtq.graph import Graph, copy_model
-from onnxtq.model_io import tensor_nbytes
+from onnxtq.graph import Graph
 from onnxtq.opsets import Emission
 from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
 from onnxtq.rd import allocate
@@ -113,9 +111,10 @@ class TqPass(Pass):
             codec.layer(Layer.of(ctx.graph, s, ctx.stats))
             for s in tqdm(sites, desc="tq transforms", disable=None, leave=False)
         ]
-        probe = Probe(ctx.graph.model, ctx.data, cfg.gain_samples) if cfg.gains else None
+        model = ctx.graph.proto()
+        probe = Probe(model, ctx.data, cfg.gain_samples) if cfg.gains else None
         if probe is not None:
-            gains = probe.gains(ctx.graph.model, sites, lambda s, e: output_error(s, ctx.stats.get(s), e))
+            gains = probe.gains(model, sites, lambda s, e: output_error(s, ctx.stats.get(s), e))
             for layer in layers:
                 layer.layer.gain = gains[layer.site.name]
         options = {
@@ -125,10 +124,10 @@ class TqPass(Pass):
         target = self._target(ctx, sites, weights, probe)
         chosen = allocate(options, **target)
         clock.append(time.perf_counter())
-        pristine = copy_model(ctx.graph.model) if cfg.size else None
+        pristine = model if cfg.size else None
         for attempt in range(SIZE_ATTEMPTS):
             records, predicted, bound_bits = self._emit_all(ctx, codec, sites, layers, options, chosen)
-            excess = _live_bytes(ctx.graph.model) + SIZE_MARGIN - cfg.size if cfg.size else 0
+            excess = _live_bytes(ctx.graph) + SIZE_MARGIN - cfg.size if cfg.size else 0
             if excess <= 0:
                 break
             if attempt == SIZE_ATTEMPTS - 1:
@@ -138,7 +137,7 @@ class TqPass(Pass):
             # allocation used (it may have left part of its budget unspent) and redo
             target["max_bits"] = min(target["max_bits"], chosen.bits) - 8.0 * excess * 1.1
             chosen = allocate(options, **target)
-            ctx.graph = Graph(copy_model(pristine))
+            ctx.graph = Graph(pristine)
         report.records.extend(records)
         clock.append(time.perf_counter())
         report.notes.append(
@@ -163,7 +162,7 @@ class TqPass(Pass):
         report.transformed = sum(r.detail.startswith(("elt", "klt")) for r in records)
         report.notes.append(f"transform kept on {report.transformed} of {len(records)} layers ({cfg.transform})")
         if probe is not None:
-            measured = probe.error(ctx.graph.model)
+            measured = probe.error(ctx.graph.proto())
             additivity = Additivity(probe.samples, db(probe.energy, predicted), db(probe.energy, measured))
             report.additivity = additivity
             report.notes.append(
@@ -196,13 +195,13 @@ class TqPass(Pass):
         if cfg.sqnr:
             return {"max_distortion": probe.energy / 10 ** (cfg.sqnr / 10)}
         if cfg.size:
-            others = _live_bytes(ctx.graph.model) - sum(tensor_nbytes(ctx.graph.initializers[s.name]) for s in sites)
+            others = _live_bytes(ctx.graph) - sum(ctx.graph.nbytes(s.name) for s in sites)
             return {"max_bits": 8.0 * max(cfg.size - others, 0)}
         return {"max_bits": cfg.rate * weights}
 
 
-def _live_bytes(model: onnx.ModelProto) -> int:
+def _live_bytes(graph: Graph) -> int:
     """Serialized size without what earlier passes left unused (dropped when the run ends)."""
-    graph = Graph(copy_model(model))
-    graph.remove_dead()
-    return len(graph.model.SerializeToString())
+    live = Graph(graph.proto())
+    live.remove_dead()
+    return live.proto().ByteSize()

@@ -40,7 +40,7 @@ def _mean_error(tmp_path, model, x, bias_correct: bool):
     np.savez(tmp_path / "c.npz", x=x)
     ctx = Context(Graph(model), NpzSource(tmp_path / "c.npz", model_inputs(model)))
     reports = parse(f"calibrate,rtn{{bits=3,min_elements=0,bias_correct={str(bias_correct).lower()}}}").run(ctx)
-    err = run(ctx.graph.model, {"x": x})[0] - run(model, {"x": x})[0]
+    err = run(ctx.graph.proto(), {"x": x})[0] - run(model, {"x": x})[0]
     channel_axis = 1 if err.ndim == 4 else err.ndim - 1
     mean = np.moveaxis(err, channel_axis, 0).reshape(err.shape[channel_axis], -1).mean(axis=1)
     return mean, reports[-1]

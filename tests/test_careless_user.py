@@ -105,10 +105,13 @@ def _poison_rtn(monkeypatch, edit):
 
 
 def _divide_logits_by_zero(graph):
-    last = graph.producer["logits"]
-    last.output[0] = "logits_before"
-    graph.set_initializer(numpy_helper.from_array(np.zeros((), np.float32), "zero"))
-    graph.graph.node.append(helper.make_node("Div", ["logits_before", "zero"], ["logits"]))
+    logits = graph.graph.outputs[0]
+    zero = graph.set_initializer(numpy_helper.from_array(np.zeros((), np.float32), "zero"))
+    div = graph.node("Div", [logits, zero], ["divided"])
+    graph.graph.append(div)
+    div.outputs[0].type, div.outputs[0].shape = logits.type, logits.shape  # a graph output is typed
+    graph.graph.outputs[0] = div.outputs[0]
+    logits.name, div.outputs[0].name = "logits_before", "logits"
 
 
 @pytest.mark.parametrize("budget", [[], ["--min-sqnr", "20"]])
@@ -125,8 +128,7 @@ def test_compress_never_writes_nonfinite_constants(cnn, tmp_path, capsys, monkey
     """Without calibration data nothing runs the output: its new constants are checked instead."""
 
     def nan_bias(graph):
-        bias = graph.initializers["head.2.bias"]
-        bias.CopyFrom(numpy_helper.from_array(np.full(10, np.nan, np.float32), bias.name))
+        graph.set_initializer(numpy_helper.from_array(np.full(10, np.nan, np.float32), "head.2.bias"))
 
     _poison_rtn(monkeypatch, nan_bias)
     model, calib = cnn

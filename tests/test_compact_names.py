@@ -9,7 +9,7 @@ from onnxtq.passes import CompactNamesPass
 from onnxtq.passes.compact_names import short_names
 
 from onnxtq import compress
-from onnxtq.graph import Graph, provenance
+from onnxtq.graph import Graph, copy_model, provenance
 from onnxtq.pass_infra import Context
 
 
@@ -61,10 +61,9 @@ def test_subgraph_bodies_follow_the_outer_renaming(rng):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
     model = make_model(outer, [x], [y], {"long_weight_name": w, "zero": np.zeros((), np.float32)})
-    renamed = onnx.ModelProto()
-    renamed.CopyFrom(model)
-    ctx = Context(Graph(renamed))
+    ctx = Context(Graph(copy_model(model)))  # a Graph owns the proto it is made from
     CompactNamesPass().run(ctx)
+    renamed = ctx.graph.proto()
     onnx.checker.check_model(renamed, full_check=True)
     names = [n.name for n in renamed.graph.node] + [t.name for t in renamed.graph.initializer]
     assert all(len(n) <= 2 for n in names)

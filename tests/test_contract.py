@@ -71,7 +71,7 @@ def test_pass_contract(cnn, name):
     before_ctx, _ = _run(cnn, head)
     found = discover(before_ctx.graph)
     candidates = {s.name for s in found.sites} | {name for name, _, _ in found.skipped}
-    before = _untagged(before_ctx.graph.model)
+    before = _untagged(before_ctx.graph.proto())
     ctx, reports = _run(cnn, f"{head},{spec}")
     report = [r for r in reports if r.pass_name == name][-1]
     for r in report.records:
@@ -79,10 +79,10 @@ def test_pass_contract(cnn, name):
         assert r.status != "skipped" or r.reason, f"{name}: {r.name} skipped without a reason"
     if registry()[name]().emits().code_bits:  # a quantizing pass accounts for every candidate weight
         assert {r.name for r in report.records} == candidates
-    assert not _untagged(ctx.graph.model) - before, f"{name} added untagged nodes"
-    for node in ctx.graph.model.graph.node:
+    assert not _untagged(ctx.graph.proto()) - before, f"{name} added untagged nodes"
+    for node in ctx.graph.proto().graph.node:
         assert not provenance(node) or provenance(node).get("onnxtq.pass"), f"{name}: a role without its pass"
-    validate(ctx.graph.model)
+    validate(ctx.graph.proto())
 
 
 @pytest.mark.parametrize(
@@ -112,7 +112,7 @@ def test_any_two_passes_work_or_refuse(cnn, first, second):
         assert exc.hint and exc.exit_code == 2
         assert ORIGINALS in registry()[second].needs
         return
-    validate(ctx.graph.model)
+    validate(ctx.graph.proto())
     report = [r for r in reports if r.pass_name == second][-1]
     reads = registry()[second].needs | registry()[second].uses
     if STATS in reads:  # the statistics it read were those of the graph it ran on

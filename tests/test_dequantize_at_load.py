@@ -127,11 +127,11 @@ def test_rewrite_gives_dequantize_linear_values_exactly(case):
     ctx = Context(Graph(rewritten))
     notes = DequantizeAtLoadPass().run(ctx).notes
     assert notes[0].startswith("1 DequantizeLinear weights now fold at load")
-    onnx.checker.check_model(ctx.graph.model, full_check=True)
-    assert "DequantizeLinear" not in {n.op_type for n in ctx.graph.model.graph.node}
+    onnx.checker.check_model(ctx.graph.proto(), full_check=True)
+    assert "DequantizeLinear" not in {n.op_type for n in ctx.graph.proto().graph.node}
     dtype = np.float16 if model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16 else np.float32
     x = np.zeros(list(codes.dims), dtype)
-    np.testing.assert_array_equal(run(ctx.graph.model, {"x": x})[0], run(model, {"x": x})[0])
+    np.testing.assert_array_equal(run(ctx.graph.proto(), {"x": x})[0], run(model, {"x": x})[0])
 
 
 def test_dequantize_beside_a_quantized_activation_stays():
@@ -160,4 +160,4 @@ def test_dequantize_beside_a_quantized_activation_stays():
     ctx = Context(Graph(model))
     notes = DequantizeAtLoadPass().run(ctx).notes
     assert notes[0].endswith("1 kept beside quantized activations")
-    assert [n.op_type for n in ctx.graph.model.graph.node].count("DequantizeLinear") == 2
+    assert [n.op_type for n in ctx.graph.proto().graph.node].count("DequantizeLinear") == 2

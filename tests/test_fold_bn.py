@@ -13,7 +13,7 @@ def _fold(model):
     ctx = Context(Graph(model))
     report = FoldBatchNormPass().run(ctx)
     ctx.graph.remove_dead()
-    return ctx.graph.model, report
+    return ctx.graph.proto(), report
 
 
 def test_conv_bn_folds_exactly(rng):

@@ -16,7 +16,7 @@ from onnxtq.pipeline import parse
 def _compress(model, pipeline, data=None):
     ctx = Context(Graph(model), data)
     reports = parse(pipeline).run(ctx)
-    return ctx.graph.model, reports
+    return ctx.graph.proto(), reports
 
 
 def _data(tmp_path, model, x):

@@ -102,9 +102,7 @@ def test_emitted_factorisation_is_the_numpy_product(rng, op, factored):
     site = discover(graph).sites[0]
     w = np.einsum("nk...,kc->nc...", t, b).astype(np.float32)
     stored_w = w.T if site.transposed else w
-    reference = onnx.ModelProto()
-    reference.CopyFrom(model)
-    Graph(reference).set_initializer(onnx.numpy_helper.from_array(stored_w, site.name))
+    reference = _with_weight(model, onnx.numpy_helper.from_array(stored_w, site.name))
     axis_in, axis_out = (0, 1) if site.transposed else (1, 0)
     stored_t = t.T if site.transposed else t
     pieces = [
@@ -114,8 +112,16 @@ def test_emitted_factorisation_is_the_numpy_product(rng, op, factored):
     b_stored = b.T if site.transposed else (b[:, :, None, None] if op == "Conv" else b)
     basis = Piece(b_stored, np.ones(k, np.float32), None, 4, 1 if site.transposed else 0)
     emit_transformed(graph, site, pieces, basis, factored, "tq")
-    onnx.checker.check_model(graph.model, full_check=True)
-    np.testing.assert_allclose(run(graph.model, feeds)[0], run(reference, feeds)[0], rtol=1e-5, atol=1e-4)
+    onnx.checker.check_model(graph.proto(), full_check=True)
+    np.testing.assert_allclose(run(graph.proto(), feeds)[0], run(reference, feeds)[0], rtol=1e-5, atol=1e-4)
+
+
+def _with_weight(model: onnx.ModelProto, tensor: onnx.TensorProto) -> onnx.ModelProto:
+    """A copy of `model` with the initializer of the same name replaced by `tensor`."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    next(t for t in copy.graph.initializer if t.name == tensor.name).CopyFrom(tensor)
+    return copy
 
 
 @pytest.mark.parametrize(
@@ -145,13 +151,11 @@ def test_rows_at_their_own_depths_are_put_back_in_order(rng):
         Piece(q[high], steps[high].astype(np.float32), None, 8, 0),
         Piece(q[low], steps[low].astype(np.float32), zp, 2, 0),
     ]
-    reference = onnx.ModelProto()
-    reference.CopyFrom(graph.model)
-    Graph(reference).set_initializer(onnx.numpy_helper.from_array(w.astype(np.float32), site.name))
+    reference = _with_weight(graph.proto(), onnx.numpy_helper.from_array(w.astype(np.float32), site.name))
     emit_pieces(graph, site, pieces, 0, "tq", order=np.concatenate([high, low]))
-    onnx.checker.check_model(graph.model, full_check=True)
+    onnx.checker.check_model(graph.proto(), full_check=True)
     feeds = {"x": rng.standard_normal((2, 4, 10, 10)).astype(np.float32)}
-    np.testing.assert_allclose(run(graph.model, feeds)[0], run(reference, feeds)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(graph.proto(), feeds)[0], run(reference, feeds)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_size_and_fidelity_targets(tmp_path):
@@ -192,8 +196,8 @@ def test_2bit_matmul_weights_survive_onnxruntime_fusion(rng, columns):
     model.ir_version = 11
     graph = Graph(model)
     assert split_unsafe_2bit_matmul_weights(graph) == (columns % 4 != 0)
-    onnx.checker.check_model(graph.model, full_check=True)
+    onnx.checker.check_model(graph.proto(), full_check=True)
     feed = {"x": rng.standard_normal((4, d)).astype(np.float32)}
     expect = feed["x"] @ ((q.astype(np.float64) - zero.astype(np.float64)) * steps)
-    got = run(graph.model, feed)[0]  # fusion still on; accuracy level 0 keeps float activations
+    got = run(graph.proto(), feed)[0]  # fusion still on; accuracy level 0 keeps float activations
     np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4)

@@ -234,8 +234,7 @@ class EcsqCodec(Codec):
 
         def prepare(graph, pass_name: str) -> int:
             stored = numpy_helper.from_array(centres.astype(np.float32), graph.unique("onnxtq.ecsq.codebook"))
-            graph.set_initializer(stored)
-            book["emitted"] = Emitted(stored.name, tensor_nbytes(stored), len(centres))
+            book["emitted"] = Emitted(graph.set_initializer(stored), tensor_nbytes(stored), len(centres))
             return tensor_nbytes(stored)
 
         coded = []

@@ -153,7 +153,7 @@ class KqCodec(Codec):
         shared: dict = {}  # the codebook the group's layers read, once the pass has written it
 
         def prepare(graph, pass_name: str) -> int:
-            ftype = graph.initializers[first.site.name].data_type
+            ftype = int(graph.initializers[first.site.name].const_value.dtype)
             name = f"kq/codebook_{'x'.join(map(str, tail))}"
             shared["book"] = emit_codebook(graph, name, book, ftype, pass_name)
             shared["bytes"] = _split(shared["book"].bytes, params)
