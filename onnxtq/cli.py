@@ -189,7 +189,6 @@ def _prep(args) -> ImagePreprocessing:
 
 def _compress(args) -> int:
     output = args.output or f"{Path(args.model).stem}.compressed.onnx"
-    also = {"--report": args.report, "--report-html": args.report_html}
     run = compress(
         args.model,
         output,
@@ -200,7 +199,7 @@ def _compress(args) -> int:
         args.min_sqnr,
         args.threads,
         _guards(args),
-        also,
+        {"--report": args.report, "--report-html": args.report_html},
     )
     print(run.table())
     print(f"wrote {output}")

@@ -45,6 +45,25 @@ class Layer:
         return int(self.w.size)
 
 
+class LayerView:
+    """Base of a codec's own view of a Layer (its weight reshaped, its codings): reads the site, the
+    statistics and the gain through the `layer` it holds."""
+
+    layer: Layer
+
+    @property
+    def site(self) -> WeightSite:
+        return self.layer.site
+
+    @property
+    def stats(self) -> LayerStats | None:
+        return self.layer.stats
+
+    @property
+    def gain(self) -> float:
+        return self.layer.gain
+
+
 @dataclass
 class Coded:
     """A layer's chosen operating point, materialised."""

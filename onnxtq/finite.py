@@ -20,6 +20,15 @@ def nonfinite(a: np.ndarray) -> tuple[int, list[int]] | None:
     return int(bad.sum()), [int(i) for i in np.argwhere(bad)[0]]
 
 
+def first_nonfinite(arrays: dict[str, np.ndarray]) -> tuple[str, int, list[int]] | None:
+    """(name, count, index of the first) for the first of `arrays` that holds NaN/Inf, or None."""
+    for name, a in arrays.items():
+        found = nonfinite(a)
+        if found:
+            return name, *found
+    return None
+
+
 def nonfinite_reason(a: np.ndarray) -> str | None:
     """Why a tensor is left as it is when it holds NaN/Inf (no step or statistic is computed from one)."""
     found = nonfinite(a)

@@ -166,9 +166,11 @@ class PassManager:
                     f"put '{lost[-1]}' after '{p.name}' in the pipeline",
                 )
 
-    def run(self, ctx: Context, finalize: bool = True) -> list[PassReport]:
+    def run(self, ctx: Context) -> list[PassReport]:
         reports: list[PassReport] = []
-        target = opset_for(p.emits() for p in [*self.passes, *finalizers()])
+        closing = finalizers()
+        passes = [*self.passes, *closing]
+        target = opset_for(p.emits() for p in passes)
         if ctx.graph.opset() < target:
             before = ctx.graph.opset()
             ctx.graph = Graph(upgrade_opset(ctx.graph.proto(), target))
@@ -176,7 +178,6 @@ class PassManager:
                 "upgrade-opset", f"upgrade-opset{{to={target}}}", notes=[f"opset {before} -> {target}"]
             )
             reports.append(upgrade)
-        passes = [*self.passes, *(finalizers() if finalize else [])]
         for index, p in enumerate(passes):
             seen = self._statistics(ctx, p, index, reports)
             start = time.perf_counter()
@@ -193,7 +194,7 @@ class PassManager:
             report.stats = seen
             if STATS not in p.preserves:
                 ctx.stats_fresh = False
-            if report.records or report.notes or p not in passes[len(self.passes) :]:
+            if report.records or report.notes or p not in closing:
                 reports.append(report)  # a finalising pass that did nothing says nothing
         ctx.graph.remove_dead()
         return reports

@@ -16,10 +16,9 @@ import onnx
 from tqdm import tqdm
 
 from onnxtq import model_io
-from onnxtq.calibration.data import Source
+from onnxtq.calibration.data import Source, check_finite
 from onnxtq.calibration.stats import LayerStats, MomentAccumulator, choose_mode, conv_patches, dense_rows
 from onnxtq.errors import DataError
-from onnxtq.finite import nonfinite
 from onnxtq.graph import copy_model, infer_shapes, outer_reads, tensor_shapes
 from onnxtq.weights import WeightSite
 
@@ -153,15 +152,8 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
 
 def _check_finite(activations: dict[str, np.ndarray], first_sample: int) -> None:
     """No statistic is computed from NaN/Inf: a layer input that holds one on finite inputs is an error."""
-    for name, a in activations.items():
-        found = nonfinite(a)
-        if found:
-            count, first = found
-            raise DataError(
-                f"the model computes {count} NaN/Inf value(s) in tensor '{name}' (a layer's input) on calibration "
-                f"sample {first_sample + first[0]}, at index {first[1:]}",
-                "the model overflows on these inputs, or some of its constants hold NaN/Inf",
-            )
+    hint = "the model overflows on these inputs, or some of its constants hold NaN/Inf"
+    check_finite(activations, first_sample, "the model computes NaN/Inf: layer input", hint)
 
 
 def _first_batch(source: Source, config: CalibrationConfig) -> tuple[tuple[int, dict], int]:

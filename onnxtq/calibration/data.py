@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from onnxtq.errors import DataError
-from onnxtq.finite import nonfinite
+from onnxtq.finite import first_nonfinite
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -50,18 +50,22 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def check_finite(feed: dict[str, np.ndarray], first_sample: int, where: str) -> None:
-    """DataError naming the input, the count and the first place of any NaN/Inf in a batch whose
-    first sample is number `first_sample` (axis 0 of each array indexes samples)."""
-    for name, a in feed.items():
-        found = nonfinite(a)
-        if found:
-            count, first = found
-            raise DataError(
-                f"calibration data ({where}): input '{name}' holds {count} NaN/Inf value(s) in one batch, "
-                f"the first in sample {first_sample + first[0]} at index {first[1:]}",
-                "remove or repair those samples; onnxtq computes no statistic from NaN or Inf",
-            )
+def check_finite(
+    arrays: dict[str, np.ndarray],
+    first_sample: int,
+    subject: str,
+    hint: str = "remove or repair those samples; onnxtq computes no statistic from NaN or Inf",
+) -> None:
+    """DataError naming the array (after `subject`), the count and the first place of any NaN/Inf in a batch
+    whose first sample is number `first_sample` (axis 0 of each array indexes samples)."""
+    found = first_nonfinite(arrays)
+    if found:
+        name, count, first = found
+        raise DataError(
+            f"{subject} '{name}' holds {count} NaN/Inf value(s) in one batch, the first in sample "
+            f"{first_sample + first[0]} at index {first[1:]}",
+            hint,
+        )
 
 
 class Source:
@@ -75,7 +79,7 @@ class Source:
     def batches(self, batch: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         seen = 0
         for n, feed in self._batches(batch):
-            check_finite(feed, seen, self.description)
+            check_finite(feed, seen, f"calibration data ({self.description}): input")
             yield n, feed
             seen += n
 

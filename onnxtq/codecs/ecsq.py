@@ -28,7 +28,7 @@ import numpy as np
 from onnx import numpy_helper
 
 from onnxtq.codebook import Emitted, emit_lookup, index_bits
-from onnxtq.codec import Codec, Coded, Group, Layer, output_error
+from onnxtq.codec import Codec, Coded, Group, Layer, LayerView, output_error
 from onnxtq.emit import dequantized, emit_dequantize, escapes, narrowest_container
 from onnxtq.entropy import RateGrid, code_lengths, entropy_bits, weighted_kmeans_1d
 from onnxtq.model_io import tensor_nbytes
@@ -45,7 +45,7 @@ STEP_OCTAVES = 2.0 ** (np.arange(-18, 7) / 3)
 
 
 @dataclass
-class Columns:
+class Columns(LayerView):
     """One weight in its stored layout, with what a unit of error in each of its input columns costs."""
 
     layer: Layer
@@ -58,14 +58,6 @@ class Columns:
 
     def __post_init__(self):
         self.columns = self.blocking.to_groups(self.w)
-
-    @property
-    def site(self):
-        return self.layer.site
-
-    @property
-    def stats(self):
-        return self.layer.stats
 
     @property
     def cost(self) -> np.ndarray:
@@ -167,7 +159,7 @@ class EcsqCodec(Codec):
             steps = self.steps(layer, delta)
             q = _rounded(layer.columns, steps)
             bits.append(entropy_bits(q) + self.side_bits(layer))
-            distortion.append(layer.layer.gain * layer_error(layer, q * steps[:, None] - layer.columns))
+            distortion.append(layer.gain * layer_error(layer, q * steps[:, None] - layer.columns))
         return Band(np.arange(len(deltas)), np.array(bits), np.array(distortion)), deltas
 
     def codes(self, layer: Columns, delta: float) -> np.ndarray:

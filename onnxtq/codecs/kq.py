@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnxtq.codebook import Codebook, Metric, assign, emit_codebook, emit_lookup, index_bits, kmeans, lookup_values
-from onnxtq.codec import Codec, Coded, Group, Layer, distortion
+from onnxtq.codec import Codec, Coded, Group, Layer, LayerView, distortion
 from onnxtq.codecs.rtn import RtnCodec
 from onnxtq.packing import container_bits
 from onnxtq.rd import Band, Option
@@ -41,7 +41,7 @@ SCALE_BITS = 16  # per-output-channel scales are stored as float16
 
 
 @dataclass
-class Kernels:
+class Kernels(LayerView):
     """One weight as kernels: w [n, C, kk] (C input channels per group), their metric blocks [g·C, kk, kk]."""
 
     layer: Layer
@@ -52,14 +52,6 @@ class Kernels:
     scales: np.ndarray = field(default=None)  # [n] float64 (the stored value)
     gain_index: np.ndarray | None = None
     gain_table: np.ndarray | None = None
-
-    @property
-    def site(self):
-        return self.layer.site
-
-    @property
-    def stats(self):
-        return self.layer.stats
 
     @property
     def n(self) -> int:

@@ -26,7 +26,7 @@ import numpy as np
 
 from onnxtq import transforms
 from onnxtq.calibration import importance
-from onnxtq.codec import Codec, Coded, Layer, output_error
+from onnxtq.codec import Codec, Coded, Layer, LayerView, output_error
 from onnxtq.emit import Piece, emit_pieces, emit_transformed
 from onnxtq.packing import container_bits
 from onnxtq.quantize import int_range, quantize_groups, step_dtype
@@ -51,25 +51,13 @@ class Coding:
 
 
 @dataclass
-class TqLayer:
+class TqLayer(LayerView):
     """A layer as tq codes it: its weight as [n, C, kk] float64 and the ways to code it."""
 
     layer: Layer
     w: np.ndarray  # [n, C, kk] float64
     codings: list[Coding] = field(default_factory=list)
     rows: tuple | None = None  # per-row points of the identity coding, shared by its uniform and per-row options
-
-    @property
-    def site(self) -> WeightSite:
-        return self.layer.site
-
-    @property
-    def stats(self):
-        return self.layer.stats
-
-    @property
-    def gain(self) -> float:
-        return self.layer.gain
 
 
 class TqCodec(Codec):

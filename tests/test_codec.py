@@ -1,0 +1,66 @@
+"""The layer-codec interface on a real layer (the bundled CNN's 48×32×3×3 conv): every codec's operating
+points materialise to a Coded weight that is exactly what onnxruntime computes once the finishing tail has
+written it, and a single-point codec's predicted distortion is the layer-output error it then records."""
+
+import numpy as np
+import pytest
+from builders import bundled
+
+from onnxtq import model_io
+from onnxtq.calibration.collect import _with_outputs
+from onnxtq.calibration.data import open_source
+from onnxtq.codec import Layer
+from onnxtq.codecs.crq import CrqCodec
+from onnxtq.codecs.ecsq import EcsqCodec
+from onnxtq.codecs.kq import KqCodec
+from onnxtq.codecs.rtn import RtnCodec
+from onnxtq.codecs.tq import TqCodec
+from onnxtq.compress import prepare
+from onnxtq.finish import finish
+from onnxtq.graph import Graph, upgrade_opset
+from onnxtq.pass_infra import Context
+from onnxtq.pipeline import parse
+from onnxtq.weights import discover
+
+CODECS = {
+    "rtn": lambda: RtnCodec(4),
+    "crq": lambda: CrqCodec(2, method="gptq"),
+    "tq": lambda: TqCodec(runtime="folded"),
+    "ecsq": lambda: EcsqCodec(),
+    "kq": lambda: KqCodec(iterations=3),
+}
+SINGLE_POINT = {"rtn", "crq", "kq"}
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    path, calib = bundled("mnist_cnn")
+    model = model_io.load(path)
+    source = open_source(calib, model, limit=32)
+    work, _ = prepare(model)
+    ctx = Context(Graph(work), source)
+    parse("fold-bn,calibrate").run(ctx)
+    yield ctx.graph.proto(), ctx.stats, source
+    source.close()
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_materialised_weight_is_what_onnxruntime_computes(calibrated, name):
+    proto, stats, source = calibrated
+    graph = Graph(upgrade_opset(proto, 25))  # what every codec's containers need at most
+    site = next(s for s in discover(graph).sites if s.shape == (48, 32, 3, 3))
+    layer = Layer.of(graph, site, stats)
+    option = CODECS[name]().options(layer)[0]
+    picks = [np.array(len(band.depth) // 2) for band in option.bands]  # a middle point of every band
+    coded = option.materialize(picks)
+    assert coded.w_hat.shape == site.shape
+    record = finish(graph, layer, coded, "test", bias_correct=False)
+    assert record.status == "quantized" and record.bytes_after < record.bytes_before
+    node = next(n for n in graph.graph if n.name == site.node)
+    weight = node.inputs[1].name  # what the conv now reads in place of its float weight
+    _, feed = next(iter(source.batches(1)))
+    computed = model_io.session(_with_outputs(graph.proto(), [weight])).run([weight], feed)[0]
+    np.testing.assert_allclose(computed, coded.w_hat, rtol=1e-6, atol=1e-7 * np.abs(coded.w_hat).max())
+    if name in SINGLE_POINT:  # the point's distortion is the layer-output error it is written with
+        predicted = option.bands[0].distortion[int(picks[0])]
+        assert predicted == pytest.approx(layer.gain * record.output_error, rel=1e-6)
