@@ -48,8 +48,10 @@ def finish(
         error = coded.error if coded.error is not None else coded.w_hat - (w if now is None else now)
         shift = output_shift(site, stats, error)
         if reference is not None:
-            w_like = w if coded.error is None else np.empty_like(error)
-            w_like[...] = w
+            w_like = w
+            if coded.error is not None:
+                w_like = np.empty_like(error)
+                w_like[...] = w
             shift += output_shift(site, stats, w_like) - output_shift(site, reference, w_like)
         node = node if node is not None else next(iter(graph.initializers[site.name].uses())).node
         why_not = correct_bias(graph, node, site, shift, layer.w.dtype)
@@ -61,10 +63,10 @@ def finish(
     record.reason = f"bias not corrected: {why_not}" if why_not else ""
     record.nominal_bits = coded.nominal_bits
     record.detail = coded.detail
-    error = w - coded.w_hat
-    record.weight_sqnr_db = db((w**2).sum(), (error**2).sum())
+    loss = w - coded.w_hat
+    record.weight_sqnr_db = db((w**2).sum(), (loss**2).sum())
     if stats is not None:
-        record.output_error = coded.output_error if coded.output_error is not None else output_error(site, stats, error)
+        record.output_error = coded.output_error if coded.output_error is not None else output_error(site, stats, loss)
         record.output_sqnr_db = db(output_error(site, stats, w), record.output_error)
     return record
 

@@ -38,15 +38,23 @@ class CrqCodec(Codec):
         self.bits, self.ternary, self.block, self.method, self.scale_bits = bits, ternary, block, method, scale_bits
 
     def options(self, layer: Layer) -> list[Option]:
-        """One point: these bits, reconstructed on the layer's own statistics."""
+        """One point: these bits, reconstructed on the layer's own statistics (refitted to drifted inputs
+        when materialised with them)."""
         coded = self.code(layer)
-        w = layer.w.astype(np.float64)
+        site = layer.site
+        groups = blocking_for(site, self.block).to_groups(layer.w).shape[0]
+        steps = groups * 8 * np.dtype(step_dtype(site, self.scale_bits)).itemsize
+        zero_points = 0 if self.ternary or self.bits >= 3 else groups * container_bits(self.bits)
         point = Band(
             np.array([self.bits]),
-            np.array([float(layer.size * container_bits(self.bits) + 32 * layer.site.rows)]),
-            np.array([distortion(layer, coded.w_hat - w)]),
+            np.array([float(layer.size * container_bits(self.bits) + steps + zero_points)]),
+            np.array([distortion(layer, coded.w_hat - layer.w.astype(np.float64))]),
         )
-        return [Option(f"crq {self.bits}-bit", [point], materialize=lambda picks, drift=None: self.code(layer, drift))]
+
+        def materialize(picks, drift=None) -> Coded:
+            return coded if drift is None else self.code(layer, drift)
+
+        return [Option(f"crq {self.bits}-bit", [point], materialize=materialize)]
 
     def code(self, layer: Layer, drift=None) -> Coded:
         """The layer coded at this codec's bits; with `drift` (own, cross statistics) fitted to those inputs."""
