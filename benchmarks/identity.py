@@ -1,7 +1,7 @@
 """Output bytes of every README and scoreboard pipeline, to show that a refactor changes none (or which).
 
 usage: python benchmarks/identity.py --onnxtq EXE --out DIR [--zoo /work/zoo --calib /work/bench_out/calib]
-           [--models NAME ...] [--samples 32]
+           [--models NAME ...] [--pipelines TEXT ...] [--samples 32]
        python benchmarks/identity.py --compare BEFORE/hashes.json AFTER/hashes.json
 
 One `onnxtq sweep` per model (the shared `fold-bn,calibrate` head, then PIPELINES) with the given executable,
@@ -92,13 +92,13 @@ def run(args) -> None:
         cmd = [args.onnxtq, "sweep", onnx_path, "-o", folder, "--calib", calib, "--verify-samples", "4"]
         start = time.time()
         with open(os.path.join(folder, "sweep.log"), "w") as log:
-            done = subprocess.run([*cmd, "--report", report, "--pipelines", *PIPELINES], stdout=log, stderr=log)
+            done = subprocess.run([*cmd, "--report", report, "--pipelines", *args.pipelines], stdout=log, stderr=log)
         print(f"{model}: rc={done.returncode}, {time.time() - start:.0f} s", flush=True)
         with open(report) as f:
             runs = json.load(f)
         stem = os.path.splitext(os.path.basename(onnx_path))[0]
-        hashes[model] = {}
-        for index, (pipeline, r) in enumerate(zip(PIPELINES, runs)):
+        hashes.setdefault(model, {})
+        for index, (pipeline, r) in enumerate(zip(args.pipelines, runs)):
             out = os.path.join(folder, f"{stem}.{index}.onnx")
             if r.get("error") or not os.path.exists(out):
                 hashes[model][pipeline] = {"error": r.get("error", "no file")}
@@ -108,7 +108,11 @@ def run(args) -> None:
             sqnr = min(v["sqnr_db"] for v in r["verification"]["outputs"].values())
             seconds = sum(p["seconds"] for p in r["passes"] if p["pass_name"] not in ("fold-bn", "calibrate"))
             hashes[model][pipeline] = dict(
-                sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), sqnr_db=sqnr, seconds=round(seconds, 1)
+                sha256=hashlib.sha256(data).hexdigest(),
+                bytes=len(data),
+                sqnr_db=sqnr,
+                seconds=round(seconds, 1),
+                file=out,
             )
         with open(path, "w") as f:
             json.dump(hashes, f, indent=1)
@@ -143,6 +147,7 @@ def main() -> int:
     ap.add_argument("--zoo", default="/work/zoo")
     ap.add_argument("--calib", default="/work/bench_out/calib", help="make_calib.py's folder")
     ap.add_argument("--models", nargs="+", default=BUNDLED + ZOO)
+    ap.add_argument("--pipelines", nargs="+", default=PIPELINES, help="a subset of PIPELINES, say")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--compare", nargs=2, metavar="HASHES.json")
     args = ap.parse_args()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 import onnx_ir as ir
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxtq.graph import Graph, node_attr, tag
 from onnxtq.opsets import Emission
@@ -75,8 +75,9 @@ def _rewrite(graph: Graph, node: ir.Node, prefix: str, shapes: dict[tuple, ir.Va
     """Replace `node` by Cast/Sub/Mul (and the scale's broadcast) computing the same tensor.
 
     Only the last node keeps the name and provenance of `node`; the others are tagged as this pass's
-    (role `decode`), the values between are named `prefix`.k and the shape constants are shared
-    (`shapes`, by value): in a 1 MB model every name spelled costs.
+    (role `decode`), the values between are named `prefix`.k, a per-axis scale or zero point that only
+    `node` reads is stored already shaped to broadcast (no Reshape), and the shape constants are shared
+    (`shapes`, by value): in a 1 MB model every node and name spelled costs.
     """
     q, scale = node.inputs[:2]
     zero_point = node.inputs[2] if len(node.inputs) > 2 else None
@@ -107,11 +108,17 @@ def _rewrite(graph: Graph, node: ir.Node, prefix: str, shapes: dict[tuple, ir.Va
     def broadcast(value: ir.Value) -> ir.Value:
         """`value` (a scale or zero point) as float, shaped to broadcast against the codes."""
         dims = [int(d) for d in value.const_value.shape]
-        value = as_float(value)
         if math.prod(dims) == 1:
-            return value
-        if not block:  # one value per index along `axis`
-            return add("Reshape", [value, const([-1] + [1] * (rank - axis - 1))])
+            return as_float(value)
+        if not block:  # one value per index along `axis`: stored so (same values) when only this node reads it
+            axis_shape = [dims[0]] + [1] * (rank - axis - 1)
+            if len(value.uses()) == 1 and dims != axis_shape:
+                shaped = graph.array(value.name).reshape(axis_shape)
+                value = graph.set_initializer(numpy_helper.from_array(shaped, value.name))
+            if len(value.uses()) == 1:
+                return as_float(value)
+            return add("Reshape", [as_float(value), const([-1] + [1] * (rank - axis - 1))])
+        value = as_float(value)
         blocks = dims[axis]  # each value repeated `block` times along `axis`, the last run cut to the shape
         value = add("Reshape", [value, const(dims[:axis] + [blocks, 1] + dims[axis + 1 :])])
         value = add("Expand", [value, const(shape[:axis] + [blocks, block] + shape[axis + 1 :])])
