@@ -8,7 +8,7 @@ the same arithmetic in plain ops,
     W = (Cast(q) − Cast(zero_point)) · scale        (scale broadcast per axis, or per block)
 
 which onnxruntime's constant folding evaluates when it loads the session. The file keeps its codes
-(a few nodes more per weight: 0.004–1.2% of the zoo's files); the run is as fast as FP32, and so is its
+(a few tagged nodes more per weight: 0.01–2.4% of the zoo's files); the run is as fast as FP32, and so is its
 memory: the float weights live in RAM. That is the trade: without this pass RAM holds the codes (and
 MatMulNBits keeps blocked 4-bit MatMul weights 4-bit); with it the latency is FP32's. Put it last:
 later passes see a Mul, not a weight. A DequantizeLinear beside a quantized activation (a QDQ node that onnxruntime runs
