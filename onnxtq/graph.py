@@ -145,18 +145,13 @@ def provenance(node: onnx.NodeProto | ir.Node) -> dict[str, str]:
     return {k: v for k, v in pairs if k.startswith("onnxtq.")}
 
 
-def node_attr(node: onnx.NodeProto | ir.Node, name: str, default):
+def node_attr(node: ir.Node, name: str, default):
     """An attribute's value (ints and floats as Python numbers, lists as lists), or `default`."""
-    if isinstance(node, ir.Node):
-        attr = node.attributes.get(name)
-        if attr is None:
-            return default
-        value = attr.value
-        return list(value) if isinstance(value, tuple) else value
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
+    attr = node.attributes.get(name)
+    if attr is None:
+        return default
+    value = attr.value
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _subgraph_inputs(g: onnx.GraphProto) -> set[str]:
