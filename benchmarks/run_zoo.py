@@ -61,6 +61,13 @@ CONFIGS = {  # what follows `fold-bn,calibrate,` in the pipeline
     "e4-uni": "ecsq{rate=4,method=uniform}",
     "e4-km": "ecsq{rate=4,method=kmeans}",
     "e4-hkm": "ecsq{rate=4,method=hkmeans}",
+    # compress to a target (`onnxtq compress --agreement 0.95` etc.): every codec competes for every layer,
+    # checked on the calibration inputs the run holds out (every fourth)
+    "a95": "auto{agreement=0.95}",
+    "a99": "auto{agreement=0.99}",
+    "s30": "auto{sqnr=30}",
+    "s35": "auto{sqnr=35}",
+    "served12m": "auto{served_size=12000000}",
 }
 IMAGENET = ["mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 MODELS = IMAGENET + ["ppocrv4_det", "ppocrv4_rec", "minilm_l6"]

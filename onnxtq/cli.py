@@ -18,11 +18,12 @@ from pathlib import Path
 from onnxtq import __version__, container, model_io, report_page
 from onnxtq.calibration.data import ImagePreprocessing, open_source
 from onnxtq.compress import DEFAULT_PIPELINE, Guards, compress, model_bytes, prepare, sweep
-from onnxtq.errors import DataError, OnnxtqError
+from onnxtq.errors import DataError, OnnxtqError, UsageError
 from onnxtq.graph import Graph, provenance
 from onnxtq.model_io import write_atomic
 from onnxtq.pipeline import registry
 from onnxtq.report import output_line
+from onnxtq.target import KINDS, parse_bytes
 from onnxtq.verify import check_fidelity, compare, validate
 from onnxtq.weights import discover
 
@@ -41,6 +42,13 @@ def _floats(text: str) -> tuple[float, ...]:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def _bytes(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -103,8 +111,21 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="default: ./<model name>.compressed.onnx")
     c.add_argument(
         "--pipeline",
-        default=DEFAULT_PIPELINE,
-        help=f"pass pipeline text (default: {DEFAULT_PIPELINE}); see list-passes",
+        help=f"pass pipeline text (default: {DEFAULT_PIPELINE}, or the target run); see list-passes",
+    )
+    goal = c.add_argument_group(
+        "a target (one): every codec competes for every layer, checked on held-out calibration inputs"
+    )
+    one = goal.add_mutually_exclusive_group()
+    one.add_argument("--size", type=_bytes, metavar="BYTES", help="the deployable file's size, e.g. 2.8MB, 900kB")
+    one.add_argument("--served-size", type=_bytes, metavar="BYTES", help="its size after brotli -q 11 (web servers)")
+    one.add_argument("--bits", type=float, metavar="B", help="average stored bits per weight")
+    one.add_argument("--sqnr", type=float, metavar="DB", help="the worst output's SQNR on the held-out inputs")
+    one.add_argument(
+        "--agreement", type=float, metavar="P", help="top-1 agreement with the original on the held-out inputs"
+    )
+    goal.add_argument(
+        "--codecs", default="rtn+fp16+tq", help="the codecs that compete, joined by + (default: rtn+fp16+tq)"
     )
     _add_data_options(c)
     c.add_argument("--report", metavar="JSON", help="write the full run report as JSON")
@@ -187,12 +208,26 @@ def _prep(args) -> ImagePreprocessing:
     return ImagePreprocessing(args.image_size, args.image_scale, args.image_mean, args.image_std, args.bgr)
 
 
+def _pipeline(args) -> str:
+    """The pipeline a compress command runs: the one given, the target run, or the default."""
+    targets = {kind: getattr(args, kind) for kind in KINDS if getattr(args, kind) is not None}
+    if targets and args.pipeline:
+        raise UsageError(
+            "give a target or a pipeline, not both", "name the target in the pipeline instead: auto{agreement=0.95}"
+        )
+    if targets:
+        ((kind, value),) = targets.items()
+        codecs = "" if args.codecs == "rtn+fp16+tq" else f",codecs={args.codecs}"
+        return f"fold-bn,calibrate,auto{{{kind}={value!r}{codecs}}}"  # repr: floats exactly
+    return args.pipeline or DEFAULT_PIPELINE
+
+
 def _compress(args) -> int:
     output = args.output or f"{Path(args.model).stem}.compressed.onnx"
     run = compress(
         args.model,
         output,
-        args.pipeline,
+        _pipeline(args),
         _calib(args, args.model),
         _prep(args),
         args.verify_samples,

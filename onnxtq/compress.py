@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 
 from onnxtq import __version__, model_io
-from onnxtq.calibration.data import ImagePreprocessing, open_source
+from onnxtq.calibration.data import ImagePreprocessing, open_source, split_holdout
 from onnxtq.errors import ModelError, NoGainError, OnnxtqError
 from onnxtq.graph import Graph, constants_to_initializers, subgraph_tensors
 from onnxtq.pass_infra import Context
@@ -115,7 +115,7 @@ def compress(
         source_path, calib, {"the output": output_path, **(also_writes or {})}, guards, image_prep
     )
     try:
-        ctx = Context(Graph(work), data)
+        ctx = _context(Graph(work), data, manager.wants_holdout)
         reports = [prep_report] + manager.run(ctx)
         run = RunReport(manager.pipeline, str(source_path), str(output_path), passes=reports, bytes_before=size)
         return _finish(original, ctx, run, verify_samples, min_sqnr_db, threads, guards)
@@ -150,13 +150,13 @@ def sweep(
     )
     runs = []
     try:
-        base = Context(Graph(work), data)
+        base = _context(Graph(work), data, any(tail.wants_holdout for tail in tails))
         head_reports = [prep_report] + head.run(base)
         for index, tail in enumerate(tails):
             pipeline = f"{head.pipeline},{tail.pipeline}"
             output = sweep_output(source_path, out_dir, index)
             try:
-                ctx = Context(Graph(base.graph.proto()), data, base.stats, base.stats_fresh)
+                ctx = Context(Graph(base.graph.proto()), base.data, base.stats, base.stats_fresh, base.holdout)
                 reports = head_reports + tail.run(ctx)
                 run = RunReport(pipeline, str(source_path), str(output), passes=reports, bytes_before=size)
                 runs.append(_finish(original, ctx, run, verify_samples, None, threads, guards))
@@ -167,6 +167,14 @@ def sweep(
     finally:
         if data is not None:
             data.close()
+
+
+def _context(graph: Graph, data, holdout: bool) -> Context:
+    """The passes' context; where a pass measures its result, the last calibration inputs are held out."""
+    if holdout and data is not None:
+        fit, held = split_holdout(data)
+        return Context(graph, fit, holdout=held)
+    return Context(graph, data)
 
 
 def sweep_output(source_path, out_dir, index: int) -> Path:

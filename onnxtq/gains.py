@@ -56,16 +56,21 @@ class Probe:
     def error(self, model: onnx.ModelProto) -> float:
         return self._error(self._run(model_io.session(model, self.threads, fold_dequantize=True)))
 
-    def gains(self, model: onnx.ModelProto, sites: list[WeightSite], layer_error, seed: int = 0) -> dict[str, float]:
-        """g per site: output error per unit of `layer_error(site, E)` for a random weight error E."""
+    def _exposed(self, model: onnx.ModelProto, names) -> tuple:
+        """A session in which the initializers `names` can be fed (overridden) at run time, and the model's
+        initializers by name."""
         exposed = copy_model(model)
         inits = {t.name: t for t in exposed.graph.initializer}
         declared = {v.name for v in exposed.graph.input}
-        for site in sites:  # initializers listed as graph inputs can be fed (overridden) at run time
-            if site.name not in declared:
-                t = inits[site.name]
+        for name in names:  # initializers listed as graph inputs can be fed (overridden) at run time
+            if name not in declared:
+                t = inits[name]
                 exposed.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        sess = model_io.session(exposed, self.threads)
+        return model_io.session(exposed, self.threads), inits
+
+    def gains(self, model: onnx.ModelProto, sites: list[WeightSite], layer_error, seed: int = 0) -> dict[str, float]:
+        """g per site: output error per unit of `layer_error(site, E)` for a random weight error E."""
+        sess, inits = self._exposed(model, [s.name for s in sites])
         rng = np.random.default_rng(seed)
         gains = {}
         for site in tqdm(sites, desc="network gains", unit="weight", disable=None, leave=False):
@@ -77,3 +82,13 @@ class Probe:
             out = self._error(self._run(sess, {site.name: noisy}))
             gains[site.name] = out / made if made > 0 else 0.0
         return gains
+
+    def marginal(self, model: onnx.ModelProto, replacements: dict[str, np.ndarray]) -> dict[str, float]:
+        """Network-output error per sample with one weight at a time replaced (the rest as in `model`): each
+        layer's own effect at a chosen operating point, where the noise-measured gain is only a slope."""
+        sess, inits = self._exposed(model, list(replacements))
+        errors = {}
+        for name, w_hat in tqdm(replacements.items(), desc="marginal errors", unit="weight", disable=None, leave=False):
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(inits[name].data_type)
+            errors[name] = self._error(self._run(sess, {name: np.asarray(w_hat, dtype)}))
+        return errors

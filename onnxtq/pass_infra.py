@@ -49,12 +49,14 @@ class PassConfig:
 
 @dataclass
 class Context:
-    """What passes see: the graph, the calibration source and the current statistics."""
+    """What passes see: the graph, the calibration source, the current statistics and, for a pass that
+    measures its result (`Pass.holdout`), inputs held out of `data` that no statistic was computed from."""
 
     graph: Graph
     data: Source | None = None
     stats: StatsStore | None = None
     stats_fresh: bool = False
+    holdout: Source | None = None
 
 
 def _coerce(field: dataclasses.Field, value):
@@ -84,6 +86,7 @@ class Pass(abc.ABC):
     needs: ClassVar[frozenset[str]]
     uses: ClassVar[frozenset[str]] = frozenset()
     preserves: ClassVar[frozenset[str]]
+    holdout: ClassVar[bool] = False  # it measures its result on held-out inputs (the run splits the data)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -152,6 +155,10 @@ class PassManager:
     @property
     def pipeline(self) -> str:
         return ",".join(p.spec for p in self.passes)
+
+    @property
+    def wants_holdout(self) -> bool:
+        return any(p.holdout for p in self.passes)
 
     def _refuse_lost_originals(self) -> None:
         """Originals cannot be remade: a pass that needs them after one that drops them is refused now."""

@@ -28,6 +28,8 @@ class WeightRecord:
     bound_bits: float | None = None  # Gaussian rate-distortion bound at the output error reached, bits per weight
     detail: str = ""  # how the pass coded it (transform, bands, bit depths)
     reason: str = ""
+    codec: str = ""  # the codec an allocation over several chose (auto)
+    share: float | None = None  # its share of the allocation's predicted network-output error (auto)
 
     @classmethod
     def of(cls, site, status: str, **fields) -> WeightRecord:
@@ -68,6 +70,34 @@ class Kept:
 
 
 @dataclass
+class Attempt:
+    """One round of a target run's loop: what the allocation aimed at, what it predicted, what was measured."""
+
+    aim: float  # the allocation's budget: weight bits (size targets) or predicted network-output error
+    predicted: float | None  # the target's quantity as predicted (bytes, bits per weight, SQNR dB; None: agreement)
+    measured: float  # the same, measured on the emitted model (fidelity on the held-out inputs; agreement less
+    # onnxtq.target.AGREEMENT_Z standard errors)
+    bytes: int  # the emitted model's size
+    meets: bool
+
+
+@dataclass
+class TargetResult:
+    """A target run (auto): the target, the held-out inputs it was measured on, every round, the outcome."""
+
+    kind: str  # size | served_size | bits | sqnr | agreement
+    value: float
+    holdout_samples: int
+    attempts: list[Attempt] = field(default_factory=list)
+    met: bool = False
+    sqnr_db: float | None = None  # the chosen model's worst output SQNR on the held-out inputs
+    agreement: float | None = None  # its expected top-1 agreement with the original there (class-score outputs)
+    agreement_observed: float | None = None  # the share of held-out inputs whose top-1 class agrees
+    served_bytes: int | None = None  # brotli -q 11 of the chosen model (served_size targets)
+    corrected: int = 0  # layers whose predicted error was corrected by measuring their marginal effect
+
+
+@dataclass
 class PassReport:
     pass_name: str
     spec: str
@@ -79,6 +109,7 @@ class PassReport:
     additivity: Additivity | None = None
     transformed: int | None = None  # tq: layers that kept their transform
     kept: list[Kept] = field(default_factory=list)
+    target: TargetResult | None = None
 
     @property
     def changed(self) -> list[WeightRecord]:

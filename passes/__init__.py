@@ -1,5 +1,6 @@
 """The built-in rewrite passes, installed as `onnxtq.passes`: an explicit table by name."""
 
+from onnxtq.passes.auto import AutoPass
 from onnxtq.passes.calibrate import CalibratePass
 from onnxtq.passes.compact_names import CompactNamesPass
 from onnxtq.passes.crq import CrqPass
@@ -22,6 +23,7 @@ REGISTRY = {
         TqPass,
         EcsqPass,
         KqPass,
+        AutoPass,
         RefinePass,
         DequantizeAtLoadPass,
         CompactNamesPass,
@@ -32,6 +34,7 @@ REGISTRY = {
 FINALIZERS = (GuardMatmul2bitPass,)
 
 __all__ = [
+    "AutoPass",
     "FINALIZERS",
     "REGISTRY",
     "CalibratePass",

@@ -12,6 +12,7 @@ from onnxtq.calibration.data import open_source
 from onnxtq.codec import Layer
 from onnxtq.codecs.crq import CrqCodec
 from onnxtq.codecs.ecsq import EcsqCodec
+from onnxtq.codecs.fp16 import Fp16Codec
 from onnxtq.codecs.kq import KqCodec
 from onnxtq.codecs.rtn import RtnCodec
 from onnxtq.codecs.tq import TqCodec
@@ -28,8 +29,9 @@ CODECS = {
     "tq": lambda: TqCodec(runtime="folded"),
     "ecsq": lambda: EcsqCodec(),
     "kq": lambda: KqCodec(iterations=3),
+    "fp16": lambda: Fp16Codec(),
 }
-SINGLE_POINT = {"rtn", "crq", "kq"}
+SINGLE_POINT = {"rtn", "crq", "kq", "fp16"}
 
 
 @pytest.fixture(scope="module")

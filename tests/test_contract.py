@@ -30,6 +30,7 @@ QUICK = {
     "tq": "tq{rate=3,gains=false}",
     "ecsq": "ecsq{rate=3,gains=false}",
     "kq": "kq{iterations=3}",
+    "auto": "auto{bits=4,gain_samples=4,rounds=2}",
     "refine": "refine{method=gptq}",
     "dequantize-at-load": "dequantize-at-load",
     "compact-names": "compact-names",
@@ -93,6 +94,7 @@ def test_pass_contract(cnn, name):
         "tq{sqnr=33.3333333333}",
         "rtn{bits=4,block=32,symmetric=false}",
         "calibrate{samples=16,shrink=false},crq{ternary=true}",
+        "auto{agreement=0.987654321,codecs=rtn+tq}",
     ],
 )
 def test_spec_text_round_trips_exactly(text):

@@ -291,6 +291,47 @@ class ReaderSource(Source):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class Subset(Source):
+    """Every `stride`-th sample of another source (from `offset`), or all the others: the split a target run
+    makes into fitting and held-out inputs. Interleaved, because files are often ordered (crops photo by
+    photo): the last quarter would hold out a few photos, not a sample of them."""
+
+    def __init__(self, source: Source, stride: int, offset: int, keep: bool, role: str):
+        self.source, self.stride, self.offset, self.keep = source, stride, offset, keep
+        chosen = len(range(offset, source.num_samples, stride))
+        self.num_samples = chosen if keep else source.num_samples - chosen
+        self.description = f"{source.description}, {self.num_samples} {role} samples"
+
+    def _chosen(self, index: np.ndarray) -> np.ndarray:
+        hit = (index % self.stride) == self.offset
+        return hit if self.keep else ~hit
+
+    def _batches(self, batch: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        seen = 0
+        for n, feed in self.source._batches(batch):
+            mask = self._chosen(np.arange(seen, seen + n))
+            seen += n
+            if mask.any():
+                yield int(mask.sum()), {k: v[mask] for k, v in feed.items()}
+
+
+#: A target run holds out one calibration input in HOLDOUT_STRIDE (at most HOLDOUT_MAX of them).
+HOLDOUT_STRIDE, HOLDOUT_MAX, HOLDOUT_MIN_SAMPLES = 4, 128, 8
+
+
+def split_holdout(source: Source) -> tuple[Source, Source]:
+    """(fitting, held-out) inputs: every fourth input (at most 128) is held out, never calibrated on."""
+    n = source.num_samples
+    if n < HOLDOUT_MIN_SAMPLES:
+        raise DataError(
+            f"a target run needs at least {HOLDOUT_MIN_SAMPLES} calibration inputs, {source.description} has {n}",
+            "give more calibration inputs: a quarter of them is held out to measure the result on",
+        )
+    stride = max(HOLDOUT_STRIDE, -(-n // HOLDOUT_MAX))
+    offset = stride - 1
+    return Subset(source, stride, offset, False, "fitting"), Subset(source, stride, offset, True, "held-out")
+
+
 def open_source(
     data, model: onnx.ModelProto, limit: int | None = None, prep: ImagePreprocessing | None = None
 ) -> Source:

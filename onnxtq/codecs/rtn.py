@@ -36,15 +36,16 @@ class RtnCodec(Codec):
 
     def options(self, layer: Layer) -> list[Option]:
         """One point: this codec's bits and grouping."""
-        coded, blocking, code = self._code(layer)
-        bits = layer.size * container_bits(self.bits) + _side_bits(blocking, code)
+        coded, blocking, code = self.code_groups(layer)
+        bits = layer.size * container_bits(self.bits) + side_bits(code)
         point = Band(np.array([self.bits]), np.array([float(bits)]), np.array([layer.gain * coded.output_error]))
         return [Option(f"rtn {self.bits}-bit", [point], materialize=lambda picks, drift=None: coded)]
 
     def code(self, layer: Layer) -> Coded:
-        return self._code(layer)[0]
+        return self.code_groups(layer)[0]
 
-    def _code(self, layer: Layer) -> tuple[Coded, Blocking, GroupCode]:
+    def code_groups(self, layer: Layer) -> tuple[Coded, Blocking, GroupCode]:
+        """The coded layer with its grouping and its codes (for rates other than the container's)."""
         site = layer.site
         blocking = blocking_for(site, self.block)
         weights = None
@@ -68,7 +69,7 @@ class RtnCodec(Codec):
         return coded, blocking, group_code
 
 
-def _side_bits(blocking: Blocking, code: GroupCode) -> int:
+def side_bits(code: GroupCode) -> int:
     """Bits of the steps and zero points."""
     groups = len(code.scale)
     zero_points = groups * container_bits(code.bits) if code.zero_point is not None else 0

@@ -1,0 +1,334 @@
+"""auto: compress to one target; every codec competes for every layer, checked on held-out inputs.
+
+Each layer's operating points from every codec named in `codecs` (rtn at 2, 4 and 8 bits per channel and in
+blocks of 32 and 128, 3/5/6 bits too for a served-size target; float16; tq's bands and transforms; the float
+weight itself) are put in one unit, the network-output error (the layer's measured gain × E‖ΔW x‖²), and one
+Lagrangian allocation (onnxtq.rd) chooses a point per layer. Gains measured with noise are only slopes: the
+first allocation is emitted and each layer's own effect at its chosen point is measured through onnxruntime,
+correcting its predicted errors. Then the loop of onnxtq.target emits, measures (bytes, brotli bytes, or
+fidelity on held-out inputs that no statistic was computed from) and re-aims until the cheapest model that
+meets the target is found. The report names per layer the codec and bits chosen and its share of the error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from onnxtq.calibration.data import split_holdout
+from onnxtq.codec import Coded, Layer, output_error
+from onnxtq.codecs.fp16 import Fp16Codec
+from onnxtq.codecs.rtn import RtnCodec, side_bits
+from onnxtq.codecs.tq import DEPTHS, TqCodec
+from onnxtq.entropy import entropy_bits
+from onnxtq.errors import UsageError, VerificationError
+from onnxtq.finish import finish
+from onnxtq.gains import Probe
+from onnxtq.graph import Graph, copy_model
+from onnxtq.model_io import serialize
+from onnxtq.opsets import Emission
+from onnxtq.packing import container_bits
+from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
+from onnxtq.rd import Band, Option, allocate
+from onnxtq.report import PassReport, Rate, WeightRecord
+from onnxtq.target import KINDS, SIZE_KINDS, SIZE_MARGIN, Emitted, HeldOut, Search
+from onnxtq.weights import discover, quantizable
+
+CODECS = ("rtn", "fp16", "tq")
+#: rtn's points: (bits, block); 0: one step per output channel.
+RTN_POINTS = ((8, 0), (4, 0), (2, 0), (4, 128), (4, 32), (2, 128), (2, 32))
+#: More points where the served size is the target: odd depths cost their entropy there, not a container.
+SERVED_POINTS = ((6, 0), (5, 0), (3, 0), (3, 32))
+#: A layer's measured marginal error may correct its prediction by at most this factor either way.
+MAX_CORRECTION = 16.0
+
+
+@dataclass(frozen=True)
+class AutoConfig(PassConfig):
+    size: int = option(0, "target deployable file bytes")
+    served_size: int = option(0, "target bytes after brotli -q 11 (what a web server sends)")
+    bits: float = option(0.0, "target average stored bits per weight")
+    sqnr: float = option(0.0, "target worst output SQNR in dB on the held-out inputs (30 if no target is given)")
+    agreement: float = option(0.0, "target top-1 agreement with the original on the held-out inputs (class scores)")
+    codecs: str = option("rtn+fp16+tq", "the codecs that compete, joined by +: rtn, fp16, tq")
+    rounds: int = option(10, "most emit-and-measure rounds")
+    gain_samples: int = option(16, "calibration inputs the gains and marginal errors are measured on")
+    correct: bool = option(True, "correct each layer's predicted error by its measured marginal effect")
+    scale_bits: int = option(16, "32: float32 steps")
+    bias_correct: bool = option(True, "cancel the mean output error with the calibration input mean")
+
+    def __post_init__(self):
+        if sum(bool(getattr(self, kind)) for kind in KINDS) > 1:
+            raise ValueError("give one target: size, served_size, bits, sqnr or agreement")
+        if min(self.size, self.served_size, self.bits, self.sqnr) < 0:
+            raise ValueError("a target must be positive")
+        if not 0 <= self.agreement < 1:
+            raise ValueError(f"agreement must be in (0, 1), not {self.agreement}")
+        unknown = set(self.codec_names) - set(CODECS)
+        if unknown or not self.codec_names:
+            raise ValueError(f"codecs must be among {', '.join(CODECS)}, not '{self.codecs}'")
+        if self.rounds < 1 or self.gain_samples < 1 or self.scale_bits not in (16, 32):
+            raise ValueError("rounds and gain_samples must be positive, scale_bits 16 or 32")
+
+    @property
+    def codec_names(self) -> list[str]:
+        return [c.strip() for c in self.codecs.split("+") if c.strip()]
+
+    @property
+    def target(self) -> tuple[str, float]:
+        for kind in KINDS:
+            if getattr(self, kind):
+                return kind, float(getattr(self, kind))
+        return "sqnr", 30.0
+
+
+@dataclass
+class Point:
+    """One candidate coding of a layer, as the allocation and the report see it."""
+
+    codec: str
+    detail: str
+    bits: float  # what it costs under the target's rate (file bits, or entropy bits for a served size)
+    distortion: float  # network-output error, gain × E‖ΔW x‖²
+    coded: Coded | None  # None: the float weight, kept
+
+
+class AutoPass(Pass):
+    name = "auto"
+    Config = AutoConfig
+    needs = frozenset({STATS})
+    preserves = frozenset({STATS, ORIGINALS})
+    holdout = True  # compress() splits the calibration inputs; the held-out part is never calibrated on
+
+    def emits(self) -> Emission:
+        cfg = self.config
+        bits = tuple(sorted({b for b, _ in RTN_POINTS + SERVED_POINTS}))
+        if "tq" in cfg.codec_names:
+            bits += DEPTHS["container"] + (8,)
+        return Emission(code_bits=bits, blocked=True, fp16_steps=cfg.scale_bits == 16)
+
+    def run(self, ctx: Context) -> PassReport:
+        cfg = self.config
+        kind, value = cfg.target
+        report = self.new_report()
+        sites = quantizable(discover(ctx.graph), 0, report)
+        if not sites:
+            report.notes.append("no weight to quantize")
+            return report
+        fit, held_source = ctx.data, ctx.holdout
+        if held_source is None:
+            fit, held_source = split_holdout(ctx.data)
+            report.notes.append("the run gave no held-out split: every fourth input was held out, but calibrated on")
+        model = ctx.graph.proto()
+        held = HeldOut(model, held_source)
+        if kind == "agreement" and not held.classes:
+            raise UsageError(
+                "an agreement target needs an output of class scores ([samples, classes]); this model has none",
+                "give --sqnr DB instead: the worst output's SQNR on the held-out inputs",
+            )
+        layers = [Layer.of(ctx.graph, s, ctx.stats) for s in sites]
+        probe = Probe(model, fit, cfg.gain_samples)
+        gains = probe.gains(model, sites, lambda s, e: output_error(s, ctx.stats.get(s), e))
+        for layer in layers:
+            layer.gain = gains[layer.site.name]
+        points = {
+            layer.site.name: self._points(layer, kind == "served_size")
+            for layer in tqdm(layers, desc="auto candidates", unit="weight", disable=None, leave=False)
+        }
+        tq_options = self._tq_options(layers) if "tq" in cfg.codec_names else {}
+        energy = probe.energy
+        search = Search(kind, value, held, energy, cfg.rounds)
+        others = len(serialize(model)) - sum(ctx.graph.nbytes(s.name) for s in sites)
+        first_aim = self._first_aim(kind, value, energy, others, sum(layer.size for layer in layers))
+        pristine = copy_model(model)
+        self._materialized: dict = {}
+
+        def emit(aim: float) -> Emitted:
+            return self._emit(pristine, layers, points, tq_options, kind, aim)
+
+        def bits_for_error(error: float) -> float:
+            return allocate(self._options(layers, points, tq_options), max_distortion=error).bits
+
+        if kind not in SIZE_KINDS:
+            first_aim = bits_for_error(first_aim)
+        if cfg.correct:
+            search.result.corrected = self._correct(probe, model, layers, points, tq_options, emit(first_aim))
+            if kind not in SIZE_KINDS:
+                first_aim = bits_for_error(self._first_aim(kind, value, energy, others, 0))
+        chosen = search.run(first_aim, emit, bits_for_error)
+        result = search.result
+        report.target = result
+        if chosen is None:
+            best = max(result.attempts, key=lambda a: a.measured if kind not in SIZE_KINDS else -a.measured)
+            raise VerificationError(
+                f"target {kind}={value:g} not met in {len(result.attempts)} rounds: the nearest model measured "
+                f"{best.measured:.4g} at {best.bytes:,d} B",
+                "loosen the target, or allow more rounds (--pipeline with auto{rounds=N})",
+            )
+        ctx.graph = Graph(chosen.model)
+        report.records.extend(chosen.records)
+        quantized = [r for r in chosen.records if r.status == "quantized"]
+        stored = sum(r.bytes_after for r in quantized)
+        rate = chosen.weight_bits / chosen.weights
+        report.rate = Rate(chosen.weights, rate, target=value if kind == "bits" else None)
+        report.notes.append(self._summary(result, chosen, len(quantized), stored))
+        return report
+
+    # ---- candidates ----
+
+    def _points(self, layer: Layer, served: bool) -> list[Point]:
+        cfg = self.config
+        points = [Point("float32", "float32", 32.0 * layer.size, 0.0, None)]
+        if "fp16" in cfg.codec_names:
+            for option in Fp16Codec().options(layer):
+                band = option.bands[0]
+                points.append(Point("fp16", "float16", band.bits[0], band.distortion[0], option.materialize([0])))
+        if "rtn" in cfg.codec_names:
+            seen = set()
+            for bits, block in RTN_POINTS + (SERVED_POINTS if served else ()):
+                codec = RtnCodec(bits, block, bits >= 3, scale_bits=cfg.scale_bits)
+                coded, blocking, code = codec.code_groups(layer)
+                if blocking.block != block or (bits, blocking.block) in seen:
+                    continue  # a layer too short for the block (or depthwise) is coded per channel already
+                seen.add((bits, block))
+                side = side_bits(code)
+                rate = (entropy_bits(code.q) if served else layer.size * container_bits(bits)) + side
+                error = layer.gain * (
+                    coded.output_error
+                    if coded.output_error is not None
+                    else output_error(layer.site, None, layer.w.astype(np.float64) - coded.w_hat)
+                )
+                detail = f"rtn {bits}-bit " + (f"block {block}" if block else "per channel")
+                coded.detail = detail
+                coded.nominal_bits = float(bits)
+                points.append(Point("rtn", detail, float(rate), float(error), coded))
+        return points
+
+    def _tq_options(self, layers: list[Layer]) -> dict[str, list[Option]]:
+        codec = TqCodec(scale_bits=self.config.scale_bits)
+        return {
+            layer.site.name: codec.options(codec.layer(layer))
+            for layer in tqdm(layers, desc="auto tq curves", unit="weight", disable=None, leave=False)
+            if layer.stats is not None
+        }
+
+    def _options(self, layers, points, tq_options) -> dict[str, list[Option]]:
+        """Per layer: one Option whose single band holds every point, then tq's codings."""
+        options = {}
+        for layer in layers:
+            name = layer.site.name
+            mine = points[name]
+            band = Band(
+                np.arange(len(mine)),
+                np.array([p.bits for p in mine]),
+                np.array([p.distortion for p in mine]),
+            )
+            options[name] = [Option("points", [band]), *tq_options.get(name, [])]
+        return options
+
+    # ---- one allocation, emitted ----
+
+    def _emit(self, pristine, layers, points, tq_options, kind: str, aim: float) -> Emitted:
+        options = self._options(layers, points, tq_options)
+        allocation = allocate(options, max_bits=aim)
+        graph = Graph(copy_model(pristine))
+        records, predicted, weight_bits = [], 0.0, 0.0
+        weights, w_hat = 0, {}
+        for layer in layers:
+            name = layer.site.name
+            index, picks = allocation.choice[name]
+            weights += layer.size
+            if index == 0:
+                point = points[name][int(picks[0])]
+                coded, codec = point.coded, point.codec
+                distortion = point.distortion
+            else:
+                option = options[name][index]
+                key = (name, index, tuple(np.asarray(p).tobytes() for p in picks))
+                if key not in self._materialized:  # tq's materialising (GPTQ) is worth keeping across rounds
+                    self._materialized[key] = option.materialize(picks)
+                coded, codec = self._materialized[key], "tq"
+                distortion = sum(b.totals(p)[1] for b, p in zip(option.bands, picks))
+            predicted += distortion
+            if coded is None:
+                weight_bits += 32.0 * layer.size
+                records.append(
+                    WeightRecord.of(
+                        layer.site,
+                        "skipped",
+                        reason="kept in float32: the allocation found no coding worth its error",
+                        codec="float32",
+                        share=distortion,
+                    )
+                )
+                continue
+            record = finish(graph, layer, coded, self.name, self.config.bias_correct)
+            record.codec, record.share = codec, distortion
+            w_hat[name] = coded.w_hat
+            weight_bits += 8.0 * record.bytes_after
+            records.append(record)
+        for record in records:
+            record.share = record.share / predicted if predicted > 0 else 0.0
+        graph.remove_dead()
+        proto = graph.proto()
+        data = serialize(proto)
+        return Emitted(proto, data, records, predicted, weight_bits, weights, w_hat)
+
+    def _first_aim(self, kind: str, value: float, energy: float, others: int, weights: int) -> float:
+        if kind == "size":
+            return max(8.0 * (value - others - SIZE_MARGIN), 1.0)
+        if kind == "served_size":
+            return max(8.0 * (value - 0.5 * others), 1.0)  # the graph's own bytes shrink about half by brotli
+        if kind == "bits":
+            return value * weights
+        sqnr = value if kind == "sqnr" else 10 * math.log10(1 / (1 - value)) + 10
+        return energy / 10 ** (sqnr / 10)
+
+    def _correct(self, probe: Probe, model, layers, points, tq_options, first: Emitted) -> int:
+        """Rescale each layer's predicted errors by its measured marginal effect at the first allocation's
+        point: the gain at the operating point, not the slope noise measured. Returns the layers corrected."""
+        by_name = {r.name: r for r in first.records}
+        replacements, predicted = {}, {}
+        for layer in layers:
+            record = by_name[layer.site.name]
+            share = record.share * first.predicted_error
+            if record.status != "quantized" or share <= 0:
+                continue
+            replacements[layer.site.name] = first.w_hat[layer.site.name]
+            predicted[layer.site.name] = share
+        measured = probe.marginal(model, replacements)
+        for layer in layers:
+            name = layer.site.name
+            if name not in measured:
+                continue
+            factor = float(np.clip(measured[name] / predicted[name], 1 / MAX_CORRECTION, MAX_CORRECTION))
+            for point in points[name]:
+                point.distortion *= factor
+            for opt in tq_options.get(name, []):
+                for band in opt.bands:
+                    band.distortion = band.distortion * factor
+            layer.gain *= factor
+        return len(measured)
+
+    def _summary(self, result, chosen: Emitted, quantized: int, stored: int) -> str:
+        last = [a for a in result.attempts if a.meets][-1] if result.attempts else None
+        by_codec: dict[str, int] = {}
+        for r in chosen.records:
+            by_codec[r.codec] = by_codec.get(r.codec, 0) + 1
+        codecs = ", ".join(f"{k} {v}" for k, v in sorted(by_codec.items()))
+        text = (
+            f"target {result.kind}={result.value:g} met after {len(result.attempts)} rounds "
+            f"({result.holdout_samples} held-out inputs): {chosen.file_bytes:,d} B"
+        )
+        if result.sqnr_db is not None:
+            text += f", held-out SQNR {result.sqnr_db:.2f} dB"
+        if result.agreement is not None:
+            text += f", expected agreement {result.agreement:.4f} (counted {result.agreement_observed:.4f})"
+        if result.served_bytes is not None:
+            text += f", served {result.served_bytes:,d} B"
+        if last is not None and last.predicted is not None:
+            text += f"; predicted {last.predicted:.4g}, measured {last.measured:.4g}"
+        return text + f"; layers by codec: {codecs}; {quantized} quantized into {stored:,d} B"

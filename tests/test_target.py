@@ -1,0 +1,120 @@
+"""Compress to a target (auto): on the bundled models every kind of target is met, measured here
+independently of the run (file size on disk, brotli, SQNR on the held-out inputs, agreement on the
+bundled eval set), held-out inputs are never calibrated on, and the CLI takes exactly one target."""
+
+import json
+
+import brotli
+import numpy as np
+import pytest
+from builders import bundled, run
+
+from onnxtq import model_io
+from onnxtq.calibration.data import open_source, split_holdout
+from onnxtq.cli import main
+from onnxtq.target import parse_bytes
+
+
+def _npz(path) -> dict:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _compress(tmp_path, name: str, *target: str) -> tuple:
+    model, calib = bundled(name)
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    code = main(["compress", str(model), "-o", str(out), "--calib", str(calib), "--report", str(report), *target])
+    assert code == 0
+    auto = next(p for p in json.loads(report.read_text())["passes"] if p["pass_name"] == "auto")
+    return model_io.load(model), model_io.load(out), out, auto
+
+
+def _held_out(name: str) -> dict:
+    """The inputs a target run holds out of the bundled calibration file: every fourth."""
+    inputs = _npz(bundled(name)[1])
+    return {k: v[3::4] for k, v in inputs.items()}
+
+
+def _sqnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10((a.astype(np.float64) ** 2).sum() / ((a - b).astype(np.float64) ** 2).sum()))
+
+
+def test_parse_bytes():
+    assert parse_bytes("2.8MB") == 2_800_000
+    assert parse_bytes("900kB") == 900_000
+    assert parse_bytes("2MiB") == 2 * 2**20
+    assert parse_bytes("123456") == 123_456
+    with pytest.raises(ValueError):
+        parse_bytes("two megabytes")
+
+
+def test_held_out_inputs_are_every_fourth_and_never_calibrated_on():
+    model_path, calib = bundled("mnist_cnn")
+    source = open_source(calib, model_io.load(model_path))
+    fit, held = split_holdout(source)
+    x = _npz(calib)["image"]
+    fitted = np.concatenate([feed["image"] for _, feed in fit.batches(7)])
+    kept = np.concatenate([feed["image"] for _, feed in held.batches(5)])
+    assert held.num_samples == len(kept) == len(x[3::4]) and fit.num_samples == len(fitted) == len(x) - len(kept)
+    np.testing.assert_array_equal(kept, x[3::4])
+    np.testing.assert_array_equal(fitted, np.delete(x, np.s_[3::4], axis=0))
+
+
+@pytest.mark.parametrize("name", ["mnist_cnn", "mnist_transformer"])
+def test_size_target_is_met_on_disk_and_spent(tmp_path, name):
+    original, _, out, auto = _compress(tmp_path, name, "--size", "40kB" if name == "mnist_cnn" else "70kB")
+    budget = 40_000 if name == "mnist_cnn" else 70_000
+    assert budget * 0.97 <= out.stat().st_size <= budget  # met, and most of the budget used
+    assert auto["target"]["met"] and auto["target"]["kind"] == "size"
+
+
+def test_served_size_target_is_what_brotli_sends(tmp_path):
+    _, _, out, auto = _compress(tmp_path, "mnist_cnn", "--served-size", "20kB")
+    served = len(brotli.compress(out.read_bytes(), quality=11, lgwin=24))
+    assert served <= 20_000 and auto["target"]["served_bytes"] >= 0.97 * 20_000
+
+
+def test_sqnr_target_holds_on_the_held_out_inputs(tmp_path):
+    original, compressed, _, auto = _compress(tmp_path, "mnist_transformer", "--sqnr", "30")
+    feeds = _held_out("mnist_transformer")
+    measured = _sqnr(run(original, feeds)[0], run(compressed, feeds)[0])
+    assert measured >= 30 and measured == pytest.approx(auto["target"]["sqnr_db"], abs=0.01)
+    predicted = [a for a in auto["target"]["attempts"] if a["meets"]][-1]["predicted"]
+    assert predicted is not None  # the report puts the prediction beside the measurement
+    shares = [r["share"] for r in auto["records"]]
+    assert sum(shares) == pytest.approx(1.0) and all(r["codec"] for r in auto["records"])
+
+
+def test_agreement_target_holds_on_the_eval_set(tmp_path):
+    original, compressed, out, auto = _compress(tmp_path, "mnist_cnn", "--agreement", "0.98")
+    x = _npz(bundled("mnist_cnn")[0].parent / "eval.npz")["image"]
+    agree = np.mean(run(original, {"image": x})[0].argmax(1) == run(compressed, {"image": x})[0].argmax(1))
+    assert agree >= 0.98
+    fp32_bytes = bundled("mnist_cnn")[0].stat().st_size
+    assert out.stat().st_size < fp32_bytes / 4  # and it is a real compression, not float16 everywhere
+
+
+def test_bits_target(tmp_path):
+    _, _, _, auto = _compress(tmp_path, "mnist_cnn", "--bits", "3")
+    assert auto["rate"]["stored"] <= 3.0 and auto["target"]["met"]
+
+
+def test_a_target_and_a_pipeline_are_refused(tmp_path, capsys):
+    model, calib = bundled("mnist_cnn")
+    code = main(["compress", str(model), "-o", str(tmp_path / "o.onnx"), "--bits", "4", "--pipeline", "rtn"])
+    assert code == 2 and "not both" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_two_targets_are_refused(tmp_path, capsys):
+    model, _ = bundled("mnist_cnn")
+    code = main(["compress", str(model), "-o", str(tmp_path / "o.onnx"), "--bits", "4", "--sqnr", "30"])
+    assert code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_an_unreachable_target_fails_verification_and_writes_nothing(tmp_path, capsys):
+    model, calib = bundled("mnist_cnn")
+    out = tmp_path / "o.onnx"
+    code = main(["compress", str(model), "-o", str(out), "--calib", str(calib), "--size", "2kB"])
+    assert code == 3 and "not met" in capsys.readouterr().err
+    assert not out.exists()
