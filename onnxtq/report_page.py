@@ -30,7 +30,8 @@ from onnxtq.paths import check_outputs
 from onnxtq.report import RunReport
 
 FINAL = ("quantized", "refined")  # record states that describe what the file stores
-RATE_OPTIONS = ("rate", "bits", "size", "sqnr", "ternary")  # options that move a run along its method's curve
+#: options that move a run along its method's curve
+RATE_OPTIONS = ("rate", "bits", "size", "sqnr", "ternary", "served_size", "agreement")
 TOP_LAYERS = 15  # bars in the share-of-bytes chart before the rest is summed
 DEFINITIONS = (
     ("bytes after", "the deployable ONNX file (what onnxruntime loads), external data included"),
@@ -133,7 +134,7 @@ def layers(run: dict) -> list[dict]:
                 "output_sqnr_db": _num(r.get("output_sqnr_db")),
                 "weight_sqnr_db": _num(r.get("weight_sqnr_db")),
                 "bytes_after": int(r.get("bytes_after") or 0),
-                "detail": str(r.get("detail") or ""),
+                "detail": f"{r['codec']}: {r.get('detail') or ''}" if r.get("codec") else str(r.get("detail") or ""),
             }
             if status == "skipped":
                 reason = str(r.get("reason") or "")

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from onnxtq.calibration.data import split_holdout
 from onnxtq.codec import Coded, Layer, output_error
+from onnxtq.codecs.ecsq import EcsqCodec
 from onnxtq.codecs.fp16 import Fp16Codec
 from onnxtq.codecs.rtn import RtnCodec, side_bits
 from onnxtq.codecs.tq import DEPTHS, TqCodec
@@ -37,9 +38,11 @@ from onnxtq.report import PassReport, Rate, WeightRecord
 from onnxtq.target import KINDS, SIZE_KINDS, SIZE_MARGIN, Emitted, HeldOut, Search
 from onnxtq.weights import discover, quantizable
 
-CODECS = ("rtn", "fp16", "tq")
+CODECS = ("rtn", "fp16", "tq", "ecsq")
+#: Codecs whose points are Options of their own (bands), beside the single band of the others' points.
+BANDED = {"tq": TqCodec, "ecsq": EcsqCodec}
 #: rtn's points: (bits, block); 0: one step per output channel.
-RTN_POINTS = ((8, 0), (4, 0), (2, 0), (4, 128), (4, 32), (2, 128), (2, 32))
+RTN_POINTS = ((8, 0), (8, 128), (8, 32), (4, 0), (4, 128), (4, 32), (2, 0), (2, 128), (2, 32))
 #: More points where the served size is the target: odd depths cost their entropy there, not a container.
 SERVED_POINTS = ((6, 0), (5, 0), (3, 0), (3, 32))
 #: A layer's measured marginal error may correct its prediction by at most this factor either way.
@@ -53,7 +56,7 @@ class AutoConfig(PassConfig):
     bits: float = option(0.0, "target average stored bits per weight")
     sqnr: float = option(0.0, "target worst output SQNR in dB on the held-out inputs (30 if no target is given)")
     agreement: float = option(0.0, "target top-1 agreement with the original on the held-out inputs (class scores)")
-    codecs: str = option("rtn+fp16+tq", "the codecs that compete, joined by +: rtn, fp16, tq")
+    codecs: str = option("rtn+fp16+tq+ecsq", "the codecs that compete, joined by + (ecsq for a served size only)")
     rounds: int = option(10, "most emit-and-measure rounds")
     gain_samples: int = option(16, "calibration inputs the gains and marginal errors are measured on")
     correct: bool = option(True, "correct each layer's predicted error by its measured marginal effect")
@@ -108,6 +111,8 @@ class AutoPass(Pass):
         bits = tuple(sorted({b for b, _ in RTN_POINTS + SERVED_POINTS}))
         if "tq" in cfg.codec_names:
             bits += DEPTHS["container"] + (8,)
+        if "ecsq" in cfg.codec_names:
+            bits += (16,)  # its widest container
         return Emission(code_bits=bits, blocked=True, fp16_steps=cfg.scale_bits == 16)
 
     def run(self, ctx: Context) -> PassReport:
@@ -138,7 +143,7 @@ class AutoPass(Pass):
             layer.site.name: self._points(layer, kind == "served_size")
             for layer in tqdm(layers, desc="auto candidates", unit="weight", disable=None, leave=False)
         }
-        tq_options = self._tq_options(layers) if "tq" in cfg.codec_names else {}
+        banded = self._banded_options(layers, kind)
         energy = probe.energy
         search = Search(kind, value, held, energy, cfg.rounds)
         others = len(serialize(model)) - sum(ctx.graph.nbytes(s.name) for s in sites)
@@ -147,15 +152,15 @@ class AutoPass(Pass):
         self._materialized: dict = {}
 
         def emit(aim: float) -> Emitted:
-            return self._emit(pristine, layers, points, tq_options, kind, aim)
+            return self._emit(pristine, layers, points, banded, kind, aim)
 
         def bits_for_error(error: float) -> float:
-            return allocate(self._options(layers, points, tq_options), max_distortion=error).bits
+            return allocate(self._options(layers, points, banded), max_distortion=error).bits
 
         if kind not in SIZE_KINDS:
             first_aim = bits_for_error(first_aim)
         if cfg.correct:
-            search.result.corrected = self._correct(probe, model, layers, points, tq_options, emit(first_aim))
+            search.result.corrected = self._correct(probe, model, layers, points, banded, emit(first_aim))
             if kind not in SIZE_KINDS:
                 first_aim = bits_for_error(self._first_aim(kind, value, energy, others, 0))
         chosen = search.run(first_aim, emit, bits_for_error)
@@ -207,15 +212,22 @@ class AutoPass(Pass):
                 points.append(Point("rtn", detail, float(rate), float(error), coded))
         return points
 
-    def _tq_options(self, layers: list[Layer]) -> dict[str, list[Option]]:
-        codec = TqCodec(scale_bits=self.config.scale_bits)
-        return {
-            layer.site.name: codec.options(codec.layer(layer))
-            for layer in tqdm(layers, desc="auto tq curves", unit="weight", disable=None, leave=False)
-            if layer.stats is not None
-        }
+    def _banded_options(self, layers: list[Layer], kind: str) -> dict[str, list[Option]]:
+        """tq's codings, and ecsq's step curve where the target is the served size (its rate is the codes'
+        entropy, which brotli approaches, not the bytes of their containers); each Option named by its codec."""
+        names = [n for n in self.config.codec_names if n in BANDED and (n != "ecsq" or kind == "served_size")]
+        options: dict[str, list[Option]] = {}
+        for name in names:
+            codec = BANDED[name](scale_bits=self.config.scale_bits)
+            for layer in tqdm(layers, desc=f"auto {name} curves", unit="weight", disable=None, leave=False):
+                if layer.stats is None:
+                    continue
+                for coding in codec.options(codec.layer(layer) if name == "tq" else layer):
+                    coding.name = name
+                    options.setdefault(layer.site.name, []).append(coding)
+        return options
 
-    def _options(self, layers, points, tq_options) -> dict[str, list[Option]]:
+    def _options(self, layers, points, banded) -> dict[str, list[Option]]:
         """Per layer: one Option whose single band holds every point, then tq's codings."""
         options = {}
         for layer in layers:
@@ -226,13 +238,13 @@ class AutoPass(Pass):
                 np.array([p.bits for p in mine]),
                 np.array([p.distortion for p in mine]),
             )
-            options[name] = [Option("points", [band]), *tq_options.get(name, [])]
+            options[name] = [Option("points", [band]), *banded.get(name, [])]
         return options
 
     # ---- one allocation, emitted ----
 
-    def _emit(self, pristine, layers, points, tq_options, kind: str, aim: float) -> Emitted:
-        options = self._options(layers, points, tq_options)
+    def _emit(self, pristine, layers, points, banded, kind: str, aim: float) -> Emitted:
+        options = self._options(layers, points, banded)
         allocation = allocate(options, max_bits=aim)
         graph = Graph(copy_model(pristine))
         records, predicted, weight_bits = [], 0.0, 0.0
@@ -250,7 +262,7 @@ class AutoPass(Pass):
                 key = (name, index, tuple(np.asarray(p).tobytes() for p in picks))
                 if key not in self._materialized:  # tq's materialising (GPTQ) is worth keeping across rounds
                     self._materialized[key] = option.materialize(picks)
-                coded, codec = self._materialized[key], "tq"
+                coded, codec = self._materialized[key], option.name
                 distortion = sum(b.totals(p)[1] for b, p in zip(option.bands, picks))
             predicted += distortion
             if coded is None:
@@ -287,7 +299,7 @@ class AutoPass(Pass):
         sqnr = value if kind == "sqnr" else 10 * math.log10(1 / (1 - value)) + 10
         return energy / 10 ** (sqnr / 10)
 
-    def _correct(self, probe: Probe, model, layers, points, tq_options, first: Emitted) -> int:
+    def _correct(self, probe: Probe, model, layers, points, banded, first: Emitted) -> int:
         """Rescale each layer's predicted errors by its measured marginal effect at the first allocation's
         point: the gain at the operating point, not the slope noise measured. Returns the layers corrected."""
         by_name = {r.name: r for r in first.records}
@@ -307,7 +319,7 @@ class AutoPass(Pass):
             factor = float(np.clip(measured[name] / predicted[name], 1 / MAX_CORRECTION, MAX_CORRECTION))
             for point in points[name]:
                 point.distortion *= factor
-            for opt in tq_options.get(name, []):
+            for opt in banded.get(name, []):
                 for band in opt.bands:
                     band.distortion = band.distortion * factor
             layer.gain *= factor
