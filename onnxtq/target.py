@@ -217,6 +217,8 @@ class Search:
             if round(aim) in tried:
                 break
         self.result.met = meet is not None
+        if meet is not None and self.kind in SIZE_KINDS:  # what the size left of the fidelity, for the report
+            self._settle(self.held.measure(meet[1].model), None)
         return meet[1] if meet else None
 
     def _better(self, a: float, b: float) -> bool:

@@ -6,8 +6,9 @@ import json
 
 import brotli
 import numpy as np
+import onnx
 import pytest
-from builders import bundled, run
+from builders import bundled, matmul_model, run
 
 from onnxtq import model_io
 from onnxtq.calibration.data import open_source, split_holdout
@@ -66,6 +67,9 @@ def test_size_target_is_met_on_disk_and_spent(tmp_path, name):
     budget = 40_000 if name == "mnist_cnn" else 70_000
     assert budget * 0.97 <= out.stat().st_size <= budget  # met, and most of the budget used
     assert auto["target"]["met"] and auto["target"]["kind"] == "size"
+    feeds = _held_out(name)  # and the report says what fidelity the size left, on the held-out inputs
+    measured = _sqnr(run(original, feeds)[0], run(model_io.load(out), feeds)[0])
+    assert measured == pytest.approx(auto["target"]["sqnr_db"], abs=0.01)
 
 
 def test_served_size_target_is_what_brotli_sends(tmp_path):
@@ -117,4 +121,16 @@ def test_an_unreachable_target_fails_verification_and_writes_nothing(tmp_path, c
     out = tmp_path / "o.onnx"
     code = main(["compress", str(model), "-o", str(out), "--calib", str(calib), "--size", "2kB"])
     assert code == 3 and "not met" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_agreement_needs_class_scores(tmp_path, capsys):
+    """A model whose output is not [samples, classes] (a projection [N, T, 48]) has no top-1 to agree on."""
+    model_path, calib = tmp_path / "proj.onnx", tmp_path / "calib.npz"
+    onnx.save(matmul_model(), model_path)
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((16, 4, 64)).astype(np.float32))
+    out = tmp_path / "o.onnx"
+    code = main(["compress", str(model_path), "-o", str(out), "--calib", str(calib), "--agreement", "0.9"])
+    err = capsys.readouterr().err
+    assert code == 2 and "class scores" in err and "--sqnr" in err
     assert not out.exists()
