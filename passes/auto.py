@@ -1,13 +1,14 @@
 """auto: compress to one target; every codec competes for every layer, checked on held-out inputs.
 
 Each layer's operating points from every codec named in `codecs` (rtn at 2, 4 and 8 bits per channel and in
-blocks of 32 and 128, 3/5/6 bits too for a served-size target; float16; tq's bands and transforms; the float
-weight itself) are put in one unit, the network-output error (the layer's measured gain × E‖ΔW x‖²), and one
-Lagrangian allocation (onnxtq.rd) chooses a point per layer. Gains measured with noise are only slopes: the
-first allocation is emitted and each layer's own effect at its chosen point is measured through onnxruntime,
-correcting its predicted errors. Then the loop of onnxtq.target emits, measures (bytes, brotli bytes, or
-fidelity on held-out inputs that no statistic was computed from) and re-aims until the cheapest model that
-meets the target is found. The report names per layer the codec and bits chosen and its share of the error.
+blocks of 32 and 128, 3/5/6 bits too for a served-size target; float16; tq's bands and transforms; ecsq's step
+curve for a served size; the float weight itself) are put in one unit, the network-output error (the layer's
+measured gain × E‖ΔW x‖²), and one Lagrangian allocation (onnxtq.rd) chooses a point per layer. Gains measured
+with noise are only slopes: the first allocation is emitted and each layer's own effect at its chosen point
+is measured through onnxruntime, correcting its predicted errors. Then the loop of onnxtq.target emits,
+measures (bytes, brotli bytes, or fidelity on held-out inputs that no statistic was computed from) and
+re-aims the bit budget until the best model measured to meet the target is bracketed. The report names per
+layer the codec and bits chosen and its share of the predicted error.
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ class AutoPass(Pass):
         return options
 
     def _options(self, layers, points, banded) -> dict[str, list[Option]]:
-        """Per layer: one Option whose single band holds every point, then tq's codings."""
+        """Per layer: one Option whose single band holds every point, then the banded codecs' Options."""
         options = {}
         for layer in layers:
             name = layer.site.name
