@@ -23,7 +23,7 @@ from onnxtq.graph import Graph, provenance
 from onnxtq.model_io import write_atomic
 from onnxtq.pipeline import registry
 from onnxtq.report import output_line
-from onnxtq.target import KINDS, parse_bytes
+from onnxtq.target import DEFAULT_CODECS, KINDS, parse_bytes
 from onnxtq.verify import check_fidelity, compare, validate
 from onnxtq.weights import discover
 
@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
         "--agreement", type=float, metavar="P", help="top-1 agreement with the original on the held-out inputs"
     )
     goal.add_argument(
-        "--codecs", default="rtn+fp16+tq+ecsq", help="the codecs that compete, joined by + (default: rtn+fp16+tq+ecsq)"
+        "--codecs", default=DEFAULT_CODECS, help=f"the codecs that compete, joined by + (default: {DEFAULT_CODECS})"
     )
     _add_data_options(c)
     c.add_argument("--report", metavar="JSON", help="write the full run report as JSON")
@@ -217,7 +217,7 @@ def _pipeline(args) -> str:
         )
     if targets:
         ((kind, value),) = targets.items()
-        codecs = "" if args.codecs == "rtn+fp16+tq+ecsq" else f",codecs={args.codecs}"
+        codecs = "" if args.codecs == DEFAULT_CODECS else f",codecs={args.codecs}"
         return f"fold-bn,calibrate,auto{{{kind}={value!r}{codecs}}}"  # repr: floats exactly
     return args.pipeline or DEFAULT_PIPELINE
 

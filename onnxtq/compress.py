@@ -170,7 +170,7 @@ def sweep(
 
 
 def _context(graph: Graph, data, holdout: bool) -> Context:
-    """The passes' context; where a pass measures its result, the last calibration inputs are held out."""
+    """The passes' context; where a pass measures its result, every fourth calibration input is held out."""
     if holdout and data is not None:
         fit, held = split_holdout(data)
         return Context(graph, fit, holdout=held)

@@ -73,7 +73,7 @@ class Kept:
 class Attempt:
     """One round of a target run's loop: what the allocation aimed at, what it predicted, what was measured."""
 
-    aim: float  # the allocation's budget: weight bits (size targets) or predicted network-output error
+    aim: float  # the allocation's budget, in bits of the quantizable weights
     predicted: float | None  # the target's quantity as predicted (bytes, bits per weight, SQNR dB; None: agreement)
     measured: float  # the same, measured on the emitted model (fidelity on the held-out inputs; agreement less
     # onnxtq.target.AGREEMENT_Z standard errors)

@@ -33,6 +33,8 @@ from onnxtq.report import Attempt, TargetResult
 
 #: Bytes a size target keeps free for what the run adds after the pass (model properties, provenance).
 SIZE_MARGIN = 512
+#: The codecs a target run lets compete unless told otherwise (passes/auto.py).
+DEFAULT_CODECS = "rtn+fp16+tq+ecsq"
 KINDS = ("size", "served_size", "bits", "sqnr", "agreement")
 SIZE_KINDS = ("size", "served_size", "bits")
 #: A size target is met closely enough when the model is within this share below it.

@@ -36,7 +36,7 @@ from onnxtq.packing import container_bits
 from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
 from onnxtq.rd import Band, Option, allocate
 from onnxtq.report import PassReport, Rate, WeightRecord
-from onnxtq.target import KINDS, SIZE_KINDS, SIZE_MARGIN, Emitted, HeldOut, Search
+from onnxtq.target import DEFAULT_CODECS, KINDS, SIZE_KINDS, SIZE_MARGIN, Emitted, HeldOut, Search
 from onnxtq.weights import discover, quantizable
 
 CODECS = ("rtn", "fp16", "tq", "ecsq")
@@ -57,7 +57,7 @@ class AutoConfig(PassConfig):
     bits: float = option(0.0, "target average stored bits per weight")
     sqnr: float = option(0.0, "target worst output SQNR in dB on the held-out inputs (30 if no target is given)")
     agreement: float = option(0.0, "target top-1 agreement with the original on the held-out inputs (class scores)")
-    codecs: str = option("rtn+fp16+tq+ecsq", "the codecs that compete, joined by + (ecsq for a served size only)")
+    codecs: str = option(DEFAULT_CODECS, "the codecs that compete, joined by + (ecsq for a served size only)")
     rounds: int = option(10, "most emit-and-measure rounds")
     gain_samples: int = option(16, "calibration inputs the gains and marginal errors are measured on")
     correct: bool = option(True, "correct each layer's predicted error by its measured marginal effect")
