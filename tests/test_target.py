@@ -10,7 +10,7 @@ import onnx
 import pytest
 from builders import bundled, matmul_model, run
 
-from onnxtq import model_io
+from onnxtq import model_io, report_page
 from onnxtq.calibration.data import open_source, split_holdout
 from onnxtq.cli import main
 from onnxtq.target import parse_bytes
@@ -134,3 +134,19 @@ def test_agreement_needs_class_scores(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "class scores" in err and "--sqnr" in err
     assert not out.exists()
+
+
+def test_a_sweep_puts_the_target_run_beside_single_methods(tmp_path):
+    """In a sweep every pipeline calibrates on the fitting inputs; the page draws the auto run as its own curve."""
+    model, calib = bundled("mnist_cnn")
+    report, page = tmp_path / "runs.json", tmp_path / "page.html"
+    pipelines = ["auto{size=40000}", "auto{size=30000}", "rtn{bits=4}"]
+    args = ["sweep", str(model), "-o", str(tmp_path), "--calib", str(calib), "--report", str(report)]
+    assert main([*args, "--report-html", str(page), "--pipelines", *pipelines]) == 0
+    runs = json.loads(report.read_text())
+    assert [r["exit_code"] for r in runs] == [0, 0, 0]
+    for run_report in runs:  # calibrated once, on the 192 inputs the auto runs do not hold out
+        assert "192 fitting samples" in run_report["calibration"]
+    data = report_page.figures(runs)
+    curves = {s["label"]: len(s["points"]) for s in data["figures"][0]["series"]}
+    assert curves == {"auto": 2, "rtn": 1}
