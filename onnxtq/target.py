@@ -29,6 +29,7 @@ import scipy.stats
 
 from onnxtq import model_io
 from onnxtq.calibration.data import Source
+from onnxtq.finish import db
 from onnxtq.report import Attempt, TargetResult
 
 #: Bytes a size target keeps free for what the run adds after the pass (model properties, provenance).
@@ -137,8 +138,7 @@ def expected_agreement(reference: np.ndarray, out: np.ndarray) -> np.ndarray:
 def _sqnr(reference: np.ndarray, out: np.ndarray) -> float:
     if not np.all(np.isfinite(out)):
         return float("-inf")
-    noise = float(((reference - out) ** 2).sum())
-    return float("inf") if noise == 0 else float(10 * np.log10(max(float((reference**2).sum()), 1e-300) / noise))
+    return db(max(float((reference**2).sum()), 1e-300), float(((reference - out) ** 2).sum()))
 
 
 @dataclass

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from onnxtq.calibration.data import split_holdout
-from onnxtq.codec import Coded, Layer, output_error
+from onnxtq.codec import Coded, Layer, distortion, output_error
 from onnxtq.codecs.ecsq import EcsqCodec
 from onnxtq.codecs.fp16 import Fp16Codec
 from onnxtq.codecs.rtn import RtnCodec, side_bits
@@ -34,6 +34,7 @@ from onnxtq.model_io import serialize
 from onnxtq.opsets import Emission
 from onnxtq.packing import container_bits
 from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
+from onnxtq.quantize import blocking_for
 from onnxtq.rd import Band, Option, allocate
 from onnxtq.report import PassReport, Rate, WeightRecord
 from onnxtq.target import DEFAULT_CODECS, KINDS, SIZE_KINDS, SIZE_MARGIN, Emitted, HeldOut, Search
@@ -193,20 +194,15 @@ class AutoPass(Pass):
                 band = option.bands[0]
                 points.append(Point("fp16", "float16", band.bits[0], band.distortion[0], option.materialize([0])))
         if "rtn" in cfg.codec_names:
-            seen = set()
             for bits, block in RTN_POINTS + (SERVED_POINTS if served else ()):
-                codec = RtnCodec(bits, block, bits >= 3, scale_bits=cfg.scale_bits)
-                coded, blocking, code = codec.code_groups(layer)
-                if blocking.block != block or (bits, blocking.block) in seen:
+                if blocking_for(layer.site, block).block != block:
                     continue  # a layer too short for the block (or depthwise) is coded per channel already
-                seen.add((bits, block))
-                side = side_bits(code)
-                rate = (entropy_bits(code.q) if served else layer.size * container_bits(bits)) + side
-                error = layer.gain * (
-                    coded.output_error
-                    if coded.output_error is not None
-                    else output_error(layer.site, None, layer.w.astype(np.float64) - coded.w_hat)
-                )
+                coded, _, code = RtnCodec(bits, block, bits >= 3, scale_bits=cfg.scale_bits).code_groups(layer)
+                rate = (entropy_bits(code.q) if served else layer.size * container_bits(bits)) + side_bits(code)
+                if coded.output_error is not None:  # rtn measured it already
+                    error = layer.gain * coded.output_error
+                else:
+                    error = distortion(layer, layer.w.astype(np.float64) - coded.w_hat)
                 detail = f"rtn {bits}-bit " + (f"block {block}" if block else "per channel")
                 coded.detail = detail
                 coded.nominal_bits = float(bits)

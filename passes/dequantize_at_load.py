@@ -110,14 +110,14 @@ def _rewrite(graph: Graph, node: ir.Node, prefix: str, shapes: dict[tuple, ir.Va
         dims = [int(d) for d in value.const_value.shape]
         if math.prod(dims) == 1:
             return as_float(value)
-        if not block:  # one value per index along `axis`: stored so (same values) when only this node reads it
-            axis_shape = [dims[0]] + [1] * (rank - axis - 1)
-            if len(value.uses()) == 1 and dims != axis_shape:
-                shaped = graph.array(value.name).reshape(axis_shape)
+        if not block:  # one value per index along `axis`
+            trailing = [1] * (rank - axis - 1)
+            if len(value.uses()) > 1:  # shared with another node: shaped in the graph
+                return add("Reshape", [as_float(value), const([-1] + trailing)])
+            if dims != [dims[0]] + trailing:  # only this node reads it: stored already shaped (same values)
+                shaped = graph.array(value.name).reshape([dims[0]] + trailing)
                 value = graph.set_initializer(numpy_helper.from_array(shaped, value.name))
-            if len(value.uses()) == 1:
-                return as_float(value)
-            return add("Reshape", [as_float(value), const([-1] + [1] * (rank - axis - 1))])
+            return as_float(value)
         value = as_float(value)
         blocks = dims[axis]  # each value repeated `block` times along `axis`, the last run cut to the shape
         value = add("Reshape", [value, const(dims[:axis] + [blocks, 1] + dims[axis + 1 :])])
