@@ -296,14 +296,19 @@ def _inspect(args) -> int:
     work, _ = prepare(model)
     graph = Graph(work)
     found = discover(graph)
+    coders = {name: cls() for name, cls in sorted(registry().items()) if cls.codes_weights}
     ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node)
     weights = [
         {
             "name": s.name,
             "op": s.op,
             "kind": s.kind,
-            "shape": list(s.shape),
+            "shape": list(s.file_shape or s.shape),
             "bytes": graph.nbytes(s.name),
+            "scope": s.scope,
+            "readers": s.readers,
+            "statistics": s.activation is not None,
+            "passes": {name: p.takes(s) for name, p in coders.items()},
         }
         for s in found.sites
     ]
@@ -334,7 +339,14 @@ def _inspect(args) -> int:
     total = info["initializer_bytes"]
     print(f"quantizable weights: {len(weights)} ({weight_bytes:,d} B of {total:,d} B of initializers)")
     for w in weights:
-        print(f"  {w['op']:<8} {w['kind']:<14} {str(w['shape']):<22} {w['bytes']:>10,d} B  {w['name']}")
+        where = f"  in {w['scope'].rstrip('/')}" if w["scope"] else ""
+        shared = f"  read by {w['readers']} ops" if w["readers"] > 1 else ""
+        print(f"  {w['op']:<8} {w['kind']:<14} {str(w['shape']):<22} {w['bytes']:>10,d} B  {w['name']}{where}{shared}")
+        declined = {name: why for name, why in w["passes"].items() if why}
+        for name, why in declined.items():
+            print(f"      not {name}: {why}")
+    if weights:
+        print(f"  ({', '.join(coders)} code every weight above unless it says 'not')")
     for s in info["skipped"]:
         print(f"  skipped {s['name']}: {s['reason']}")
     if info["onnxtq"]:

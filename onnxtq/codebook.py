@@ -279,7 +279,7 @@ def emit_lookup(
     weight = graph.initializers[site.name]
     ftype = int(weight.const_value.dtype)
     base, node_base = site.name, site.node
-    first = min((use.node for use in weight.uses()), key=graph.graph.index)  # the lookup goes before it
+    first = graph.first_reader(weight)  # the lookup goes before it
     stored = 0
     if isinstance(codebook, Codebook):
         book = emit_codebook(graph, base, codebook, ftype, pass_name, before=first)
@@ -319,8 +319,8 @@ def emit_lookup(
         if s.data_type != ftype:
             s_out = _node(graph, nodes, "Cast", [s_out], base, node_base, pass_name, "scale_cast", to=ftype)
         out = _node(graph, nodes, "Mul", [out, s_out], base, node_base, pass_name, "scale")
+    nodes += replace_initializer(graph, site, out, pass_name)
     graph.graph.insert_before(first, nodes)
-    replace_initializer(graph, site, out)
     return stored
 
 

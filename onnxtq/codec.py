@@ -32,13 +32,14 @@ class Layer:
     """One weight site as a codec reads it: the weight as stored, its input statistics and its gain."""
 
     site: WeightSite
-    w: np.ndarray  # the stored weight, in its stored layout and type
+    w: np.ndarray  # the stored weight, in its stored layout (`site.shape`) and type
     stats: LayerStats | None
     gain: float = 1.0  # network-output error per unit of layer-output error (onnxtq.gains)
 
     @classmethod
     def of(cls, graph: Graph, site: WeightSite, stats, gain: float = 1.0) -> Layer:
-        return cls(site, graph.array(site.name), None if stats is None else stats.get(site), gain)
+        w = graph.array(site.name).reshape(site.shape)  # recurrent weights: their 2-D view
+        return cls(site, w, None if stats is None else stats.get(site), gain)
 
     @property
     def size(self) -> int:

@@ -19,12 +19,20 @@ import onnx
 from onnxtq import __version__, model_io
 from onnxtq.calibration.data import ImagePreprocessing, open_source, split_holdout
 from onnxtq.errors import ModelError, NoGainError, OnnxtqError
-from onnxtq.graph import Graph, constants_to_initializers, subgraph_tensors
+from onnxtq.graph import Graph, constants_to_initializers, hoist_body_weights, subgraph_tensors
 from onnxtq.pass_infra import Context
 from onnxtq.paths import check_outputs
 from onnxtq.pipeline import parse
 from onnxtq.report import PassReport, RunReport
-from onnxtq.verify import check_constants, check_fidelity, check_input, check_runs, compare, validate
+from onnxtq.verify import (
+    check_constants,
+    check_fidelity,
+    check_input,
+    check_runs,
+    compare,
+    drop_wrong_output_shapes,
+    validate,
+)
 from onnxtq.weights import nonfinite_weights
 
 DEFAULT_PIPELINE = "fold-bn,calibrate,rtn{bits=8}"
@@ -44,11 +52,15 @@ def model_bytes(path: str | os.PathLike) -> int:
 
 
 def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
-    """Normalisation every pipeline starts from: weights held by Constant nodes become initializers."""
+    """Normalisation every pipeline starts from: weights held by Constant nodes become initializers, and
+    those of If/Loop/Scan bodies move to the main graph (read from the outer scope)."""
     work = onnx.ModelProto()
     work.CopyFrom(model)
     moved = constants_to_initializers(work)
     report = PassReport("prepare", "prepare", notes=[f"{moved} Constant nodes turned into initializers"])
+    hoisted = hoist_body_weights(work)
+    if hoisted:
+        report.notes.append(f"{hoisted} weights of If/Loop/Scan bodies moved to the main graph")
     return work, report
 
 
@@ -73,7 +85,7 @@ def _start(source_path, calib, outputs: dict, guards: Guards, image_prep):
     data = open_source(calib, original, prep=image_prep) if calib is not None else None
     try:
         if data is not None:
-            check_runs(original, data)
+            prep_report.notes += drop_wrong_output_shapes(work, check_runs(original, data))
     except BaseException:
         if data is not None:
             data.close()

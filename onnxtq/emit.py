@@ -65,10 +65,21 @@ def float_type(graph: Graph, site: WeightSite) -> int:
     return int(graph.initializers[site.name].const_value.dtype)
 
 
-def replace_initializer(graph: Graph, site: WeightSite, new: ir.Value) -> None:
-    """Point every reader of the site's weight at `new` and drop the float tensor."""
+def replace_initializer(graph: Graph, site: WeightSite, new: ir.Value, pass_name: str) -> list[ir.Node]:
+    """Point every reader of the site's weight at `new` (of `site.shape`) and drop the float tensor.
+
+    Returns the nodes to add after those computing `new`: a Reshape to the initializer's own shape where
+    the codes were laid out in another (recurrent weights: coded as 2-D, read as [dirs, gates·h, d])."""
+    nodes = []
+    if site.file_shape is not None:
+        shape = numpy_helper.from_array(np.array(site.file_shape, np.int64), graph.unique(f"{site.name}/onnxtq.shape"))
+        out = graph.unique(f"{site.name}/onnxtq.reshaped")
+        name = graph.unique(f"{site.node}/onnxtq.reshape")
+        nodes.append(tag(graph.node("Reshape", [new, graph.set_initializer(shape)], [out], name), pass_name, "reshape"))
+        new = nodes[0].outputs[0]
     graph.initializers[site.name].replace_all_uses_with(new)
     graph.initializers.pop(site.name)
+    return nodes
 
 
 def prepend(graph: Graph, nodes: list[ir.Node]) -> None:
@@ -116,7 +127,7 @@ def emit_dequantize(graph: Graph, site: WeightSite, blocking: Blocking, code: Gr
         q.flat[escaped] = 0  # the likeliest code; the escapes write over it
     elif escaped.size:
         q = np.clip(q, *int_range(code.bits, False))
-    original = graph.array(site.name)
+    original = graph.array(site.name).reshape(site.shape)
     node, stored = _dequantize_node(
         graph, site.name, site.node, q, scale, zp, code.bits, blocking.dequantize_attrs, ftype, pass_name
     )
@@ -128,7 +139,7 @@ def emit_dequantize(graph: Graph, site: WeightSite, blocking: Blocking, code: Gr
         stored += patch_stored
     else:
         graph.originals[out.name] = (site, original)  # the float weight, for passes that refine the codes later
-    replace_initializer(graph, site, out)
+    nodes += replace_initializer(graph, site, out, pass_name)
     prepend(graph, nodes)
     return sum(tensor_nbytes(t) for t in stored)
 
@@ -222,7 +233,7 @@ def emit_pieces(
         gather = graph.node("Gather", [out, index_value], [placed], name, axis=axis)
         nodes.append(tag(gather, pass_name, "order"))
         out = gather.outputs[0]
-    replace_initializer(graph, site, out)
+    nodes += replace_initializer(graph, site, out, pass_name)
     prepend(graph, nodes)
     return stored
 
@@ -239,7 +250,7 @@ def emit_transformed(
     stored transposed (MatMul, Gemm(transB=0)).
     """
     ftype = float_type(graph, site)
-    node = next(iter(graph.initializers[site.name].uses())).node
+    node = graph.first_reader(graph.initializers[site.name])
     in_axis = 0 if site.transposed else 1
     t_out, t_nodes, stored = _pieces_node(graph, site.name, site.node, pieces, in_axis, ftype, pass_name)
     b_node, b_tensors = _piece_node(graph, f"{site.name}/basis", site.node, basis, ftype, pass_name)
@@ -274,7 +285,7 @@ def emit_transformed(
         product = graph.node("Einsum", operands, [product_name], name, equation=equation)
         new_nodes.append(tag(product, pass_name, "product"))
         weight_out = product.outputs[0]
-    replace_initializer(graph, site, weight_out)
+    new_nodes += replace_initializer(graph, site, weight_out, pass_name)
     graph.graph.insert_before(node, new_nodes)
     return stored
 

@@ -90,5 +90,6 @@ class Probe:
         errors = {}
         for name, w_hat in tqdm(replacements.items(), desc="marginal errors", unit="weight", disable=None, leave=False):
             dtype = onnx.helper.tensor_dtype_to_np_dtype(inits[name].data_type)
-            errors[name] = self._error(self._run(sess, {name: np.asarray(w_hat, dtype)}))
+            shaped = np.asarray(w_hat, dtype).reshape(tuple(inits[name].dims))  # recurrent: the op's layout
+            errors[name] = self._error(self._run(sess, {name: shaped}))
         return errors

@@ -90,6 +90,19 @@ class Graph:
         values = [ir.Value(name=out) for out in outputs]
         return ir.Node("", op, inputs, attributes, outputs=values, name=name)  # "": unnamed, as written
 
+    def owner(self, node: ir.Node) -> ir.Node:
+        """The main-graph node that is `node` or holds it in one of its If/Loop/Scan bodies."""
+        if node.graph is self.graph:
+            return node
+        for top in self.graph:
+            if any(node in body.all_nodes() for _, body in node_bodies(top)):
+                return top
+        raise ValueError(f"node '{node.name}' is not in this model")
+
+    def first_reader(self, value: ir.Value) -> ir.Node:
+        """The earliest main-graph node that reads `value`, itself or inside its bodies (new nodes go before it)."""
+        return min((self.owner(use.node) for use in value.uses()), key=self.graph.index)
+
     def opset(self) -> int:
         return self.model.opset_imports.get("", self.model.opset_imports.get("ai.onnx", 1))
 
@@ -130,6 +143,17 @@ def _attr(name: str, value) -> ir.Attr:
     if isinstance(value, (list, tuple)) and all(isinstance(v, (int, np.integer)) for v in value):
         return ir.AttrInt64s(name, [int(v) for v in value])
     raise TypeError(f"attribute {name}={value!r} is not one onnxtq writes")
+
+
+def node_bodies(node: ir.Node) -> list[tuple[str, ir.Graph]]:
+    """The If/Loop/Scan bodies a node holds, with the attribute that holds each (then_branch, body, ...)."""
+    bodies = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            bodies.append((attr.name, attr.value))
+        elif attr.type == ir.AttributeType.GRAPHS:
+            bodies.extend((attr.name, g) for g in attr.value)
+    return bodies
 
 
 def tag(node: ir.Node, pass_name: str, role: str) -> ir.Node:
@@ -219,6 +243,97 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     if moved:
         del g.node[:]
         g.node.extend(keep)
+    return moved
+
+
+def _bodies(node: onnx.NodeProto):
+    for attr in node.attribute:
+        yield from [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs
+
+
+def _all_names(g: onnx.GraphProto) -> set[str]:
+    names = {t.name for t in g.initializer} | {v.name for v in g.input} | {n.name for n in g.node}
+    for node in g.node:
+        names.update(node.output)
+        for body in _bodies(node):
+            names |= _all_names(body)
+    return names
+
+
+def _rename(g: onnx.GraphProto, old: str, new: str) -> None:
+    """Every read of `old` in `g` and the bodies inside it now reads `new`."""
+    for node in g.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        for body in _bodies(node):
+            _rename(body, old, new)
+    for out in g.output:
+        if out.name == old:
+            out.name = new
+
+
+def _is_weight(t: onnx.TensorProto) -> bool:
+    return t.data_type in _FLOAT_TYPES and len(t.dims) >= 2
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def hoist_body_weights(model: onnx.ModelProto) -> int:
+    """Move the weights of If/Loop/Scan bodies (float tensors of rank ≥ 2, held as body initializers or
+    Constant nodes) to the main graph's initializers, where the bodies read them from the outer scope as
+    ONNX allows: every pass then finds them as it finds any weight, and their codes are decoded once, outside
+    any loop. Returns how many moved."""
+    top = model.graph
+    taken = {t.name for t in top.initializer} | {v.name for v in top.input} | {o for n in top.node for o in n.output}
+    every = _all_names(top)
+    moved = 0
+
+    def lift(t: onnx.TensorProto, body: onnx.GraphProto) -> None:
+        nonlocal moved
+        name = t.name
+        if name in taken:
+            base, k = name, 1
+            while f"{base}_{k}" in every:
+                k += 1
+            name = f"{base}_{k}"
+            every.add(name)
+            _rename(body, t.name, name)
+        lifted = onnx.TensorProto()
+        lifted.CopyFrom(t)
+        lifted.name = name
+        top.initializer.append(lifted)
+        taken.add(name)
+        moved += 1
+
+    def visit(g: onnx.GraphProto, inside: bool) -> None:
+        for node in g.node:
+            for body in _bodies(node):
+                visit(body, True)
+        if not inside:
+            return
+        keep = []
+        for t in list(g.initializer):
+            if _is_weight(t):
+                lift(t, g)
+            else:
+                keep.append(t)
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        nodes = []
+        for node in g.node:
+            attrs = {a.name: a for a in node.attribute}
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and set(attrs) == {"value"}:
+                if _is_weight(attrs["value"].t):
+                    t = onnx.TensorProto()
+                    t.CopyFrom(attrs["value"].t)
+                    t.name = node.output[0]
+                    lift(t, g)
+                    continue
+            nodes.append(node)
+        del g.node[:]
+        g.node.extend(nodes)
+
+    visit(top, False)
     return moved
 
 

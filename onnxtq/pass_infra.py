@@ -121,6 +121,13 @@ class Pass(abc.ABC):
     @abc.abstractmethod
     def run(self, ctx: Context) -> PassReport: ...
 
+    #: Whether the pass codes weights (those `inspect` asks `takes` of).
+    codes_weights: ClassVar[bool] = False
+
+    def takes(self, site) -> str:
+        """Why this pass, as configured, leaves the weight `site` as it is ('' : it codes it)."""
+        return ""
+
     def new_report(self) -> PassReport:
         return PassReport(self.name, self.spec)
 

@@ -101,12 +101,13 @@ def check_input(model: onnx.ModelProto) -> None:
         raise ModelError(f"the model is not one onnxtq can compress: {problem}", _INPUT_HINT)
 
 
-def check_runs(model: onnx.ModelProto, source: Source) -> None:
+def check_runs(model: onnx.ModelProto, source: Source) -> dict[str, tuple[int, ...]]:
     """...and that runs on the first calibration sample with finite outputs (a model that cannot, or that
-    computes NaN, would fail every later step, at best with onnxruntime's words as if they were a bug)."""
+    computes NaN, would fail every later step, at best with onnxruntime's words as if they were a bug).
+    Returns the shape of each output on that sample."""
     first = next(iter(source.batches(1)), None)
     if first is None:
-        return  # an empty source is refused by whoever reads it
+        return {}  # an empty source is refused by whoever reads it
     sess = model_io.session(model)
     try:
         outputs = sess.run(None, first[1])
@@ -121,6 +122,25 @@ def check_runs(model: onnx.ModelProto, source: Source) -> None:
                 f"on the first calibration sample the model's output '{out.name}' holds {found[0]} NaN/Inf value(s)",
                 "the model or its weights are broken: onnxtq compresses models that compute finite outputs",
             )
+    return {out.name: tuple(np.shape(value)) for out, value in zip(sess.get_outputs(), outputs)}
+
+
+def drop_wrong_output_shapes(model: onnx.ModelProto, observed: dict[str, tuple[int, ...]]) -> list[str]:
+    """Forget the declared sizes of every graph output that contradicts what onnxruntime computes (its rank or
+    a fixed size): onnxruntime only warns, but shape inference at a newer opset sees through more ops and
+    the full checker then rejects the file. Returns a sentence per output cleared."""
+    notes = []
+    for out in model.graph.output:
+        tensor = out.type.tensor_type
+        if out.name not in observed or not tensor.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in tensor.shape.dim]
+        real = observed[out.name]
+        if len(dims) != len(real) or any(isinstance(d, int) and d != r for d, r in zip(dims, real)):
+            del tensor.shape.dim[:]
+            tensor.shape.dim.extend(onnx.TensorShapeProto.Dimension() for _ in real)
+            notes.append(f"output '{out.name}' is declared {dims} but computes {list(real)}: now of unknown size")
+    return notes
 
 
 def check_constants(original: onnx.ModelProto, result: onnx.ModelProto) -> None:

@@ -104,6 +104,7 @@ class Point:
 class AutoPass(Pass):
     name = "auto"
     Config = AutoConfig
+    codes_weights = True
     needs = frozenset({STATS})
     preserves = frozenset({STATS, ORIGINALS})
     holdout = True  # compress() splits the calibration inputs; the held-out part is never calibrated on

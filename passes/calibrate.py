@@ -46,9 +46,10 @@ class CalibratePass(Pass):
         for site in found.sites:
             stats = ctx.stats.get(site)
             if stats is None:
-                report.records.append(
-                    WeightRecord.of(site, "skipped", reason="no activation statistics for this kind of layer")
-                )
+                why = "no activation statistics for this kind of layer"
+                if site.activation is not None:
+                    why = "its input was never computed on the calibration data (an If branch not taken)"
+                report.records.append(WeightRecord.of(site, "skipped", reason=why))
             else:
                 detail = f"{stats.mode} H, d={stats.dim}, groups={stats.groups}, {stats.count} patches"
                 if stats.shrinkage >= 0.005:

@@ -60,6 +60,7 @@ class CrqConfig(PassConfig):
 class CrqPass(Pass):
     name = "crq"
     Config = CrqConfig
+    codes_weights = True
     needs = frozenset({STATS})
     preserves = frozenset({STATS, ORIGINALS})
 

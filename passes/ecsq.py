@@ -59,6 +59,7 @@ class EcsqConfig(PassConfig):
 class EcsqPass(Pass):
     name = "ecsq"
     Config = EcsqConfig
+    codes_weights = True
     needs = frozenset({STATS})
     preserves = frozenset({STATS, ORIGINALS})
 

@@ -74,6 +74,7 @@ class KqConfig(PassConfig):
 class KqPass(Pass):
     name = "kq"
     Config = KqConfig
+    codes_weights = True
     needs = frozenset()
     uses = frozenset({STATS})
     preserves = frozenset({STATS, ORIGINALS})
@@ -122,6 +123,9 @@ class KqPass(Pass):
         report.records.extend(records)
         self._notes(report, records, stats is not None)
         return report
+
+    def takes(self, site: WeightSite) -> str:
+        return self._why_not(site, int(np.prod(site.conv.kernel)) if site.conv is not None else 1)
 
     def _why_not(self, site: WeightSite, kk: int) -> str:
         cfg = self.config

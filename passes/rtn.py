@@ -53,6 +53,7 @@ class RtnConfig(PassConfig):
 class RtnPass(Pass):
     name = "rtn"
     Config = RtnConfig
+    codes_weights = True
     needs = frozenset()
     uses = frozenset({STATS})
     preserves = frozenset({STATS, ORIGINALS})

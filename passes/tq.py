@@ -82,6 +82,7 @@ class TqConfig(PassConfig):
 class TqPass(Pass):
     name = "tq"
     Config = TqConfig
+    codes_weights = True
     needs = frozenset({STATS})
     preserves = frozenset({STATS, ORIGINALS})
 

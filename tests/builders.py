@@ -103,3 +103,22 @@ def fold_dequantize(model: onnx.ModelProto) -> onnx.ModelProto:
         )  # fp32 weights
         out.graph.node.remove(node)
     return out
+
+
+def if_model(rows: int = 64) -> onnx.ModelProto:
+    """y = If(sum(x) > 0, x·W1, x·W2): every weight sits inside a branch."""
+    rng = np.random.default_rng(0)
+
+    def branch(name):
+        w = numpy_helper.from_array(rng.standard_normal((rows, 32)).astype(np.float32), f"{name}_w")
+        out = helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, ["N", 32])
+        return helper.make_graph([helper.make_node("MatMul", ["x", w.name], [out.name])], name, [], [out], [w])
+
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=branch("then"), else_branch=branch("else")),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", rows])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])
+    return make_model(nodes, [x], [y], {"zero": np.zeros((), np.float32)})

@@ -99,7 +99,7 @@ def test_matmul_weights_keep_float32_steps_so_onnxruntime_loads_them(rng):
     np.testing.assert_allclose(run(out, {"x": x}, exact=False)[0], ref, rtol=0.05, atol=0.05 * np.abs(ref).max())
 
 
-def test_shared_and_computed_weights_are_skipped_with_reasons():
+def test_a_shared_weight_is_coded_once_and_a_computed_one_left():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 8)).astype(np.float32)
     nodes = [
@@ -112,10 +112,15 @@ def test_shared_and_computed_weights_are_skipped_with_reasons():
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 8])
     model = make_model(nodes, [x], [y], {"w": w, "w2": w})
     out, reports = _compress(model, "rtn{bits=4,min_elements=0}")
-    skipped = {r.name: r.reason for r in reports[-1].skipped}
-    assert "shared by 2 consumers" in skipped["w"]
-    assert not reports[-1].changed
-    assert all(n.op_type != "DequantizeLinear" for n in out.graph.node)
+    assert [r.name for r in reports[-1].changed] == ["w"]  # w2 reaches its MatMul through a Transpose
+    dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 1 and [n.input[1] for n in out.graph.node if n.op_type == "MatMul"][:2] == [dq[0].output[0]] * 2
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    ref = run(model, {"x": x})[0]
+    np.testing.assert_allclose(run(out, {"x": x})[0], ref, atol=0.1 * np.abs(ref).max())
+    model.graph.node.append(helper.make_node("Add", ["w", "w"], ["w_twice"], name="a"))  # read as no weight too
+    _, reports = _compress(model, "rtn{bits=4,min_elements=0}")
+    assert "shared by 3 consumers (Add: not a weight input)" in {r.name: r.reason for r in reports[-1].skipped}["w"]
 
 
 def test_output_is_deterministic():

@@ -16,11 +16,20 @@ import onnx
 from tqdm import tqdm
 
 from onnxtq import model_io
+from onnxtq.calibration.branches import BranchRunner, has_branches
 from onnxtq.calibration.data import Source, check_finite
-from onnxtq.calibration.stats import LayerStats, MomentAccumulator, choose_mode, conv_patches, dense_rows
+from onnxtq.calibration.stats import (
+    LayerStats,
+    MomentAccumulator,
+    choose_mode,
+    conv_patches,
+    dense_rows,
+    hidden_rows,
+    initial_rows,
+)
 from onnxtq.errors import DataError
 from onnxtq.graph import copy_model, infer_shapes, outer_reads, tensor_shapes
-from onnxtq.weights import WeightSite
+from onnxtq.weights import RECURRENT_GATES, WeightSite
 
 #: Tensors exposed at once when probing sizes that shape inference cannot give.
 PROBE_TENSORS = 8
@@ -73,7 +82,7 @@ def importance(site: WeightSite, stats: LayerStats) -> np.ndarray:
 
 
 def _key(site: WeightSite):
-    return (site.activation, site.conv, site.trans_a)
+    return (site.activations, site.conv, site.trans_a, site.recurrence, site.scope)
 
 
 def _accumulator(site: WeightSite, config: CalibrationConfig) -> MomentAccumulator:
@@ -82,10 +91,54 @@ def _accumulator(site: WeightSite, config: CalibrationConfig) -> MomentAccumulat
     return MomentAccumulator(groups, dim, choose_mode(dim, config.max_full_dim, config.mode), config.block)
 
 
-def _chunks(site: WeightSite, x: np.ndarray, config: CalibrationConfig, rng: np.random.Generator):
+def _chunks(site: WeightSite, name: str, x: np.ndarray, config: CalibrationConfig, rng: np.random.Generator):
+    """The rows of `site`'s statistics in `x`, the tensor `name` it reads."""
+    if name in site.initial:
+        return initial_rows(x, site.recurrence)
     if site.conv is not None:
         return conv_patches(x, site.conv, config.max_positions, rng)
+    if site.recurrence is not None and site.recurrence.role == "R":
+        return hidden_rows(x, site.recurrence)
     return dense_rows(x, site.trans_a)
+
+
+def _reader(model: onnx.ModelProto, names: list[str], threads: int, **options):
+    """run(feed) -> ({name: array} for `names`, what ran): in a model with If nodes, the tensors the branches
+    it takes compute and the names their nodes read; else every name, and None (all of the model ran)."""
+    if has_branches(model):
+        return BranchRunner(model, names, threads, _with_outputs, **options).run
+    sess = model_io.session(_with_outputs(model, names), threads, **options)
+    return lambda feed: (dict(zip(names, sess.run(names, feed))) if names else {}, None)
+
+
+def _read_here(site: WeightSite, ran: set[str] | None) -> bool:
+    """Whether the op reading `site` ran on this batch (a weight in an If branch not taken did not)."""
+    return ran is None or not site.scope or site.name in ran
+
+
+def name_hidden_outputs(model: onnx.ModelProto, sites: list[WeightSite]) -> onnx.ModelProto:
+    """A copy of `model` whose recurrent ops write the Y output (all hidden states) that R's statistics read,
+    under the name discovery gave it, where the model leaves it unnamed."""
+    wanted = {a for s in sites if s.recurrence is not None and s.recurrence.role == "R" for a in s.activations}
+    if not wanted:
+        return model
+    model = copy_model(model)
+
+    def visit(g: onnx.GraphProto) -> None:
+        for node in g.node:
+            for attr in node.attribute:
+                for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                    visit(body)
+            if node.op_type in RECURRENT_GATES and (not node.output or not node.output[0]):
+                name = f"{node.name or node.input[2]}/onnxtq.hidden"
+                if name in wanted:
+                    if node.output:
+                        node.output[0] = name
+                    else:
+                        node.output.append(name)
+
+    visit(model.graph)
+    return model
 
 
 def _activation_bytes(
@@ -93,7 +146,15 @@ def _activation_bytes(
 ) -> dict[str, int]:
     """Bytes per sample of each named tensor: static shape inference on the concrete input shapes,
     then a one-sample probe run, a few tensors at a time, for those whose shapes stay unknown
-    (e.g. behind a Pad whose pads are computed)."""
+    (e.g. behind a Pad whose pads are computed). In a model with If nodes, the branches the first sample
+    takes are measured; tensors of the others count as empty."""
+    if has_branches(model):
+        model = BranchRunner(model, names, threads, _with_outputs).flat(feed)[1]
+        defined = {o for n in model.graph.node for o in n.output} | {vi.name for vi in model.graph.input}
+        absent = {n: 0 for n in names if n not in defined}
+        names = [n for n in names if n in defined]
+    else:
+        absent = {}
     fixed = copy.deepcopy(model)
     for vi in fixed.graph.input:
         if vi.name in feed:
@@ -112,7 +173,7 @@ def _activation_bytes(
         probe = unknown[start : start + PROBE_TENSORS]
         values = model_io.session(_with_outputs(model, probe), threads).run(probe, feed)
         sizes.update({n: v.nbytes for n, v in zip(probe, values)})
-    return sizes
+    return sizes | absent
 
 
 def _plan(names: list[str], sizes: dict[str, int], budget: int) -> list[list[str]]:
@@ -170,11 +231,12 @@ def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, con
     targets = [s for s in sites if s.activation is not None]
     if not targets:
         return StatsStore({}, 0, source.description)
+    model = name_hidden_outputs(model, targets)
     inputs = {vi.name for vi in model.graph.input}
     by_key: dict = {}
     for site in targets:
         by_key.setdefault(_key(site), (site, _accumulator(site, config)))
-    tensors = sorted({k[0] for k in by_key if k[0] not in inputs})
+    tensors = sorted({a for key in by_key for a in key[0] if a not in inputs})
     first, batch = _first_batch(source, config)
     sizes = {k: v * batch for k, v in _activation_bytes(model, first[1], tensors, config.threads).items()}
     plan = _plan(tensors, sizes, config.memory_mb * 2**20) or [[]]
@@ -182,8 +244,8 @@ def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, con
     rngs = {key: np.random.default_rng([config.seed, i]) for i, key in enumerate(by_key)}
     for group_index, group in enumerate(plan):
         wanted = set(group) | (inputs if group_index == 0 else set())
-        members = [(site, acc) for key, (site, acc) in by_key.items() if key[0] in wanted]
-        sess = model_io.session(_with_outputs(model, group), config.threads)
+        members = [(site, acc) for key, (site, acc) in by_key.items() if wanted.intersection(key[0])]
+        read = _reader(model, group, config.threads)
         seen = 0
         desc = f"calibrate {group_index + 1}/{len(plan)}"
         with tqdm(total=limit, desc=desc, unit="sample", disable=None, leave=False) as bar:
@@ -193,21 +255,24 @@ def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, con
                 if seen + n > limit:  # trim the last batch to the sample budget
                     feed = {k: v[: limit - seen] for k, v in feed.items()}
                     n = limit - seen
-                outputs = dict(zip(group, sess.run(group, feed))) if group else {}
+                outputs, ran = read(feed)
                 _check_finite(outputs, seen)
                 outputs.update({k: v for k, v in feed.items() if k in wanted})
                 for site, acc in members:
-                    for chunk in _chunks(site, outputs[site.activation], config, rngs[_key(site)]):
-                        acc.update(chunk)
+                    used = site.activations if _read_here(site, ran) else ()
+                    for name in (a for a in used if a in outputs):
+                        for chunk in _chunks(site, name, outputs[name], config, rngs[_key(site)]):
+                            acc.update(chunk)
                 del outputs
                 seen += n
                 bar.update(n)
     by_site = {}
-    finalized = {key: acc.finalize() for key, (_, acc) in by_key.items()}
+    finalized = {key: acc.finalize() for key, (_, acc) in by_key.items() if acc.count}  # 0: a branch never taken
     if config.shrink:
         finalized = {key: stats.shrunk() for key, stats in finalized.items()}
     for site in targets:
-        by_site[site.name] = finalized[_key(site)]
+        if _key(site) in finalized:
+            by_site[site.name] = finalized[_key(site)]
     return StatsStore(by_site, min(limit, source.num_samples), source.description)
 
 
@@ -228,11 +293,10 @@ def collect_drift(
     sites = [s for s in sites if s.activation is not None]
     if not sites:
         return {}
+    reference, current = (name_hidden_outputs(m, sites) for m in (reference, current))
     inputs = {vi.name for vi in reference.graph.input}
-    exposed = sorted({s.activation for s in sites} - inputs)
-    runs = [
-        model_io.session(_with_outputs(m, exposed), config.threads, fold_dequantize=True) for m in (reference, current)
-    ]
+    exposed = sorted({a for s in sites for a in s.activations} - inputs)
+    runs = [_reader(m, exposed, config.threads, fold_dequantize=True) for m in (reference, current)]
     _, batch = _first_batch(source, config)
     accs = {s.name: (_accumulator(s, config), _accumulator(s, config)) for s in sites}
     rng = np.random.default_rng(config.seed)
@@ -241,16 +305,19 @@ def collect_drift(
         if seen >= limit:
             break
         feed = {k: v[: limit - seen] for k, v in feed.items()}
-        ref, cur = ({**dict(zip(exposed, sess.run(exposed, feed))), **feed} for sess in runs)
+        (ref, ran), (cur, _) = (read(feed) for read in runs)
+        ref, cur = {**ref, **feed}, {**cur, **feed}
         _check_finite(ref, seen)
         _check_finite(cur, seen)
         for site in sites:
-            seed = int(rng.integers(2**63))  # the same patch positions in both models
-            x_ref = _chunks(site, ref[site.activation], config, np.random.default_rng(seed))
-            x_cur = _chunks(site, cur[site.activation], config, np.random.default_rng(seed))
             own, cross = accs[site.name]
-            for a, b in zip(x_cur, x_ref):
-                own.update(a)
-                cross.update(a, b)
+            used = site.activations if _read_here(site, ran) else ()
+            for name in (a for a in used if a in ref and a in cur):
+                seed = int(rng.integers(2**63))  # the same patch positions in both models
+                x_ref = _chunks(site, name, ref[name], config, np.random.default_rng(seed))
+                x_cur = _chunks(site, name, cur[name], config, np.random.default_rng(seed))
+                for a, b in zip(x_cur, x_ref):
+                    own.update(a)
+                    cross.update(a, b)
         seen += min(n, limit - seen)
-    return {name: (own.finalize(), cross.finalize()) for name, (own, cross) in accs.items()}
+    return {name: (own.finalize(), cross.finalize()) for name, (own, cross) in accs.items() if own.count}

@@ -207,6 +207,28 @@ def conv_patches(x: np.ndarray, geo: ConvGeometry, max_positions: int = 0, rng: 
             yield np.ascontiguousarray(chunk, dtype=np.float64).reshape(-1, g, dg)
 
 
+def hidden_rows(y: np.ndarray, recurrence):
+    """Yield chunks [P, dirs, h] of the states h_{t-1} that a recurrent op's R multiplies, from its Y output
+    ([seq, dirs, batch, h]; layout 1: [batch, seq, dirs, h]). A forward direction reads h_1..h_{T-1}, a
+    reverse one h_T..h_2; the initial state h_0 is left out (zero unless the model gives one)."""
+    if recurrence.layout == 1:
+        y = y.transpose(1, 2, 0, 3)
+    if y.shape[0] < 2:
+        return
+    reverse = [recurrence.reverse] if recurrence.directions == 1 else [False, True]
+    states = np.stack([y[1:, d] if back else y[:-1, d] for d, back in enumerate(reverse)], axis=2)
+    flat = states.reshape(-1, len(reverse), y.shape[-1])
+    rows = max(1, CHUNK_BYTES // max(1, flat[0].size * 8))
+    for r in range(0, flat.shape[0], rows):
+        yield flat[r : r + rows]
+
+
+def initial_rows(h0: np.ndarray, recurrence):
+    """The chunk [batch, dirs, h] of initial states h_0 ([dirs, batch, h]; layout 1: [batch, dirs, h]) that R
+    multiplies at the first step: all a model run one step at a time ever gives it."""
+    yield h0 if recurrence.layout == 1 else h0.transpose(1, 0, 2)
+
+
 def dense_rows(x: np.ndarray, trans_a: bool = False):
     """Yield chunks [P, 1, d] of the rows a Gemm/MatMul multiplies by its weight."""
     if trans_a:

@@ -45,8 +45,7 @@ class Fp16Codec(Codec):
                 to=float_type(graph, site),
             )
             tag(node, pass_name, "cast")
-            replace_initializer(graph, site, node.outputs[0])
-            prepend(graph, [node])
+            prepend(graph, [node, *replace_initializer(graph, site, node.outputs[0], pass_name)])
             return tensor_nbytes(stored)
 
         return Coded(half.astype(np.float64), write, nominal_bits=16.0, detail="float16")

@@ -365,6 +365,8 @@ class TqCodec(Codec):
         return [piece(rows, a, b, int(depths[rows[0]])) for rows in groups], out_axis, np.concatenate(groups)
 
     def _factored(self, site: WeightSite, channels: int, kept: int) -> bool:
+        if not site.rewires_reader:
+            return False  # a shared, recurrent or in-body weight: W = T·B is computed and read as it was
         if self.runtime != "auto":
             return self.runtime == "factored"
         n = site.rows
