@@ -226,12 +226,13 @@ _WEIGHT_INPUTS = {
 _ROW_OPS = {"Identity", "Slice", "Concat", "Unsqueeze", "Squeeze"}
 
 
-def _walk(graph: ir.Graph, scope: str = ""):
-    """(node, scope) for every node, the nodes of its If/Loop/Scan bodies right after it."""
+def _walk(graph: ir.Graph, scope: str = "", looped: bool = False):
+    """(node, scope, inside a Loop/Scan body) for every node, the nodes of its bodies right after it."""
     for node in graph:
-        yield node, scope
+        yield node, scope, looped
         for attr, body in node_bodies(node):
-            yield from _walk(body, f"{scope}{node.name or node.op_type}/{attr}/")
+            inner = looped or node.op_type in ("Loop", "Scan")
+            yield from _walk(body, f"{scope}{node.name or node.op_type}/{attr}/", inner)
 
 
 def _constant_axes(node: ir.Node, index: int, attr: str) -> list[int] | None:
@@ -297,7 +298,7 @@ def discover(graph: Graph) -> Discovery:
     """All weight sites in node order, plus every skipped candidate with its reason."""
     found = Discovery()
     seen: set[str] = set()
-    for node, scope in _walk(graph.graph):
+    for node, scope, looped in _walk(graph.graph):
         row_op = node.op_type in _ROW_OPS
         if not (row_op or node.op_type in _WEIGHT_INPUTS) or node.domain not in ("", "ai.onnx"):
             continue
@@ -320,6 +321,8 @@ def discover(graph: Graph) -> Discovery:
             if site == "":
                 continue  # a float constant on its way to something other than a weight input
             seen.add(name)
+            if isinstance(site, WeightSite) and looped:  # its inputs are not exposed per iteration (yet)
+                site = replace(site, activation=None, also=(), initial=())
             if isinstance(site, WeightSite):
                 found.sites.append(site)
             else:
@@ -405,7 +408,7 @@ def nonfinite_weights(graph: Graph) -> list[str]:
     """'name: reason' for every float constant onnxtq would compute with that holds NaN/Inf."""
     names = {
         value.name
-        for node, _ in _walk(graph.graph)
+        for node, _, _ in _walk(graph.graph)
         if node.op_type in _COMPUTED_FROM and node.domain in ("", "ai.onnx")
         for value in node.inputs
         if value is not None and value.is_initializer() and int(value.const_value.dtype) in _FLOATS
