@@ -183,3 +183,51 @@ def test_inspect_lists_every_site_with_kind_scope_and_passes(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "if.onnx")]) == 0
     text = capsys.readouterr().out
     assert "then_w  in If/then_branch" in text and "else_w  in If/else_branch" in text
+
+
+def test_a_target_run_holds_out_inputs_whose_batch_is_not_on_axis_0(tmp_path):
+    """A streaming model (silero VAD) takes a state [2, batch, h] and a scalar: each calibration row is one
+    whole feed, and the held-out split takes whole rows (it masked axis 0 of each input: IndexError, exit 1)."""
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((64, 16)) / 8).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["m"]),
+        helper.make_node("ReduceSum", ["state", "axes"], ["s"], keepdims=0),
+        helper.make_node("Add", ["m", "s"], ["y0"]),
+        helper.make_node("Mul", ["y0", "gain"], ["y"]),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 64]),
+        helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "B", 16]),
+        helper.make_tensor_value_info("gain", TensorProto.FLOAT, []),
+    ]
+    model = make_model(
+        nodes,
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 16])],
+        {"w": w, "axes": np.array([0], np.int64)},
+    )
+    onnx.save(model, str(tmp_path / "stream.onnx"))
+    n = 32
+    np.savez(
+        tmp_path / "calib.npz",
+        x=rng.standard_normal((n, 1, 64)).astype(np.float32),
+        state=rng.standard_normal((n, 2, 1, 16)).astype(np.float32),
+        gain=np.ones(n, np.float32),
+    )
+    argv = [
+        "compress",
+        str(tmp_path / "stream.onnx"),
+        "-o",
+        str(tmp_path / "o.onnx"),
+        "--calib",
+        str(tmp_path / "calib.npz"),
+    ]
+    assert main([*argv, "--sqnr", "25"]) == 0
+    feed = {
+        "x": rng.standard_normal((1, 64)).astype(np.float32),
+        "state": np.zeros((2, 1, 16), np.float32),
+        "gain": np.array(1, np.float32),
+    }
+    ref = run(model, feed)[0]
+    assert 10 * np.log10((ref**2).sum() / ((run(onnx.load(str(tmp_path / "o.onnx")), feed)[0] - ref) ** 2).sum()) > 20

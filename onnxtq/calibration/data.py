@@ -311,7 +311,9 @@ class Subset(Source):
         for n, feed in self.source._batches(batch):
             mask = self._chosen(np.arange(seen, seen + n))
             seen += n
-            if mask.any():
+            if n == 1 and mask[0]:
+                yield 1, feed  # one sample as the model takes it: its inputs need not have the batch on axis 0
+            elif mask.any():
                 yield int(mask.sum()), {k: v[mask] for k, v in feed.items()}
 
 
