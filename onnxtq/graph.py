@@ -178,6 +178,16 @@ def node_attr(node: ir.Node, name: str, default):
     return list(value) if isinstance(value, tuple) else value
 
 
+#: The float element types (weights are tensors of these).
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def proto_bodies(node: onnx.NodeProto):
+    """The If/Loop/Scan bodies of a protobuf node."""
+    for attr in node.attribute:
+        yield from [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs
+
+
 def _subgraph_inputs(g: onnx.GraphProto) -> set[str]:
     """Names read from the outer scope by If/Loop/Scan bodies (they count as uses)."""
     names: set[str] = set()
@@ -189,15 +199,13 @@ def _subgraph_inputs(g: onnx.GraphProto) -> set[str]:
 def outer_reads(node: onnx.NodeProto) -> set[str]:
     """Names the If/Loop/Scan bodies of `node` read from the scope around it (its inputs aside)."""
     names: set[str] = set()
-    for attr in node.attribute:
-        subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for sg in subs:
-            local = {i.name for i in sg.input} | {t.name for t in sg.initializer}
-            for n in sg.node:
-                local.update(n.output)
-            for n in sg.node:
-                names.update(i for i in n.input if i and i not in local)
-            names |= _subgraph_inputs(sg)
+    for sg in proto_bodies(node):
+        local = {i.name for i in sg.input} | {t.name for t in sg.initializer}
+        for n in sg.node:
+            local.update(n.output)
+        for n in sg.node:
+            names.update(i for i in n.input if i and i not in local)
+        names |= _subgraph_inputs(sg)
     return names
 
 
@@ -206,12 +214,7 @@ def subgraph_tensors(model: onnx.ModelProto) -> int:
 
     def count(g: onnx.GraphProto, inside: bool) -> int:
         n = len(g.initializer) + sum(node.op_type == "Constant" for node in g.node) if inside else 0
-        for node in g.node:
-            for attr in node.attribute:
-                n += sum(
-                    count(sg, True) for sg in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)
-                )
-        return n
+        return n + sum(count(sg, True) for node in g.node for sg in proto_bodies(node))
 
     return count(model.graph, False)
 
@@ -246,16 +249,11 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     return moved
 
 
-def _bodies(node: onnx.NodeProto):
-    for attr in node.attribute:
-        yield from [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs
-
-
 def _all_names(g: onnx.GraphProto) -> set[str]:
     names = {t.name for t in g.initializer} | {v.name for v in g.input} | {n.name for n in g.node}
     for node in g.node:
         names.update(node.output)
-        for body in _bodies(node):
+        for body in proto_bodies(node):
             names |= _all_names(body)
     return names
 
@@ -264,7 +262,7 @@ def _rename(g: onnx.GraphProto, old: str, new: str) -> None:
     """Every read of `old` in `g` and the bodies inside it now reads `new`."""
     for node in g.node:
         node.input[:] = [new if name == old else name for name in node.input]
-        for body in _bodies(node):
+        for body in proto_bodies(node):
             _rename(body, old, new)
     for out in g.output:
         if out.name == old:
@@ -272,10 +270,7 @@ def _rename(g: onnx.GraphProto, old: str, new: str) -> None:
 
 
 def _is_weight(t: onnx.TensorProto) -> bool:
-    return t.data_type in _FLOAT_TYPES and len(t.dims) >= 2
-
-
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    return t.data_type in FLOAT_TYPES and len(t.dims) >= 2
 
 
 def hoist_body_weights(model: onnx.ModelProto) -> int:
@@ -307,7 +302,7 @@ def hoist_body_weights(model: onnx.ModelProto) -> int:
 
     def visit(g: onnx.GraphProto, inside: bool) -> None:
         for node in g.node:
-            for body in _bodies(node):
+            for body in proto_bodies(node):
                 visit(body, True)
         if not inside:
             return

@@ -33,10 +33,8 @@ import onnx
 import onnx_ir as ir
 
 from onnxtq.finite import nonfinite_reason
-from onnxtq.graph import Graph, node_attr, node_bodies
+from onnxtq.graph import FLOAT_TYPES, Graph, node_attr, node_bodies
 from onnxtq.report import PassReport, WeightRecord
-
-_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 #: Recurrent ops and their gates, in the order ONNX stacks them in W and R.
 RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -134,10 +132,9 @@ def conv_geometry(node: ir.Node, weight_shape: tuple[int, ...]) -> ConvGeometry:
     )
 
 
-def hidden_name(node: ir.Node) -> str:
-    """The name a recurrent op's Y output has, or is given when calibration exposes it."""
-    y = node.outputs[0] if node.outputs else None
-    return y.name if y is not None and y.name else f"{node.name or node.inputs[2].name}/onnxtq.hidden"
+def hidden_name(node_name: str, r_input: str) -> str:
+    """The name calibration gives the Y output (every hidden state) of a recurrent op that leaves it unnamed."""
+    return f"{node_name or r_input}/onnxtq.hidden"
 
 
 def _site(node: ir.Node, index: int, t: ir.Value, shape: tuple[int, ...]) -> WeightSite | str:
@@ -192,7 +189,8 @@ def _recurrent_site(node: ir.Node, index: int, t: ir.Value, shape: tuple[int, ..
     if role == "W":
         activation = node.inputs[0].name if node.inputs[0] is not None else None
     else:
-        activation = hidden_name(node)
+        y = node.outputs[0] if node.outputs else None
+        activation = y.name if y is not None and y.name else hidden_name(node.name, node.inputs[2].name)
         h0 = node.inputs[5] if len(node.inputs) > 5 else None
         initial = (h0.name,) if h0 is not None and h0.name else ()
     view = (int(np.prod(shape[:-1])), shape[-1])
@@ -313,7 +311,7 @@ def discover(graph: Graph) -> Discovery:
                     found.skipped.append((name, node.name or "", "already quantized (fed by DequantizeLinear)"))
                 continue
             if row_op:
-                if (index and node.op_type != "Concat") or int(value.const_value.dtype) not in _FLOATS:
+                if (index and node.op_type != "Concat") or int(value.const_value.dtype) not in FLOAT_TYPES:
                     continue  # a Slice's starts, a shape: not weights
             elif index not in _WEIGHT_INPUTS[node.op_type]:
                 continue  # biases stay in float: tiny, and they set the output offset; indices and states
@@ -321,12 +319,12 @@ def discover(graph: Graph) -> Discovery:
             if site == "":
                 continue  # a float constant on its way to something other than a weight input
             seen.add(name)
-            if isinstance(site, WeightSite) and looped:  # its inputs are not exposed per iteration (yet)
-                site = replace(site, activation=None, also=(), initial=())
-            if isinstance(site, WeightSite):
-                found.sites.append(site)
-            else:
+            if isinstance(site, str):
                 found.skipped.append((name, node.name or "", site))
+                continue
+            if looped:  # its inputs are not exposed per iteration (yet)
+                site = replace(site, activation=None, also=(), initial=())
+            found.sites.append(site)
     return found
 
 
@@ -339,13 +337,7 @@ def _reached(value: ir.Value, scope: str) -> WeightSite | str:
     readers = list(readers.values())
     weights = [(n, i) for n, i in readers if _is_weight_input(n, i)]
     if not weights:
-        return (
-            ""
-            if via
-            else _site(*readers[0], value, shape)
-            if len(readers) == 1
-            else f"shared by {len(readers)} consumers"
-        )
+        return ""  # seen first at a weight input, it reaches one; so it went through row ops to none
     if len(weights) < len(readers):
         others = sorted({n.op_type for n, i in readers if not _is_weight_input(n, i)})
         nodes = len({id(n) for n, _ in readers})
@@ -395,7 +387,7 @@ def _why_not(graph: Graph, value: ir.Value) -> str | None:
     if value.is_graph_output():
         return "also a graph output"
     dtype = int(value.const_value.dtype)
-    if dtype not in _FLOATS:
+    if dtype not in FLOAT_TYPES:
         return f"not a float tensor ({onnx.TensorProto.DataType.Name(dtype)})"
     return nonfinite_reason(graph.array(value.name))
 
@@ -411,7 +403,7 @@ def nonfinite_weights(graph: Graph) -> list[str]:
         for node, _, _ in _walk(graph.graph)
         if node.op_type in _COMPUTED_FROM and node.domain in ("", "ai.onnx")
         for value in node.inputs
-        if value is not None and value.is_initializer() and int(value.const_value.dtype) in _FLOATS
+        if value is not None and value.is_initializer() and int(value.const_value.dtype) in FLOAT_TYPES
     }
     found = ((name, nonfinite_reason(graph.array(name))) for name in sorted(names))
     return [f"'{name}' {why.removesuffix(': left as it is')}" for name, why in found if why]

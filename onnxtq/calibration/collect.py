@@ -28,8 +28,8 @@ from onnxtq.calibration.stats import (
     initial_rows,
 )
 from onnxtq.errors import DataError
-from onnxtq.graph import copy_model, infer_shapes, outer_reads, tensor_shapes
-from onnxtq.weights import RECURRENT_GATES, WeightSite
+from onnxtq.graph import copy_model, infer_shapes, outer_reads, proto_bodies, tensor_shapes
+from onnxtq.weights import RECURRENT_GATES, WeightSite, hidden_name
 
 #: Tensors exposed at once when probing sizes that shape inference cannot give.
 PROBE_TENSORS = 8
@@ -126,11 +126,10 @@ def name_hidden_outputs(model: onnx.ModelProto, sites: list[WeightSite]) -> onnx
 
     def visit(g: onnx.GraphProto) -> None:
         for node in g.node:
-            for attr in node.attribute:
-                for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                    visit(body)
+            for body in proto_bodies(node):
+                visit(body)
             if node.op_type in RECURRENT_GATES and (not node.output or not node.output[0]):
-                name = f"{node.name or node.input[2]}/onnxtq.hidden"
+                name = hidden_name(node.name, node.input[2])
                 if name in wanted:
                     if node.output:
                         node.output[0] = name
