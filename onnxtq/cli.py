@@ -22,6 +22,7 @@ from onnxtq.errors import DataError, OnnxtqError, UsageError
 from onnxtq.graph import Graph, provenance
 from onnxtq.model_io import write_atomic
 from onnxtq.pipeline import registry
+from onnxtq.profiles import PROFILES, min_onnxruntime
 from onnxtq.report import output_line
 from onnxtq.target import DEFAULT_CODECS, KINDS, parse_bytes
 from onnxtq.verify import check_fidelity, compare, validate
@@ -86,6 +87,11 @@ def _add_guard_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_target_option(p: argparse.ArgumentParser) -> None:
+    rows = "; ".join(f"{name}: {row.purpose}" for name, row in PROFILES.items())
+    p.add_argument("--target", choices=PROFILES, default="ort", help=f"the runtimes the file is for ({rows})")
+
+
 def _guards(args) -> Guards:
     return Guards(allow_no_gain=args.allow_no_gain, keep_nonfinite=args.keep_nonfinite)
 
@@ -137,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
         "--min-sqnr", type=float, metavar="DB", help="refuse to write the output if any output's SQNR is below this"
     )
     c.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    _add_target_option(c)
     _add_guard_options(c)
 
     sw = _command(
@@ -151,6 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--report-html", metavar="HTML", help="write the report page with the rate-fidelity curve")
     sw.add_argument("--verify-samples", type=int, default=8)
     sw.add_argument("--threads", type=int, default=0)
+    _add_target_option(sw)
     _add_guard_options(sw)
 
     rp = _command(
@@ -235,6 +243,7 @@ def _compress(args) -> int:
         args.threads,
         _guards(args),
         {"--report": args.report, "--report-html": args.report_html},
+        args.target,
     )
     print(run.table())
     print(f"wrote {output}")
@@ -258,6 +267,7 @@ def _sweep(args) -> int:
         args.threads,
         _guards(args),
         {"--report": args.report, "--report-html": args.report_html},
+        args.target,
     )
     print(f"{'pipeline':<48} {'bytes':>12} {'ratio':>7} {'SQNR dB':>8} {'seconds':>8}  file")
     failed = [run for run in every if run.error]
@@ -317,6 +327,7 @@ def _inspect(args) -> int:
         "bytes": model_bytes(args.model),
         "ir_version": model.ir_version,
         "opset": graph.opset(),
+        "min_onnxruntime": min_onnxruntime(model),
         "inputs": [
             {"name": vi.name, "shape": [d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim]}
             for vi in model.graph.input
@@ -332,7 +343,10 @@ def _inspect(args) -> int:
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
-    print(f"{info['file']}: {info['bytes']:,d} B, IR {info['ir_version']}, opset {info['opset']}")
+    print(
+        f"{info['file']}: {info['bytes']:,d} B, IR {info['ir_version']}, opset {info['opset']}"
+        f" (onnxruntime >= {info['min_onnxruntime']})"
+    )
     print("inputs: " + ", ".join(f"{i['name']} {i['shape']}" for i in info["inputs"]))
     print("ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
     weight_bytes = sum(w["bytes"] for w in weights)

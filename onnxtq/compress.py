@@ -23,6 +23,7 @@ from onnxtq.graph import Graph, constants_to_initializers, hoist_body_weights, s
 from onnxtq.pass_infra import Context
 from onnxtq.paths import check_outputs
 from onnxtq.pipeline import parse
+from onnxtq.profiles import Profile, min_onnxruntime, profile
 from onnxtq.report import PassReport, RunReport
 from onnxtq.verify import (
     check_constants,
@@ -116,18 +117,20 @@ def compress(
     threads: int = 0,
     guards: Guards = Guards(),
     also_writes: dict[str, str | os.PathLike | None] | None = None,
+    target: str = "ort",
 ) -> RunReport:
     """Compress the model at `source_path` into `output_path`; returns the run report.
 
     `also_writes` names the caller's other outputs (a report, a page), checked with `output_path`
-    against the inputs and each other before any work.
+    against the inputs and each other before any work; `target` is the runtime profile (onnxtq.profiles).
     """
+    chosen = profile(target)
     manager = parse(pipeline)
     original, work, prep_report, data, size = _start(
         source_path, calib, {"the output": output_path, **(also_writes or {})}, guards, image_prep
     )
     try:
-        ctx = _context(Graph(work), data, manager.wants_holdout)
+        ctx = _context(Graph(work), data, manager.wants_holdout, chosen)
         reports = [prep_report] + manager.run(ctx)
         run = RunReport(manager.pipeline, str(source_path), str(output_path), passes=reports, bytes_before=size)
         return _finish(original, ctx, run, verify_samples, min_sqnr_db, threads, guards)
@@ -147,6 +150,7 @@ def sweep(
     threads: int = 0,
     guards: Guards = Guards(),
     also_writes: dict[str, str | os.PathLike | None] | None = None,
+    target: str = "ort",
 ) -> list[RunReport]:
     """Several pipelines on one model, the `shared` head (normalisation, calibration) run once.
 
@@ -154,6 +158,7 @@ def sweep(
     that fails gets a report with its `error` and `exit_code` (and no file): one failure does not cost the
     others' results.
     """
+    chosen = profile(target)
     head = parse(shared)
     tails = [parse(p) for p in pipelines]
     outputs = {f"pipeline {i + 1}'s output": sweep_output(source_path, out_dir, i) for i in range(len(tails))}
@@ -162,13 +167,14 @@ def sweep(
     )
     runs = []
     try:
-        base = _context(Graph(work), data, any(tail.wants_holdout for tail in tails))
+        base = _context(Graph(work), data, any(tail.wants_holdout for tail in tails), chosen)
         head_reports = [prep_report] + head.run(base)
         for index, tail in enumerate(tails):
             pipeline = f"{head.pipeline},{tail.pipeline}"
             output = sweep_output(source_path, out_dir, index)
             try:
-                ctx = Context(Graph(base.graph.proto()), base.data, base.stats, base.stats_fresh, base.holdout)
+                graph = Graph(base.graph.proto())
+                ctx = Context(graph, base.data, base.stats, base.stats_fresh, base.holdout, base.profile)
                 reports = head_reports + tail.run(ctx)
                 run = RunReport(pipeline, str(source_path), str(output), passes=reports, bytes_before=size)
                 runs.append(_finish(original, ctx, run, verify_samples, None, threads, guards))
@@ -181,12 +187,12 @@ def sweep(
             data.close()
 
 
-def _context(graph: Graph, data, holdout: bool) -> Context:
+def _context(graph: Graph, data, holdout: bool, chosen: Profile) -> Context:
     """The passes' context; where a pass measures its result, every fourth calibration input is held out."""
     if holdout and data is not None:
         fit, held = split_holdout(data)
-        return Context(graph, fit, holdout=held)
-    return Context(graph, data)
+        return Context(graph, fit, holdout=held, profile=chosen)
+    return Context(graph, data, profile=chosen)
 
 
 def sweep_output(source_path, out_dir, index: int) -> Path:
@@ -206,6 +212,8 @@ def _finish(
             **{p.key: p.value for p in original.metadata_props},
             "onnxtq.pipeline": run.pipeline,
             "onnxtq.version": __version__,
+            "onnxtq.target": ctx.profile.name,
+            "onnxtq.runtime": f"onnxruntime>={min_onnxruntime(result)}",
         },
     )
     check_constants(original, result)

@@ -16,7 +16,9 @@ import onnx
 import onnxruntime as ort
 from onnx import external_data_helper, numpy_helper
 
+from onnxtq import lowering
 from onnxtq.errors import ModelError, UsageError
+from onnxtq.graph import Graph
 
 #: Largest tensor we agree to materialise (elements); guards against forged dims.
 MAX_TENSOR_ELEMENTS = 2**33
@@ -236,7 +238,14 @@ def session_options(threads: int = 0, exact: bool = True, fold_dequantize: bool 
 def session(
     model: onnx.ModelProto | bytes, threads: int = 0, exact: bool = True, fold_dequantize: bool = False
 ) -> ort.InferenceSession:
-    """An onnxruntime CPU session over an in-memory model (nothing written to disk)."""
+    """An onnxruntime CPU session over an in-memory model (nothing written to disk).
+
+    A model holding codes its opset cannot (the portable target's, before they are lowered) runs as it will
+    be written: lowered (onnxtq.lowering)."""
+    if isinstance(model, onnx.ModelProto) and lowering.needs_lowering(model):
+        graph = Graph(onnx.ModelProto.FromString(model.SerializeToString()))
+        lowering.lower(graph)
+        model = graph.proto()
     data = model if isinstance(model, bytes) else model.SerializeToString()
     options = session_options(threads, exact, fold_dequantize)
     try:

@@ -29,7 +29,8 @@ from onnxtq.calibration import StatsStore
 from onnxtq.calibration.data import Source
 from onnxtq.errors import OnnxtqError, PassError, PreconditionError, UsageError
 from onnxtq.graph import Graph, upgrade_opset
-from onnxtq.opsets import Emission, opset_for
+from onnxtq.opsets import Emission
+from onnxtq.profiles import DEFAULT, Profile
 from onnxtq.report import PassReport
 
 STATS = "stats"
@@ -57,6 +58,7 @@ class Context:
     stats: StatsStore | None = None
     stats_fresh: bool = False
     holdout: Source | None = None
+    profile: Profile = DEFAULT  # the runtimes the file is for (onnxtq.profiles)
 
 
 def _coerce(field: dataclasses.Field, value):
@@ -142,11 +144,14 @@ def _text(v) -> str:
     return str(v)
 
 
-def finalizers() -> list[Pass]:
-    """Passes every pipeline ends with (imported lazily: passes depend on the engine, not back)."""
-    from onnxtq.passes import FINALIZERS
+def finalizers(profile: Profile, pipeline: list[Pass]) -> list[Pass]:
+    """Passes every pipeline ends with, then the profile's own unless the pipeline has them already
+    (imported lazily: passes depend on the engine, not back)."""
+    from onnxtq.passes import FINALIZERS, PROFILE_FINALIZERS
 
-    return [cls() for cls in FINALIZERS]
+    named = {p.name for p in pipeline}
+    own = [cls for cls in PROFILE_FINALIZERS.get(profile.name, ()) if cls.name not in named]
+    return [cls() for cls in (*FINALIZERS, *own)]
 
 
 class PassManager:
@@ -182,9 +187,15 @@ class PassManager:
 
     def run(self, ctx: Context) -> list[PassReport]:
         reports: list[PassReport] = []
-        closing = finalizers()
+        profile = ctx.profile
+        if profile.keeps_codes and any(p.name == "dequantize-at-load" for p in self.passes):
+            raise UsageError(
+                f"the {profile.name} target keeps codes in RAM, and dequantize-at-load makes float weights at load",
+                "drop dequantize-at-load from the pipeline, or choose --target fast",
+            )
+        closing = finalizers(profile, self.passes)
         passes = [*self.passes, *closing]
-        target = opset_for(p.emits() for p in passes)
+        target = profile.opset([p.emits() for p in passes])
         if ctx.graph.opset() < target:
             before = ctx.graph.opset()
             ctx.graph = Graph(upgrade_opset(ctx.graph.proto(), target))

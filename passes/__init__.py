@@ -9,6 +9,7 @@ from onnxtq.passes.ecsq import EcsqPass
 from onnxtq.passes.fold_bn import FoldBatchNormPass
 from onnxtq.passes.guard_matmul_2bit import GuardMatmul2bitPass
 from onnxtq.passes.kq import KqPass
+from onnxtq.passes.lower_codes import LowerCodesPass
 from onnxtq.passes.refine import RefinePass
 from onnxtq.passes.rtn import RtnPass
 from onnxtq.passes.tq import TqPass
@@ -32,6 +33,8 @@ REGISTRY = {
 
 #: What every pipeline ends with: not named in pipelines.
 FINALIZERS = (GuardMatmul2bitPass,)
+#: What a profile's pipelines end with, after those (onnxtq.profiles).
+PROFILE_FINALIZERS = {"portable": (LowerCodesPass,), "fast": (DequantizeAtLoadPass,)}
 
 __all__ = [
     "AutoPass",
@@ -45,6 +48,8 @@ __all__ = [
     "FoldBatchNormPass",
     "GuardMatmul2bitPass",
     "KqPass",
+    "LowerCodesPass",
+    "PROFILE_FINALIZERS",
     "RefinePass",
     "RtnPass",
     "TqPass",

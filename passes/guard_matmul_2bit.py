@@ -14,6 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxtq.graph import Graph
+from onnxtq.lowering import dequantize_opset
 from onnxtq.packing import int_tensor
 from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass
 from onnxtq.report import PassReport
@@ -52,6 +53,8 @@ def split_unsafe_2bit_matmul_weights(graph: Graph) -> int:
         codes = int(q.dtype)
         if codes not in (onnx.TensorProto.INT2, onnx.TensorProto.UINT2) or len(q.shape) != 2:
             continue
+        if dequantize_opset(node, codes) > graph.opset():
+            continue  # lowered to arithmetic before it is written (the portable target): nothing fuses
         n = int(q.shape[1])
         if n % NBITS_2BIT_COLUMNS == 0:
             continue

@@ -122,3 +122,69 @@ def if_model(rows: int = 64) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", rows])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])
     return make_model(nodes, [x], [y], {"zero": np.zeros((), np.float32)})
+
+
+def dequantize_model(codes, scale, zero_point=None, **attrs) -> onnx.ModelProto:
+    """y = x + DequantizeLinear(codes, scale, zero_point): the weight itself, readable exactly."""
+    inits = [codes, scale] + ([zero_point] if zero_point is not None else [])
+    out_type = attrs.get("output_dtype") or scale.data_type
+    nodes = [
+        helper.make_node("DequantizeLinear", [t.name for t in inits], ["w"], name="dq", **attrs),
+        helper.make_node("Add", ["x", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dq",
+        [helper.make_tensor_value_info("x", out_type, list(codes.dims))],
+        [helper.make_tensor_value_info("y", out_type, list(codes.dims))],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 25)])  # INT2 codes
+    model.ir_version = 12
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def dequantize_cases(rng) -> dict:
+    """Code tensors of every type and layout DequantizeLinear reads: (codes, scale, zero point, attributes)."""
+
+    def ints(name, dtype, shape, low, high):
+        return helper.make_tensor(name, dtype, shape, rng.integers(low, high, size=shape).ravel().tolist())
+
+    def floats(name, shape, dtype=TensorProto.FLOAT):
+        return helper.make_tensor(name, dtype, shape, rng.uniform(0.01, 0.1, size=shape).ravel().tolist())
+
+    return {
+        "per tensor, zero point": (
+            ints("q", TensorProto.UINT8, [6, 10], 0, 256),
+            floats("s", []),
+            ints("z", TensorProto.UINT8, [], 100, 140),
+            {},
+        ),
+        "per axis 0": (ints("q", TensorProto.INT8, [6, 10, 3], -128, 128), floats("s", [6]), None, {"axis": 0}),
+        "per axis 1, int4": (ints("q", TensorProto.INT4, [6, 10], -8, 8), floats("s", [10]), None, {"axis": 1}),
+        "blocks cut at the end": (
+            ints("q", TensorProto.UINT4, [10, 6], 0, 16),
+            floats("s", [3, 6]),
+            ints("z", TensorProto.UINT4, [3, 6], 0, 16),
+            {"axis": 0, "block_size": 4},
+        ),
+        "blocks on the last axis": (
+            ints("q", TensorProto.INT2, [5, 8], -2, 2),
+            floats("s", [5, 2]),
+            None,
+            {"axis": 1, "block_size": 4},
+        ),
+        "float16 steps, float output": (
+            ints("q", TensorProto.INT8, [6, 10], -128, 128),
+            floats("s", [6], TensorProto.FLOAT16),
+            None,
+            {"axis": 0, "output_dtype": 1},
+        ),
+        "float16 steps and output": (
+            ints("q", TensorProto.INT8, [6, 10], -128, 128),
+            floats("s", [10], TensorProto.FLOAT16),
+            None,
+            {"axis": 1},
+        ),
+    }

@@ -1,0 +1,250 @@
+"""Codes as plain arithmetic: DequantizeLinear over constants written as Cast/Sub/Mul, and sub-byte codes
+packed in bytes that a few float ops unpack.
+
+    W = (Cast(q) − Cast(zero_point)) · scale        (scale broadcast per axis, or per block)
+
+Two users. dequantize-at-load (the `fast` profile) writes this so that onnxruntime folds every weight into a
+float tensor when it loads the session (it never folds a DequantizeLinear). The `portable` profile
+(onnxtq.profiles) writes every coded weight so, at the model's own opset: older runtimes lack INT4/INT2
+tensors (opset 21/25), blocked and float16-output DequantizeLinear (21/23). There a b-bit code tensor
+(b = 2 or 4) is stored as UINT8 bytes, 8/b codes per byte, in planes: where the first axis divides into
+8/b, byte [i, ...] holds the codes [i, ...], [m+i, ...], [2m+i, ...] (m = rows / (8/b)), code k at bits k·b;
+else the same over the flattened codes. Exact float arithmetic unpacks them, no bit operators (BitwiseAnd
+needs opset 18; OpenVINO rounds BitShift; nor Mod, which OpenVINO does not fold into a constant, and an
+LSTM there needs constant weights):
+
+    t      = Floor(Cast(bytes) · [1, 2^-b, 2^-2b, ...])     # [8/b, m, ...]: the byte shifted right k·b bits
+    codes  = Reshape(t − 2^b · Floor(t · 2^-b), shape)      # digit k; the planes joined along the first axis
+
+Passes keep writing DequantizeLinear nodes (refine and the guards read them); a graph holding codes its
+opset cannot hold yet is lowered whenever it runs (`model_io.session`), and once before it is written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxtq.graph import Graph, node_attr, tag
+
+#: Sub-byte code types, by the opset that first holds them, and their width.
+SUB_BYTE = {
+    TensorProto.INT4: (21, 4),
+    TensorProto.UINT4: (21, 4),
+    TensorProto.INT2: (25, 2),
+    TensorProto.UINT2: (25, 2),
+}
+_SIGNED = {TensorProto.INT4, TensorProto.INT2}
+_WIDE = {TensorProto.INT8: 13, TensorProto.UINT8: 13, TensorProto.INT16: 21, TensorProto.UINT16: 21}
+
+
+def dequantize_opset(node: ir.Node | onnx.NodeProto, code_type: int) -> int:
+    """The opset whose DequantizeLinear accepts `node` over codes of `code_type`."""
+    if isinstance(node, onnx.NodeProto):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    else:
+        attrs = {key: node_attr(node, key, 0) for key in ("block_size", "output_dtype")}
+    need = SUB_BYTE[code_type][0] if code_type in SUB_BYTE else _WIDE.get(code_type, 13)
+    if attrs.get("block_size"):
+        need = max(need, 21)
+    if attrs.get("output_dtype"):
+        need = max(need, 23)
+    return need
+
+
+def needs_lowering(model: onnx.ModelProto) -> bool:
+    """Whether the model holds codes its opset cannot (written by passes under a lower-opset profile)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in types:
+            if dequantize_opset(node, types[node.input[0]]) > opset:
+                return True
+        elif node.op_type == "Cast" and SUB_BYTE.get(types.get(node.input[0]), (0,))[0] > opset:
+            return True
+    return False
+
+
+class Writer:
+    """Adds tagged nodes for one rewrite, names their values `prefix`.k, and shares small constants by value
+    (in a 1 MB model every node and name spelled costs)."""
+
+    def __init__(self, graph: Graph, prefix: str, pass_name: str, shared: dict):
+        self.graph, self.prefix, self.pass_name, self.shared = graph, prefix, pass_name, shared
+        self.nodes: list[ir.Node] = []
+
+    def add(self, op: str, inputs: list[ir.Value], **attrs) -> ir.Value:
+        out = self.graph.unique(f"{self.prefix}.{len(self.nodes)}")
+        self.nodes.append(tag(self.graph.node(op, inputs, [out], **attrs), self.pass_name, "decode"))
+        return self.nodes[-1].outputs[0]
+
+    def ints(self, values: list[int]) -> ir.Value:
+        return self._const(("i", *values), helper.make_tensor("", TensorProto.INT64, [len(values)], values))
+
+    def scalar(self, value: float) -> ir.Value:
+        return self._const(("f", value), numpy_helper.from_array(np.array(value, np.float32)))
+
+    def array(self, values: np.ndarray) -> ir.Value:
+        return self._const(("a", *values.shape, *values.reshape(-1)), numpy_helper.from_array(values))
+
+    def _const(self, key: tuple, tensor: onnx.TensorProto) -> ir.Value:
+        if key not in self.shared:
+            kind = {"i": "shape", "f": "k", "a": "shifts"}[key[0]]
+            tensor.name = self.graph.unique(f"onnxtq.{kind}.{'_'.join(map(str, key[1:]))}"[:40])
+            self.shared[key] = self.graph.set_initializer(tensor)
+        return self.shared[key]
+
+    def as_float(self, value: ir.Value) -> ir.Value:
+        is_float = value.is_initializer() and int(value.const_value.dtype) == TensorProto.FLOAT
+        return value if is_float else self.add("Cast", [value], to=TensorProto.FLOAT)
+
+
+def to_arithmetic(
+    graph: Graph, node: ir.Node, prefix: str, shared: dict, pass_name: str, codes: Callable | None = None
+) -> None:
+    """Replace the DequantizeLinear `node` (over constants) by Cast/Sub/Mul and the scale's broadcast.
+
+    `codes(writer, q)` gives the codes as float (default: Cast). Only the last node keeps the name and
+    provenance of `node`; the others are tagged as `pass_name`'s (role `decode`); a per-axis scale or zero
+    point that only `node` reads is stored already shaped to broadcast (no Reshape)."""
+    q, scale = node.inputs[:2]
+    zero_point = node.inputs[2] if len(node.inputs) > 2 else None
+    out_type = int(node_attr(node, "output_dtype", 0)) or int(scale.const_value.dtype)
+    shape = [int(d) for d in q.const_value.shape]
+    rank = len(shape)
+    axis = int(node_attr(node, "axis", 1)) % max(rank, 1)
+    block = int(node_attr(node, "block_size", 0))
+    w = Writer(graph, prefix, pass_name, shared)
+
+    def broadcast(value: ir.Value) -> ir.Value:
+        """`value` (a scale or zero point) as float, shaped to broadcast against the codes."""
+        dims = [int(d) for d in value.const_value.shape]
+        if math.prod(dims) == 1:
+            return w.as_float(value)
+        if not block:  # one value per index along `axis`
+            trailing = [1] * (rank - axis - 1)
+            if len(value.uses()) > 1:  # shared with another node: shaped in the graph
+                return w.add("Reshape", [w.as_float(value), w.ints([-1] + trailing)])
+            if dims != [dims[0]] + trailing:  # only this node reads it: stored already shaped (same values)
+                shaped = graph.array(value.name).reshape([dims[0]] + trailing)
+                value = graph.set_initializer(numpy_helper.from_array(shaped, value.name))
+            return w.as_float(value)
+        value = w.as_float(value)
+        blocks = dims[axis]  # each value repeated `block` times along `axis`, the last run cut to the shape
+        value = w.add("Reshape", [value, w.ints(dims[:axis] + [blocks, 1] + dims[axis + 1 :])])
+        value = w.add("Expand", [value, w.ints(shape[:axis] + [blocks, block] + shape[axis + 1 :])])
+        value = w.add("Reshape", [value, w.ints(shape[:axis] + [blocks * block] + shape[axis + 1 :])])
+        if blocks * block != shape[axis]:
+            value = w.add("Slice", [value, w.ints([0]), w.ints([shape[axis]]), w.ints([axis])])
+        return value
+
+    value = (codes or (lambda writer, v: writer.as_float(v)))(w, q)
+    if zero_point is not None:
+        value = w.add("Sub", [value, broadcast(zero_point)])
+    value = w.add("Mul", [value, broadcast(scale)])
+    if out_type != TensorProto.FLOAT:
+        value = w.add("Cast", [value], to=out_type)
+    _replace(graph, node, w.nodes, value)
+
+
+def _replace(graph: Graph, node: ir.Node, nodes: list[ir.Node], value: ir.Value) -> None:
+    """Put `nodes` where `node` was; their last takes its name and provenance, `value` its output's name."""
+    last, old = nodes[-1], node.outputs[0]
+    last.name = node.name
+    last.metadata_props.clear()
+    last.metadata_props.update(node.metadata_props)
+    graph.graph.insert_before(node, nodes)
+    name = old.name
+    old.replace_all_uses_with(value, replace_graph_outputs=True)
+    graph.graph.remove(node, safe=True)
+    value.name = name  # readers see the tensor they read before
+
+
+def planes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned `bits`-bit codes as UINT8 bytes in planes (see the module docstring): along the first axis
+    where it divides into 8/bits planes (the unpacked planes then join straight into the shape), else flat."""
+    per = 8 // bits
+    if codes.ndim and codes.shape[0] % per == 0:
+        stacked = codes.astype(np.uint8).reshape(per, codes.shape[0] // per, *codes.shape[1:])
+    else:
+        flat = codes.reshape(-1).astype(np.uint8)
+        stacked = np.zeros((per, -(-flat.size // per)), np.uint8)
+        stacked.flat[: flat.size] = flat
+    return sum((stacked[k] << (bits * k)).astype(np.uint8) for k in range(per)).astype(np.uint8)
+
+
+def unplanes(data: np.ndarray, bits: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse of `planes` (numpy reference of the graph's unpacking)."""
+    digits = np.concatenate([(data >> (bits * k)) & ((1 << bits) - 1) for k in range(8 // bits)])
+    return digits.reshape(-1)[: int(np.prod(shape))].reshape(shape)
+
+
+def unpack(w: Writer, q: ir.Value) -> ir.Value:
+    """The sub-byte code tensor `q` stored as planes of UINT8 and unpacked to float codes of its shape (signed
+    ones offset back by 2^(b−1))."""
+    graph = w.graph
+    code_type = int(q.const_value.dtype)
+    bits = SUB_BYTE[code_type][1]
+    values = graph.array(q.name).astype(np.int64)
+    offset = 1 << (bits - 1) if code_type in _SIGNED else 0
+    stored = planes(values + offset, bits)
+    packed = graph.set_initializer(numpy_helper.from_array(stored, graph.unique(f"{q.name}/onnxtq.bytes")))
+    per, radix = 8 // bits, 1 << bits
+    shifts = np.array([float(radix) ** -k for k in range(per)], np.float32).reshape([per] + [1] * stored.ndim)
+    shifted = w.add("Floor", [w.add("Mul", [w.add("Cast", [packed], to=TensorProto.FLOAT), w.array(shifts)])])
+    above = w.add("Mul", [w.add("Floor", [w.add("Mul", [shifted, w.scalar(1 / radix)])]), w.scalar(float(radix))])
+    digits = w.add("Sub", [shifted, above])  # [per, *stored.shape]: plane k at k
+    shape = list(values.shape) if per * stored.size == values.size else [per * stored.size]
+    codes = w.add("Reshape", [digits, w.ints(shape)])
+    if shape != list(values.shape):
+        codes = w.add("Slice", [codes, w.ints([0]), w.ints([values.size]), w.ints([0])])
+        codes = w.add("Reshape", [codes, w.ints(list(values.shape))])
+    return w.add("Sub", [codes, w.scalar(float(offset))]) if offset else codes
+
+
+def integers(w: Writer, q: ir.Value) -> ir.Value:
+    """INT8/INT16 codes as float, through a Floor that changes nothing: OpenVINO's CPU plugin takes Cast → Mul
+    over integer constants for a compressed weight, and then quantizes the activations it meets (1e-3 of
+    the output range off on mnist_cnn)."""
+    return w.add("Floor", [w.as_float(q)])
+
+
+def lower(graph: Graph, pass_name: str = "lower-codes", every: bool = False) -> int:
+    """Rewrite every code the graph's opset cannot hold (module docstring), or with `every` each
+    DequantizeLinear over constants; returns how many nodes changed."""
+    opset = 0 if every else graph.opset()  # every: as if no opset held any code
+    shared, changed = {}, 0
+    for node in list(graph.graph):
+        inputs = node.inputs
+        if node.op_type == "DequantizeLinear" and all(v is not None and v.is_initializer() for v in inputs):
+            if dequantize_opset(node, int(inputs[0].const_value.dtype)) <= opset:
+                continue
+            if len(inputs) > 2 and int(inputs[2].const_value.dtype) in SUB_BYTE:
+                _widen(graph, inputs[2])  # a per-channel zero point: one byte each
+            codes = unpack if int(inputs[0].const_value.dtype) in SUB_BYTE else integers
+            to_arithmetic(graph, node, graph.unique(f"lw{changed}"), shared, pass_name, codes)
+            changed += 1
+        elif node.op_type == "Cast" and inputs[0].is_initializer():
+            if SUB_BYTE.get(int(inputs[0].const_value.dtype), (0,))[0] <= opset:
+                continue
+            w = Writer(graph, graph.unique(f"lw{changed}"), pass_name, shared)
+            codes = unpack(w, inputs[0])
+            graph.graph.insert_before(node, w.nodes)
+            node.replace_input_with(0, codes)
+            changed += 1
+    graph.remove_dead()
+    left = [v.name for v in graph.initializers.values() if int(v.const_value.dtype) in SUB_BYTE]
+    if left:
+        raise ValueError(f"sub-byte tensors read by ops that cannot be lowered: {left[:3]}")
+    return changed
+
+
+def _widen(graph: Graph, value: ir.Value) -> None:
+    """Store a sub-byte tensor in INT8/UINT8, values unchanged."""
+    dtype = np.int8 if int(value.const_value.dtype) in _SIGNED else np.uint8
+    graph.set_initializer(numpy_helper.from_array(graph.array(value.name).astype(dtype), value.name))

@@ -1,0 +1,167 @@
+"""Runtime profiles: a portable file keeps its model's opset and IR, holds no DequantizeLinear and no sub-byte
+tensor, computes what the ort profile's file computes, and runs on the oldest onnxruntime it promises and on
+tract; `fast` folds weights at load, `lowmem` refuses to; every file says which onnxruntime it needs."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from builders import bundled, dequantize_cases, dequantize_model, run
+from hypothesis import given
+from hypothesis import strategies as st
+from onnx import TensorProto
+
+from onnxtq import compress, lowering, model_io
+from onnxtq.cli import main
+from onnxtq.graph import Graph
+from onnxtq.profiles import min_onnxruntime
+
+REPO = Path(__file__).resolve().parents[1]
+RUNTIMES = Path(os.environ.get("ONNXTQ_RUNTIMES", REPO / ".runtimes"))
+RUNNER = REPO / "benchmarks" / "runtimes" / "py_runner.py"
+SUB_BYTE = set(lowering.SUB_BYTE)
+
+
+@given(st.sampled_from([2, 4]), st.lists(st.integers(1, 9), min_size=1, max_size=3), st.integers(0, 2**31))
+def test_planes_hold_every_code_once(bits, shape, seed):
+    codes = np.random.default_rng(seed).integers(0, 1 << bits, size=shape)
+    stored = lowering.planes(codes, bits)
+    assert stored.dtype == np.uint8 and stored.size == -(-codes.size * bits // 8)
+    np.testing.assert_array_equal(lowering.unplanes(stored, bits, codes.shape), codes)
+
+
+@pytest.mark.parametrize("case", list(dequantize_cases(np.random.default_rng(0))))
+def test_lowered_codes_are_dequantize_linear_values_at_opset_13(case):
+    codes, scale, zero_point, attrs = dequantize_cases(np.random.default_rng(0))[case]
+    model = dequantize_model(codes, scale, zero_point, **attrs)
+    graph = Graph(onnx.ModelProto.FromString(model.SerializeToString()))
+    assert lowering.lower(graph, every=True) == 1
+    lowered = graph.proto()
+    del lowered.opset_import[:]
+    lowered.opset_import.append(onnx.helper.make_opsetid("", 13))
+    lowered.ir_version = 7
+    onnx.checker.check_model(lowered, full_check=True)
+    assert not {"DequantizeLinear"} & {n.op_type for n in lowered.graph.node}
+    assert not SUB_BYTE & {t.data_type for t in lowered.graph.initializer}
+    dtype = np.float16 if model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16 else np.float32
+    x = np.zeros(list(codes.dims), dtype)
+    np.testing.assert_array_equal(run(lowered, {"x": x})[0], run(model, {"x": x})[0])
+
+
+def test_a_session_runs_codes_its_opset_cannot_hold_as_they_will_be_written():
+    """Under the portable profile passes write INT4 DequantizeLinear at the model's opset; sessions lower them."""
+    codes, scale, _, attrs = dequantize_cases(np.random.default_rng(0))["per axis 1, int4"]
+    model = dequantize_model(codes, scale, **attrs)
+    expected = run(model, {"x": np.zeros([6, 10], np.float32)})[0]
+    model.opset_import[0].version = 17
+    assert lowering.needs_lowering(model)
+    got = model_io.session(model).run(None, {"x": np.zeros([6, 10], np.float32)})[0]
+    np.testing.assert_array_equal(got, expected)
+
+
+SPECS = ["rtn{bits=8}", "rtn{bits=2}", "rtn{bits=4,block=32,scale_bits=16}", "tq{rate=3}", "ecsq{rate=3}", "kq", "crq"]
+
+
+@pytest.fixture(scope="module")
+def portable_files(tmp_path_factory):
+    """mnist_cnn under every method, in both profiles (and rtn 4 of the transformer and the recurrent model)."""
+    out = tmp_path_factory.mktemp("profiles")
+    jobs = [("mnist_cnn", s) for s in SPECS] + [("mnist_transformer", "rtn{bits=4}"), ("mnist_rnn", "rtn{bits=4}")]
+    files = {}
+    for name, spec in jobs:
+        path, calib = bundled(name)
+        for target in ("ort", "portable"):
+            dest = out / f"{name}.{len(files)}.{target}.onnx"
+            compress(path, dest, f"fold-bn,calibrate,{spec}", calib=calib, target=target)
+            files[(name, spec, target)] = dest
+    return files
+
+
+def _inputs(name: str) -> dict[str, np.ndarray]:
+    data = np.load(bundled(name)[0].parent / "eval.npz")
+    return {k: data[k][:8] for k in data.files if k != "label"}
+
+
+def test_portable_files_keep_the_model_opset_and_compute_what_ort_files_do(portable_files):
+    for (name, spec, target), path in portable_files.items():
+        if target != "portable":
+            continue
+        model, source = onnx.load(str(path)), onnx.load(str(bundled(name)[0]))
+        onnx.checker.check_model(model, full_check=True)
+        assert (model.opset_import[0].version, model.ir_version) == (source.opset_import[0].version, source.ir_version)
+        assert "DequantizeLinear" not in {n.op_type for n in model.graph.node}, spec
+        assert not SUB_BYTE & {t.data_type for t in model.graph.initializer}, spec
+        props = {p.key: p.value for p in model.metadata_props}
+        assert props["onnxtq.target"] == "portable" and props["onnxtq.runtime"] == "onnxruntime>=1.17"
+        inputs = _inputs(name)
+        ort_out = run(onnx.load(str(portable_files[(name, spec, "ort")])), inputs)[0]
+        ours = run(model, inputs)[0]
+        np.testing.assert_allclose(ours, ort_out, rtol=0, atol=1e-5 * np.ptp(ort_out), err_msg=spec)
+
+
+def test_files_name_the_onnxruntime_they_need(portable_files, capsys):
+    ort2 = onnx.load(str(portable_files[("mnist_cnn", "rtn{bits=2}", "ort")]))
+    assert min_onnxruntime(ort2) == "1.24"  # INT2 codes: opset 25, IR 13
+    assert {p.key: p.value for p in ort2.metadata_props}["onnxtq.runtime"] == "onnxruntime>=1.24"
+    assert main(["inspect", str(portable_files[("mnist_cnn", "rtn{bits=2}", "portable")])]) == 0
+    assert "(onnxruntime >= 1.17)" in capsys.readouterr().out
+
+
+def _run_on(runtime: str, python: Path, path: Path, inputs: dict, tmp_path: Path) -> list[np.ndarray]:
+    """The file's outputs on a runtime installed in its own venv (benchmarks/runtimes/setup.sh)."""
+    feed, out = tmp_path / "in.npz", tmp_path / "out.npz"
+    np.savez(feed, **inputs)
+    done = subprocess.run(
+        [str(python), str(RUNNER), runtime, str(path), str(feed), str(out), "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["runs"], f"{runtime} on {path.name}: {report['error']}"
+    with np.load(out) as data:
+        return [data[k] for k in data.files]  # in the model's output order
+
+
+@pytest.mark.parametrize(("runtime", "venv"), [("onnxruntime", "ort117"), ("tract", "tract")])
+def test_portable_files_run_on_the_oldest_onnxruntime_and_on_tract(portable_files, tmp_path, runtime, venv):
+    python = RUNTIMES / venv / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"no {venv} venv under {RUNTIMES}: bash benchmarks/runtimes/setup.sh {RUNTIMES} ort117 tract")
+    for (name, spec, target), path in portable_files.items():
+        if target != "portable":
+            continue
+        inputs = _inputs(name)
+        expected = run(onnx.load(str(path)), inputs)[0]
+        got = _run_on(runtime, python, path, inputs, tmp_path)[0]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.ptp(expected), err_msg=f"{name} {spec}")
+
+
+def test_fast_folds_at_load_and_lowmem_keeps_codes(tmp_path):
+    path, calib = bundled("mnist_cnn")
+    report = compress(path, tmp_path / "fast.onnx", "fold-bn,calibrate,rtn{bits=4}", calib=calib, target="fast")
+    assert report.passes[-1].pass_name == "dequantize-at-load"
+    assert "DequantizeLinear" not in {n.op_type for n in onnx.load(str(tmp_path / "fast.onnx")).graph.node}
+    code = main(
+        [
+            "compress",
+            str(path),
+            "-o",
+            str(tmp_path / "lowmem.onnx"),
+            "--pipeline",
+            "fold-bn,calibrate,rtn{bits=4},dequantize-at-load",
+            "--target",
+            "lowmem",
+        ]
+    )
+    assert code == 2 and not (tmp_path / "lowmem.onnx").exists()
+
+
+def test_an_unknown_target_is_a_usage_error(tmp_path, capsys):
+    path, _ = bundled("mnist_cnn")
+    assert main(["compress", str(path), "-o", str(tmp_path / "x.onnx"), "--target", "tflite"]) == 2
+    assert "invalid choice: 'tflite'" in capsys.readouterr().err
