@@ -24,6 +24,7 @@ from onnxtq.model_io import write_atomic
 from onnxtq.pipeline import registry
 from onnxtq.profiles import PROFILES, min_onnxruntime
 from onnxtq.report import output_line
+from onnxtq.served import transfer_sizes
 from onnxtq.target import DEFAULT_CODECS, KINDS, parse_bytes
 from onnxtq.verify import check_fidelity, compare, validate
 from onnxtq.weights import discover
@@ -245,6 +246,7 @@ def _compress(args) -> int:
         {"--report": args.report, "--report-html": args.report_html},
         args.target,
     )
+    run.transfer = transfer_sizes(Path(output).read_bytes())
     print(run.table())
     print(f"wrote {output}")
     if args.report:
@@ -269,16 +271,20 @@ def _sweep(args) -> int:
         {"--report": args.report, "--report-html": args.report_html},
         args.target,
     )
-    print(f"{'pipeline':<48} {'bytes':>12} {'ratio':>7} {'SQNR dB':>8} {'seconds':>8}  file")
+    sent = "".join(f" {k:>10}" for k in ("brotli", "gzip", "packed"))
+    print(f"{'pipeline':<48} {'bytes':>12}{sent} {'ratio':>7} {'SQNR dB':>8} {'seconds':>8}  file")
     failed = [run for run in every if run.error]
     for run in failed:
         print(f"{run.pipeline:<48} failed: {run.error}")
     runs = [run for run in every if not run.error]
     for run in runs:
+        run.transfer = transfer_sizes(Path(run.output).read_bytes())
         sqnr = min((v["sqnr_db"] for v in run.verification.get("outputs", {}).values()), default=float("nan"))
         seconds = sum(p.seconds for p in run.passes)
         ratio = run.bytes_before / run.bytes_after
-        print(f"{run.pipeline:<48} {run.bytes_after:>12,d} {ratio:>6.2f}x {sqnr:>8.1f} {seconds:>8.1f}  {run.output}")
+        sent = "".join(f" {v:>10,d}" for v in run.transfer.values())
+        numbers = f"{run.bytes_after:>12,d}{sent} {ratio:>6.2f}x {sqnr:>8.1f} {seconds:>8.1f}"
+        print(f"{run.pipeline:<48} {numbers}  {run.output}")
     if args.report:  # every pipeline in order, failed ones with their error
         write_atomic(("[" + ",\n".join(run.to_json() for run in every) + "]").encode(), args.report)
     if args.report_html and runs:

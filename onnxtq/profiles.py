@@ -4,12 +4,13 @@
 |------------|-------------------------|------------------------------------------------------------------------|
 | `ort`      | onnxruntime (default)   | DequantizeLinear over INT2/INT4/INT8 codes, at the opset each needs    |
 |            |                         | (INT4, blocked: 21; float16 steps: 23; INT2: 25); codes stay in RAM    |
-| `portable` | every runtime           | the model's own opset (at least 13): INT8 codes in DequantizeLinear-13, |
-|            |                         | 2/4-bit codes packed in UINT8 bytes and unpacked by float ops, blocked |
-|            |                         | and float16 steps as Mul (onnxtq.lowering)                              |
+| `portable` | every runtime           | the model's own opset (at least 13), no DequantizeLinear: 2/4-bit codes |
+|            |                         | packed in UINT8 bytes, unpacked by float ops, steps multiplied in      |
+|            |                         | (lower-codes, onnxtq.lowering); every runtime folds them at load       |
 | `fast`     | latency                 | `ort`, then dequantize-at-load: float weights made at load, FP32 speed |
-| `lowmem`   | memory                  | `ort`, codes kept in RAM (dequantize-at-load refused); MatMul weights  |
-|            |                         | blocked 4-bit run as MatMulNBits                                       |
+| `lowmem`   | memory                  | `ort`, codes kept in RAM (dequantize-at-load refused); embedding       |
+|            |                         | tables gathered as codes, only the rows looked up decoded              |
+|            |                         | (gather-codes); MatMul weights run as onnxruntime's MatMulNBits        |
 
 Passes write the same codes under every profile; the manager sets the opset from the profile, and ends the
 pipeline with the profile's own finalising passes. Which onnxruntime loads a file follows from its opset and

@@ -148,6 +148,7 @@ class RunReport:
     session: str = ""
     passes: list[PassReport] = field(default_factory=list)
     verification: dict = field(default_factory=dict)
+    transfer: dict = field(default_factory=dict)  # bytes sent: brotli, gzip, packed (onnxtq.served)
     error: str = ""  # why a sweep's pipeline produced no model (the sweep goes on with the next)
     exit_code: int = 0  # the exit code that failure has on its own (onnxtq.errors)
 
@@ -158,6 +159,10 @@ class RunReport:
         lines = [p.summary() for p in self.passes]
         ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
         lines.append(f"model: {self.bytes_before:,d} B -> {self.bytes_after:,d} B ({ratio:.2f}x smaller)")
+        if self.transfer:
+            t = self.transfer
+            sent = f"brotli -q 11 {t['brotli']:,d} B, gzip -9 {t['gzip']:,d} B, onnxtq pack {t['packed']:,d} B"
+            lines.append(f"sent: {sent}")
         lines += [output_line(name, v) for name, v in self.verification.get("outputs", {}).items()]
         return "\n".join(lines)
 

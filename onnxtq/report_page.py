@@ -188,6 +188,7 @@ def summary(run: dict, rows: list[dict]) -> dict:
         "output": str(run.get("output", "")),
         "bytes_before": before,
         "bytes_after": after,
+        "transfer": {k: int(v) for k, v in (run.get("transfer") or {}).items()},
         "ratio": before / after if after else None,
         "weights": weights,
         "bits_per_weight": stored / weights if weights else None,
@@ -365,7 +366,7 @@ def render(data: dict, images: dict[str, bytes]) -> str:
             f"<p class=meta>{head['bytes_before']:,d} B → {head['bytes_after']:,d} B "
             f"({_f(head['ratio'])}x smaller), {_f(head['bits_per_weight'])} bits/weight over "
             f"{head['weights']:,d} weights, output SQNR {_f(head['worst_output_sqnr_db'], '.1f')} dB"
-            f"{' → ' + _e(head['output']) if head['output'] else ''}</p>"
+            f"{' → ' + _e(head['output']) if head['output'] else ''}{_sent(head['transfer'])}</p>"
         )
         figs = by_run.get(i, [])
         out.append(_figs([f for f in figs if f["kind"] != "bytes_share"], images))
@@ -390,9 +391,20 @@ def _notes(notes: list[dict]) -> str:
     )
 
 
+def _sent(transfer: dict) -> str:
+    """The bytes a web server sends, beside onnxtq's container (runs from the CLI measure them)."""
+    if not transfer:
+        return ""
+    return (
+        f"; sent: brotli -q 11 {transfer['brotli']:,d} B, gzip -9 {transfer['gzip']:,d} B,"
+        f" onnxtq pack {transfer['packed']:,d} B"
+    )
+
+
 def _summary_table(heads: list[dict]) -> str:
     head = (
         "<table><tr><th>#</th><th>model</th><th>pipeline</th><th>bytes before</th><th>bytes after</th>"
+        "<th>brotli -q 11</th><th>gzip -9</th><th>onnxtq pack</th>"
         "<th>ratio</th><th>bits/weight</th><th>output SQNR dB</th><th>passes s</th></tr>"
     )
     rows = []
@@ -401,7 +413,9 @@ def _summary_table(heads: list[dict]) -> str:
         rows.append(
             f"<tr><td><a href='#run-{i + 1}'>{i + 1}</a></td><td>{_e(h['model'])}</td>"
             f"<td><code>{_e(h['pipeline'])}</code></td><td class=n>{h['bytes_before']:,d}</td>"
-            f"<td class=n>{h['bytes_after']:,d}</td><td class=n>{_f(h['ratio'])}x</td>"
+            f"<td class=n>{h['bytes_after']:,d}</td>"
+            + "".join(f"<td class=n>{_f(h['transfer'].get(k), ',d')}</td>" for k in ("brotli", "gzip", "packed"))
+            + f"<td class=n>{_f(h['ratio'])}x</td>"
             f"<td class=n>{_f(h['bits_per_weight'])}</td><td class=n>{sqnr}</td>"
             f"<td class=n>{h['seconds']:.1f}</td></tr>"
         )

@@ -22,7 +22,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import brotli
 import numpy as np
 import onnx
 import scipy.stats
@@ -31,6 +30,7 @@ from onnxtq import model_io
 from onnxtq.calibration.data import Source
 from onnxtq.finish import db
 from onnxtq.report import Attempt, TargetResult
+from onnxtq.served import brotli_bytes
 
 #: Bytes a size target keeps free for what the run adds after the pass (model properties, provenance).
 SIZE_MARGIN = 512
@@ -53,11 +53,6 @@ def parse_bytes(text: str) -> int:
     if not m:
         raise ValueError(f"expected a size such as 2.5MB, 800kB or 1200000, got '{text}'")
     return int(round(float(m.group(1)) * _UNITS[m.group(2) or ""]))
-
-
-def served_bytes(data: bytes) -> int:
-    """What a web server sends for the file: brotli at quality 11 with a 16 MB window (`brotli -q 11`)."""
-    return len(brotli.compress(data, quality=11, lgwin=24))
 
 
 #: Competitors of the top class whose errors give a sample's error scale (expected agreement).
@@ -177,7 +172,7 @@ class Search:
         if self.kind == "bits":
             return emitted.weight_bits / emitted.weights, None, None
         if self.kind == "served_size":
-            served = served_bytes(emitted.data) + SIZE_MARGIN
+            served = brotli_bytes(emitted.data) + SIZE_MARGIN
             return float(served), None, served
         fidelity = self.held.measure(emitted.model)
         value = fidelity.sqnr_db if self.kind == "sqnr" else fidelity.agreement_bound

@@ -7,6 +7,7 @@ from onnxtq.passes.crq import CrqPass
 from onnxtq.passes.dequantize_at_load import DequantizeAtLoadPass
 from onnxtq.passes.ecsq import EcsqPass
 from onnxtq.passes.fold_bn import FoldBatchNormPass
+from onnxtq.passes.gather_codes import GatherCodesPass
 from onnxtq.passes.guard_matmul_2bit import GuardMatmul2bitPass
 from onnxtq.passes.kq import KqPass
 from onnxtq.passes.lower_codes import LowerCodesPass
@@ -34,7 +35,7 @@ REGISTRY = {
 #: What every pipeline ends with: not named in pipelines.
 FINALIZERS = (GuardMatmul2bitPass,)
 #: What a profile's pipelines end with, after those (onnxtq.profiles).
-PROFILE_FINALIZERS = {"portable": (LowerCodesPass,), "fast": (DequantizeAtLoadPass,)}
+PROFILE_FINALIZERS = {"portable": (LowerCodesPass,), "fast": (DequantizeAtLoadPass,), "lowmem": (GatherCodesPass,)}
 
 __all__ = [
     "AutoPass",
@@ -46,6 +47,7 @@ __all__ = [
     "DequantizeAtLoadPass",
     "EcsqPass",
     "FoldBatchNormPass",
+    "GatherCodesPass",
     "GuardMatmul2bitPass",
     "KqPass",
     "LowerCodesPass",

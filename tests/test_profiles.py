@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import bundled, dequantize_cases, dequantize_model, run
+from builders import bundled, dequantize_cases, dequantize_model, make_model, run
 from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto
@@ -165,3 +165,45 @@ def test_an_unknown_target_is_a_usage_error(tmp_path, capsys):
     path, _ = bundled("mnist_cnn")
     assert main(["compress", str(path), "-o", str(tmp_path / "x.onnx"), "--target", "tflite"]) == 2
     assert "invalid choice: 'tflite'" in capsys.readouterr().err
+
+
+def _embedding_model(rows=64, cols=23) -> onnx.ModelProto:
+    """ids → Gather(table) → ReduceMean over the sequence → MatMul: an embedding lookup to code."""
+    rng = np.random.default_rng(0)
+    weights = {
+        "table": rng.standard_normal((rows, cols)).astype(np.float32),
+        "head": rng.standard_normal((cols, 8)).astype(np.float32),
+    }
+    nodes = [
+        onnx.helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0),
+        onnx.helper.make_node("ReduceMean", ["rows"], ["mean"], axes=[1], keepdims=0),
+        onnx.helper.make_node("MatMul", ["mean", "head"], ["y"]),
+    ]
+    ids = onnx.helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])
+    y = onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])
+    return make_model(nodes, [ids], [y], weights)
+
+
+@pytest.mark.parametrize("spec", ["rtn{bits=2}", "rtn{bits=4}", "rtn{bits=4,symmetric=false}", "rtn{bits=8}"])
+def test_lowmem_gathers_codes_and_decodes_only_the_rows_looked_up(tmp_path, spec):
+    onnx.save(_embedding_model(), tmp_path / "emb.onnx")
+    ids = np.random.default_rng(1).integers(0, 64, (32, 5))
+    np.savez(tmp_path / "calib.npz", ids=ids)
+    for target in ("ort", "lowmem"):
+        report = compress(
+            tmp_path / "emb.onnx",
+            tmp_path / f"{target}.onnx",
+            f"calibrate,{spec}",
+            tmp_path / "calib.npz",
+            target=target,
+        )
+    assert report.passes[-1].notes[0] == "1 embedding tables stay coded in RAM: only the rows gathered are decoded"
+    lowmem, ort_file = onnx.load(str(tmp_path / "lowmem.onnx")), onnx.load(str(tmp_path / "ort.onnx"))
+    onnx.checker.check_model(lowmem, full_check=True)
+    reads = {name: n.op_type for n in lowmem.graph.node for name in n.input}
+    table = [t for t in lowmem.graph.initializer if t.name.startswith("table/")]
+    codes = [t for t in table if t.data_type in (TensorProto.UINT8, TensorProto.INT8)]  # and zero points
+    assert codes and all(reads[t.name] == "Gather" for t in codes)
+    assert not [n for n in lowmem.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("table/")]
+    feed = {"ids": ids[:8]}
+    np.testing.assert_allclose(run(lowmem, feed)[0], run(ort_file, feed)[0], rtol=1e-6, atol=1e-6)
