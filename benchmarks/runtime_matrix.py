@@ -9,23 +9,23 @@ then loads and runs the file on each runtime (benchmarks/runtimes/harness.py, ea
 the runtime's default options: what a deployment gets) on 8 held-out inputs. A cell is green when the file
 loads, runs, and its outputs are within 1e-4 of the output range of what its weights compute (onnxruntime,
 this venv, fp32 MatMulNBits accuracy). Writes OUT/matrix.json (every cell, with sizes: deployable, brotli -q
-11, gzip -9) and prints Markdown tables.
+11, gzip -9, onnxtq pack) and prints Markdown tables; `--table OUT/matrix.json ...` prints them again.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
+import re
 import sys
 from pathlib import Path
 
-import brotli
 import numpy as np
 import onnx
 
 from onnxtq import model_io
 from onnxtq.compress import compress
+from onnxtq.served import transfer_sizes
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "runtimes"))
@@ -61,8 +61,8 @@ def model_files(name: str) -> tuple[Path, Path, dict[str, np.ndarray]]:
 
 
 def sizes(path: Path) -> dict[str, int]:
-    data = path.read_bytes()
-    return {"bytes": len(data), "brotli": len(brotli.compress(data, quality=11)), "gzip": len(gzip.compress(data, 9))}
+    """The file's bytes, and what brotli -q 11, gzip -9 and `onnxtq pack` make of it."""
+    return {"bytes": path.stat().st_size, **transfer_sizes(path.read_bytes())}
 
 
 def expected(path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -94,13 +94,22 @@ def cell(result: harness.Result, reference: list[np.ndarray]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="folder for the files and matrix.json")
     p.add_argument("--models", nargs="+", default=list(BUNDLED))
     p.add_argument("--profiles", nargs="+", default=["ort", "portable"])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--runtimes", nargs="+", default=list(harness.RUNTIMES))
     p.add_argument("--root", default="/work/rt")
+    p.add_argument(
+        "--table", nargs="+", type=Path, metavar="JSON", help="print the tables of earlier runs, run nothing"
+    )
     args = p.parse_args()
+    if args.table:
+        rows = [row for path in args.table for row in json.loads(path.read_text())]
+        print(table(rows, args.runtimes))
+        return
+    if args.out is None:
+        p.error("--out is required to run the matrix")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.models:
@@ -130,8 +139,8 @@ def main() -> None:
 
 def table(rows: list[dict], runtimes: list[str]) -> str:
     """Markdown: a row per file, a column per runtime (✓ diff, or ✗ and why)."""
-    head = "| model | method | profile | opset/IR | bytes | brotli | gzip | " + " | ".join(runtimes) + " |"
-    lines = [head, "|" + "---|" * (7 + len(runtimes))]
+    head = "| model | method | profile | opset/IR | bytes | brotli | gzip | pack | " + " | ".join(runtimes) + " |"
+    lines = [head, "|" + "---|" * (8 + len(runtimes))]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['method']} | {r['profile']} | {r['error'][:80]} |")
@@ -144,12 +153,22 @@ def table(rows: list[dict], runtimes: list[str]) -> str:
             elif c["runs"]:
                 cells.append(f"✗ off {c['relative_diff']:.1e}")
             else:
-                cells.append(f"✗ {'run' if c['loads'] else 'load'}: {(c['error'] or '')[:60]}")
+                cells.append(f"✗ {'run' if c['loads'] else 'load'}: {_reason(c['error'])}")
         lines.append(
             f"| {r['model']} | {r['method']} | {r['profile']} | {r['opset']}/{r['ir']} | {r['bytes']:,d} | "
-            f"{r['brotli']:,d} | {r['gzip']:,d} | " + " | ".join(cells) + " |"
+            f"{r['brotli']:,d} | {r['gzip']:,d} | {_packed(r)} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
+
+
+def _reason(error: str | None) -> str:
+    """A runtime's refusal, short: onnxruntime's status and file path dropped."""
+    text = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from \S+ failed:)?", "", error or "")
+    return text.strip()[:70].replace("|", "/")
+
+
+def _packed(row: dict) -> str:
+    return f"{row['packed']:,d}" if "packed" in row else "–"  # rows written before the matrix measured it
 
 
 if __name__ == "__main__":

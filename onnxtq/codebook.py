@@ -27,8 +27,8 @@ import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
 
-from onnxtq.emit import prepend, replace_initializer
-from onnxtq.graph import Graph, tag
+from onnxtq.emit import replace_initializer
+from onnxtq.graph import Graph, prepend, tag
 from onnxtq.model_io import tensor_nbytes
 from onnxtq.packing import container_bits, int_tensor
 from onnxtq.weights import WeightSite

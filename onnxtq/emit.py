@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
 
-from onnxtq.graph import Graph, node_attr, tag
+from onnxtq.graph import Graph, node_attr, prepend, tag
 from onnxtq.model_io import tensor_nbytes
 from onnxtq.packing import int_tensor
 from onnxtq.quantize import Blocking, GroupCode, int_range
@@ -80,14 +80,6 @@ def replace_initializer(graph: Graph, site: WeightSite, new: ir.Value, pass_name
     graph.initializers[site.name].replace_all_uses_with(new)
     graph.initializers.pop(site.name)
     return nodes
-
-
-def prepend(graph: Graph, nodes: list[ir.Node]) -> None:
-    """Put `nodes` first in the graph, in their order."""
-    if len(graph.graph):
-        graph.graph.insert_before(graph.graph.node(0), nodes)
-    else:
-        graph.graph.extend(nodes)
 
 
 #: Bytes one escaped code costs (its int32 position and float32 value), and the nodes and shapes escapes add.

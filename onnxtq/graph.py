@@ -156,6 +156,14 @@ def node_bodies(node: ir.Node) -> list[tuple[str, ir.Graph]]:
     return bodies
 
 
+def prepend(graph: Graph, nodes: list[ir.Node]) -> None:
+    """Put `nodes` first in the graph, in their order."""
+    if len(graph.graph):
+        graph.graph.insert_before(graph.graph.node(0), nodes)
+    else:
+        graph.graph.extend(nodes)
+
+
 def tag(node: ir.Node, pass_name: str, role: str) -> ir.Node:
     """Stamp provenance on a node we create, so later passes and people can tell who made it."""
     node.metadata_props[PROVENANCE_PASS] = pass_name

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from onnxtq import lowering
 from onnxtq.calibration.data import split_holdout
 from onnxtq.codec import Coded, Layer, distortion, output_error
 from onnxtq.codecs.ecsq import EcsqCodec
@@ -153,6 +154,7 @@ class AutoPass(Pass):
         first_aim = self._first_aim(kind, value, energy, others, sum(layer.size for layer in layers))
         pristine = copy_model(model)
         self._materialized: dict = {}
+        self._lowers = ctx.profile.lowers  # sizes are the file's as written: lowered under the portable target
 
         def emit(aim: float) -> Emitted:
             return self._emit(pristine, layers, points, banded, kind, aim)
@@ -284,7 +286,12 @@ class AutoPass(Pass):
             record.share = record.share / predicted if predicted > 0 else 0.0
         graph.remove_dead()
         proto = graph.proto()
-        data = serialize(proto)
+        if self._lowers:
+            written = Graph(copy_model(proto))
+            lowering.lower(written, every=True)
+            data = serialize(written.proto())
+        else:
+            data = serialize(proto)
         return Emitted(proto, data, records, predicted, weight_bits, weights, w_hat)
 
     def _first_aim(self, kind: str, value: float, energy: float, others: int, weights: int) -> float:

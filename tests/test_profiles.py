@@ -5,6 +5,7 @@ tract; `fast` folds weights at load, `lowmem` refuses to; every file says which 
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,23 @@ def test_lowmem_gathers_codes_and_decodes_only_the_rows_looked_up(tmp_path, spec
     assert not [n for n in lowmem.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("table/")]
     feed = {"ids": ids[:8]}
     np.testing.assert_allclose(run(lowmem, feed)[0], run(ort_file, feed)[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("ONNXTQ_BROWSER"), reason="set ONNXTQ_BROWSER=1 (needs setup.sh's node, chromium)"
+)
+def test_portable_files_run_in_a_browser(portable_files):
+    """onnxruntime-web (wasm) in headless Chromium, the page served from 127.0.0.1 (benchmarks/runtimes)."""
+    sys.path.insert(0, str(REPO / "benchmarks" / "runtimes"))
+    import harness
+
+    for (name, spec, target), path in portable_files.items():
+        if target != "portable":
+            continue
+        inputs = _inputs(name)
+        result = harness.run("ort-web", path, inputs, root=str(RUNTIMES))
+        assert result.runs, f"{name} {spec}: {result.error}"
+        expected = run(onnx.load(str(path)), inputs)[0]
+        got = np.asarray(result.outputs[0]).reshape(expected.shape)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.ptp(expected), err_msg=f"{name} {spec}")

@@ -72,6 +72,13 @@ def test_size_target_is_met_on_disk_and_spent(tmp_path, name):
     assert measured == pytest.approx(auto["target"]["sqnr_db"], abs=0.01)
 
 
+def test_a_portable_size_target_counts_the_file_as_written(tmp_path):
+    """Under --target portable the codes are lowered after the search: the size is the lowered file's."""
+    _, compressed, out, auto = _compress(tmp_path, "mnist_cnn", "--size", "40kB", "--target", "portable")
+    assert 40_000 * 0.95 <= out.stat().st_size <= 40_000 and auto["target"]["met"]
+    assert "DequantizeLinear" not in {n.op_type for n in compressed.graph.node}
+
+
 def test_served_size_target_is_what_brotli_sends(tmp_path):
     _, _, out, auto = _compress(tmp_path, "mnist_cnn", "--served-size", "20kB")
     served = len(brotli.compress(out.read_bytes(), quality=11, lgwin=24))

@@ -10,8 +10,8 @@ import numpy as np
 from onnx import numpy_helper
 
 from onnxtq.codec import Codec, Coded, Layer, distortion
-from onnxtq.emit import float_type, prepend, replace_initializer
-from onnxtq.graph import Graph, tag
+from onnxtq.emit import float_type, replace_initializer
+from onnxtq.graph import Graph, prepend, tag
 from onnxtq.model_io import tensor_nbytes
 from onnxtq.rd import Band, Option
 
