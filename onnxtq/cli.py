@@ -15,6 +15,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import onnx
+
 from onnxtq import __version__, container, model_io, report_page
 from onnxtq.calibration.data import ImagePreprocessing, open_source
 from onnxtq.compress import DEFAULT_PIPELINE, Guards, compress, model_bytes, prepare, sweep
@@ -246,9 +248,13 @@ def _compress(args) -> int:
         {"--report": args.report, "--report-html": args.report_html},
         args.target,
     )
-    run.transfer = transfer_sizes(Path(output).read_bytes())
+    data = Path(output).read_bytes()
+    run.transfer = transfer_sizes(data)
     print(run.table())
     print(f"wrote {output}")
+    needs = min_onnxruntime(onnx.ModelProto.FromString(data))
+    if needs != "1.17":
+        print(f"it needs onnxruntime >= {needs}; --target portable writes a file every runtime loads")
     if args.report:
         write_atomic(run.to_json().encode(), args.report)
     if args.report_html:

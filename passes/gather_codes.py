@@ -7,8 +7,8 @@ and their steps instead and decodes the few rows gathered:
 
     W[ids] = (Cast(Gather(codes, ids)) − Gather(zero_point, ids)) · Gather(step, ids)
 
-Gather takes no INT4/INT2 tensor, so sub-byte codes are stored as UINT8 bytes in planes along each row (byte j
-of a row holds its codes j, m+j, ...; onnxtq.lowering) and unpacked after the Gather. Tables with one step per
+Gather takes no INT4/INT2 tensor, so each row of sub-byte codes is stored as UINT8 bytes, packed as ONNX packs
+INT4/INT2, and decoded by a lookup table after the Gather (onnxtq.lowering). Tables with one step per
 row (axis 0) or per tensor are rewritten; blocked ones stay as they are, and say so.
 """
 
@@ -19,7 +19,7 @@ import onnx_ir as ir
 from onnx import TensorProto, numpy_helper
 
 from onnxtq.graph import Graph, node_attr, tag
-from onnxtq.lowering import SUB_BYTE, Writer, planes
+from onnxtq.lowering import SUB_BYTE, Writer, digit_table, pack
 from onnxtq.pass_infra import STATS, Context, Pass
 from onnxtq.report import PassReport
 
@@ -77,19 +77,15 @@ def _rewrite(graph: Graph, node: ir.Node, prefix: str, shared: dict) -> None:
     q, scale = node.inputs[:2]
     zero_point = node.inputs[2] if len(node.inputs) > 2 else None
     code_type = int(q.const_value.dtype)
-    codes = graph.array(q.name).astype(np.int64)
+    codes = graph.array(q.name)
     rows, cols = codes.shape
     bits = SUB_BYTE.get(code_type, (0, 8))[1]
-    offset = 1 << (bits - 1) if bits < 8 and code_type in (TensorProto.INT4, TensorProto.INT2) else 0
+    signed = code_type in (TensorProto.INT4, TensorProto.INT2)
     if bits < 8:
-        per = 8 // bits
-        m = -(-cols // per)
-        padded = np.zeros((rows, per * m), np.int64)
-        padded[:, :cols] = codes + offset
-        stored = planes(padded.T, bits).T  # [rows, m]: the planes run along each row
-        table = numpy_helper.from_array(np.ascontiguousarray(stored), graph.unique(f"{q.name}/onnxtq.rows"))
+        stored = np.stack([pack(row, bits) for row in codes])  # [rows, bytes]: each row packed on its own
+        table = numpy_helper.from_array(stored, graph.unique(f"{q.name}/onnxtq.rows"))
     else:
-        table = numpy_helper.from_array(graph.array(q.name), graph.unique(f"{q.name}/onnxtq.rows"))
+        table = numpy_helper.from_array(codes, graph.unique(f"{q.name}/onnxtq.rows"))
     table_v = graph.set_initializer(table)
     steps = _per_row(graph, scale, rows)
     zeros = _per_row(graph, zero_point, rows) if zero_point is not None else None
@@ -98,20 +94,14 @@ def _rewrite(graph: Graph, node: ir.Node, prefix: str, shared: dict) -> None:
         ids = gather.inputs[1]
         w = Writer(graph, graph.unique(prefix), GatherCodesPass.name, shared)
         keep = [0] * len(ids.shape)  # Reshape's 0: the lookup's own dimensions, whatever they are
-        value = w.add("Cast", [w.add("Gather", [table_v, ids], axis=0)], to=TensorProto.FLOAT)
-        if bits < 8:
-            per, radix = 8 // bits, 1 << bits
-            shifts = np.array([float(radix) ** -k for k in range(per)], np.float32).reshape(per, 1)
-            value = w.add("Unsqueeze", [value, w.ints([-2])])  # [*ids, 1, m] against [per, 1]
-            shifted = w.add("Floor", [w.add("Mul", [value, w.array(shifts)])])
-            above = w.add(
-                "Mul", [w.add("Floor", [w.add("Mul", [shifted, w.scalar(1 / radix)])]), w.scalar(float(radix))]
-            )
-            value = w.add("Reshape", [w.add("Sub", [shifted, above]), w.ints(keep + [-1])])
-            if per * stored.shape[1] != cols:
+        if bits < 8:  # the bytes of the rows looked up, each decoded to its 8/bits codes
+            index = w.add("Cast", [w.add("Gather", [table_v, ids], axis=0)], to=TensorProto.INT32)
+            decode = w.add("Cast", [w.array(digit_table(bits, signed))], to=TensorProto.FLOAT)
+            value = w.add("Reshape", [w.add("Gather", [decode, index], axis=0), w.ints(keep + [-1])])
+            if (8 // bits) * stored.shape[1] != cols:
                 value = w.add("Slice", [value, w.ints([0]), w.ints([cols]), w.ints([-1])])
-        if offset:
-            value = w.add("Sub", [value, w.scalar(float(offset))])
+        else:
+            value = w.add("Cast", [w.add("Gather", [table_v, ids], axis=0)], to=TensorProto.FLOAT)
         if zeros is not None:
             value = w.add("Sub", [value, w.as_float(w.add("Gather", [zeros, ids], axis=0))])
         step = steps if steps.const_value.shape == () else w.add("Gather", [steps, ids], axis=0)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
@@ -27,12 +28,18 @@ RUNNER = REPO / "benchmarks" / "runtimes" / "py_runner.py"
 SUB_BYTE = set(lowering.SUB_BYTE)
 
 
-@given(st.sampled_from([2, 4]), st.lists(st.integers(1, 9), min_size=1, max_size=3), st.integers(0, 2**31))
-def test_planes_hold_every_code_once(bits, shape, seed):
-    codes = np.random.default_rng(seed).integers(0, 1 << bits, size=shape)
-    stored = lowering.planes(codes, bits)
-    assert stored.dtype == np.uint8 and stored.size == -(-codes.size * bits // 8)
-    np.testing.assert_array_equal(lowering.unplanes(stored, bits, codes.shape), codes)
+@given(
+    st.sampled_from([2, 4]), st.booleans(), st.lists(st.integers(1, 9), min_size=1, max_size=3), st.integers(0, 2**31)
+)
+def test_bytes_are_onnx_packing_and_the_table_reads_them_back(bits, signed, shape, seed):
+    low, high = (-(1 << (bits - 1)), 1 << (bits - 1)) if signed else (0, 1 << bits)
+    codes = np.random.default_rng(seed).integers(low, high, size=shape)
+    stored = lowering.pack(codes, bits)
+    container = {(2, True): ml_dtypes.int2, (2, False): ml_dtypes.uint2, (4, True): ml_dtypes.int4}
+    onnx_bytes = onnx.numpy_helper.from_array(codes.astype(container.get((bits, signed), ml_dtypes.uint4))).raw_data
+    assert stored.tobytes() == onnx_bytes
+    decoded = lowering.digit_table(bits, signed)[stored].reshape(-1)[: codes.size]
+    np.testing.assert_array_equal(decoded.reshape(codes.shape), codes)
 
 
 @pytest.mark.parametrize("case", list(dequantize_cases(np.random.default_rng(0))))
@@ -228,3 +235,13 @@ def test_portable_files_run_in_a_browser(portable_files):
         expected = run(onnx.load(str(path)), inputs)[0]
         got = np.asarray(result.outputs[0]).reshape(expected.shape)
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.ptp(expected), err_msg=f"{name} {spec}")
+
+
+def test_a_tensor_of_odd_size_leaves_its_last_byte_half_used():
+    codes = onnx.helper.make_tensor("q", TensorProto.INT4, [3, 5], list(range(-7, 8)))
+    scale = onnx.helper.make_tensor("s", TensorProto.FLOAT, [5], [0.5, 0.25, 1.0, 2.0, 4.0])
+    model = dequantize_model(codes, scale, axis=1)
+    graph = Graph(onnx.ModelProto.FromString(model.SerializeToString()))
+    lowering.lower(graph, every=True)
+    x = np.zeros([3, 5], np.float32)
+    np.testing.assert_array_equal(run(graph.proto(), {"x": x})[0], run(model, {"x": x})[0])
