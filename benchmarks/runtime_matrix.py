@@ -100,6 +100,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--runtimes", nargs="+", default=list(harness.RUNTIMES))
     p.add_argument("--root", default="/work/rt")
+    p.add_argument("--calib-samples", type=int, help="calibrate on this many inputs (default: all)")
     p.add_argument(
         "--table", nargs="+", type=Path, metavar="JSON", help="print the tables of earlier runs, run nothing"
     )
@@ -107,6 +108,7 @@ def main() -> None:
     if args.table:
         rows = [row for path in args.table for row in json.loads(path.read_text())]
         print(table(rows, args.runtimes))
+        print(costs(rows))
         return
     if args.out is None:
         p.error("--out is required to run the matrix")
@@ -119,7 +121,9 @@ def main() -> None:
                 path = args.out / f"{name}.{method}.{profile}.onnx"
                 row = {"model": name, "method": method, "profile": profile}
                 try:
-                    compress(model, path, f"fold-bn,calibrate,{METHODS[method]}", calib=calib, target=profile)
+                    calibrate = f"calibrate{{samples={args.calib_samples}}}" if args.calib_samples else "calibrate"
+                    pipeline = f"fold-bn,{calibrate},{METHODS[method]}"
+                    compress(model, path, pipeline, calib=calib, target=profile)
                 except Exception as exc:  # a method that codes nothing here (kq on a model without kernels)
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                     rows.append(row)
@@ -135,6 +139,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     (args.out / "matrix.json").write_text(json.dumps(rows, indent=1))
     print(table(rows, args.runtimes))
+    print(costs(rows))
 
 
 def table(rows: list[dict], runtimes: list[str]) -> str:
@@ -157,6 +162,25 @@ def table(rows: list[dict], runtimes: list[str]) -> str:
         lines.append(
             f"| {r['model']} | {r['method']} | {r['profile']} | {r['opset']}/{r['ir']} | {r['bytes']:,d} | "
             f"{r['brotli']:,d} | {r['gzip']:,d} | {_packed(r)} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def costs(rows: list[dict]) -> str:
+    """Markdown: what each profile's file costs over the ort profile's, deployable and as sent."""
+    files = {(r["model"], r["method"], r["profile"]): r for r in rows if "error" not in r}
+    lines = [
+        "| model | method | profile | bytes vs ort | brotli -q 11 vs ort | pack vs brotli |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (model, method, profile), r in files.items():
+        base = files.get((model, method, "ort"))
+        if profile == "ort" or base is None:
+            continue
+        packed = f"{r['packed'] / r['brotli'] - 1:+.1%}" if "packed" in r else "–"
+        lines.append(
+            f"| {model} | {method} | {profile} | {r['bytes'] / base['bytes'] - 1:+.2%} |"
+            f" {r['brotli'] / base['brotli'] - 1:+.2%} | {packed} |"
         )
     return "\n".join(lines)
 

@@ -93,7 +93,7 @@ class Writer:
 
     def _const(self, key: tuple, tensor: onnx.TensorProto) -> ir.Value:
         if key not in self.shared:
-            kind = {"i": "shape", "f": "k", "a": "shifts"}[key[0]]
+            kind = {"i": "shape", "f": "k", "a": "table"}[key[0]]
             tensor.name = self.graph.unique(f"onnxtq.{kind}.{'_'.join(map(str, key[1:]))}"[:40])
             self.shared[key] = self.graph.set_initializer(tensor)
         return self.shared[key]
