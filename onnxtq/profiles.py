@@ -5,7 +5,7 @@
 | `ort`      | onnxruntime (default)   | DequantizeLinear over INT2/INT4/INT8 codes, at the opset each needs    |
 |            |                         | (INT4, blocked: 21; float16 steps: 23; INT2: 25); codes stay in RAM    |
 | `portable` | every runtime           | the model's own opset (at least 13), no DequantizeLinear: 2/4-bit codes |
-|            |                         | packed in UINT8 bytes, unpacked by float ops, steps multiplied in      |
+|            |                         | packed in UINT8 bytes, decoded by a lookup table, steps multiplied in |
 |            |                         | (lower-codes, onnxtq.lowering); every runtime folds them at load       |
 | `fast`     | latency                 | `ort`, then dequantize-at-load: float weights made at load, FP32 speed |
 | `lowmem`   | memory                  | `ort`, codes kept in RAM (dequantize-at-load refused); embedding       |

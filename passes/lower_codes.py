@@ -2,8 +2,8 @@
 
 Passes write DequantizeLinear over INT4/INT2 codes, blocked or float16 steps whatever the profile; under
 `portable` the manager keeps the model's opset and this pass rewrites every DequantizeLinear over constants
-(onnxtq.lowering): sub-byte codes packed in UINT8 bytes and unpacked by Cast/Mul/Floor/Sub, steps multiplied
-in. Every runtime that loads the model loads the file, and folds each weight into floats at load. None of
+(onnxtq.lowering): sub-byte codes kept as ONNX packs them, in UINT8 blobs a lookup table decodes, steps
+multiplied in. Every runtime that loads the model loads the file, and folds each weight into floats at load. None of
 them then computes with quantized activations: onnxruntime's default session does for DequantizeLinear →
 MatMul since 1.25 (int8, ~0.2% output error), OpenVINO's CPU plugin for weights it sees as compressed.
 """
