@@ -340,9 +340,14 @@ def hoist_body_weights(model: onnx.ModelProto) -> int:
     return moved
 
 
+def proto_opset(model: onnx.ModelProto) -> int:
+    """The default-domain opset a ModelProto declares (1 when it declares none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
 def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     """Convert the default-domain opset up to `target` with real op conversion."""
-    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    current = proto_opset(model)
     if current >= target:
         return model
     try:

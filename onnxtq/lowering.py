@@ -29,7 +29,7 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxtq.graph import Graph, node_attr, prepend, tag
+from onnxtq.graph import Graph, node_attr, prepend, proto_opset, tag
 
 #: Sub-byte code types, by the opset that first holds them, and their width.
 SUB_BYTE = {
@@ -38,7 +38,7 @@ SUB_BYTE = {
     TensorProto.INT2: (25, 2),
     TensorProto.UINT2: (25, 2),
 }
-_SIGNED = {TensorProto.INT4, TensorProto.INT2}
+SIGNED = {TensorProto.INT4, TensorProto.INT2}
 _WIDE = {TensorProto.INT8: 13, TensorProto.UINT8: 13, TensorProto.INT16: 21, TensorProto.UINT16: 21}
 
 
@@ -58,7 +58,7 @@ def dequantize_opset(node: ir.Node | onnx.NodeProto, code_type: int) -> int:
 
 def needs_lowering(model: onnx.ModelProto) -> bool:
     """Whether the model holds codes its opset cannot (written by passes under a lower-opset profile)."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    opset = proto_opset(model)
     types = {t.name: t.data_type for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in types:
@@ -148,10 +148,10 @@ def to_arithmetic(
     value = w.add("Mul", [value, broadcast(scale)])
     if out_type != TensorProto.FLOAT:
         value = w.add("Cast", [value], to=out_type)
-    _replace(graph, node, w.nodes, value)
+    replace_node(graph, node, w.nodes, value)
 
 
-def _replace(graph: Graph, node: ir.Node, nodes: list[ir.Node], value: ir.Value) -> None:
+def replace_node(graph: Graph, node: ir.Node, nodes: list[ir.Node], value: ir.Value) -> None:
     """Put `nodes` where `node` was; their last takes its name and provenance, `value` its output's name."""
     last, old = nodes[-1], node.outputs[0]
     last.name = node.name
@@ -283,10 +283,14 @@ def _floor_after(graph: Graph, node: ir.Node, pass_name: str) -> None:
 
 
 def _is_signed(value: ir.Value) -> bool:
-    return int(value.const_value.dtype) in _SIGNED
+    return int(value.const_value.dtype) in SIGNED
 
 
 def _widen(graph: Graph, value: ir.Value) -> None:
     """Store a sub-byte tensor in INT8/UINT8, values unchanged."""
-    dtype = np.int8 if int(value.const_value.dtype) in _SIGNED else np.uint8
-    graph.set_initializer(numpy_helper.from_array(graph.array(value.name).astype(dtype), value.name))
+    graph.set_initializer(numpy_helper.from_array(widened(graph, value), value.name))
+
+
+def widened(graph: Graph, value: ir.Value) -> np.ndarray:
+    """A sub-byte tensor's values as INT8/UINT8 (Gather and old runtimes take no INT4/INT2)."""
+    return graph.array(value.name).astype(np.int8 if _is_signed(value) else np.uint8)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import onnx
 
 from onnxtq.errors import UsageError
+from onnxtq.graph import proto_opset
 from onnxtq.opsets import Emission, opset_for
 
 
@@ -34,7 +35,6 @@ class Profile:
     name: str
     purpose: str
     lowers: bool = False  # codes its opset cannot hold are lowered to arithmetic (portable)
-    folds: bool = False  # ends with dequantize-at-load (fast)
     keeps_codes: bool = False  # refuses dequantize-at-load (lowmem)
 
     def opset(self, emissions: list[Emission]) -> int:
@@ -52,7 +52,7 @@ PROFILES = {
     for p in (
         Profile("ort", "onnxruntime: codes in the narrowest container, at the opset it needs"),
         Profile("portable", "every runtime: the model's opset, sub-byte codes packed in bytes", lowers=True),
-        Profile("fast", "latency: weights folded to floats when the session loads", folds=True),
+        Profile("fast", "latency: weights folded to floats when the session loads"),
         Profile("lowmem", "memory: codes stay compressed in RAM", keeps_codes=True),
     )
 }
@@ -82,7 +82,7 @@ def _version(text: str) -> tuple[int, ...]:
 
 def min_onnxruntime(model: onnx.ModelProto) -> str:
     """The oldest onnxruntime that loads and runs the model right (by its opset, IR version and codes)."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    opset = proto_opset(model)
     fits = [v for v, max_opset, max_ir in LOADS if opset <= max_opset and model.ir_version <= max_ir]
     needs = [fits[0] if fits else f"{LOADS[-1][0]}+"]
     types = {t.name: t.data_type for t in model.graph.initializer}

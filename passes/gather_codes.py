@@ -19,7 +19,7 @@ import onnx_ir as ir
 from onnx import TensorProto, numpy_helper
 
 from onnxtq.graph import Graph, node_attr, tag
-from onnxtq.lowering import SUB_BYTE, Writer, digit_table, pack
+from onnxtq.lowering import SIGNED, SUB_BYTE, Writer, digit_table, pack, replace_node, widened
 from onnxtq.pass_infra import STATS, Context, Pass
 from onnxtq.report import PassReport
 
@@ -80,7 +80,7 @@ def _rewrite(graph: Graph, node: ir.Node, prefix: str, shared: dict) -> None:
     codes = graph.array(q.name)
     rows, cols = codes.shape
     bits = SUB_BYTE.get(code_type, (0, 8))[1]
-    signed = code_type in (TensorProto.INT4, TensorProto.INT2)
+    signed = code_type in SIGNED
     if bits < 8:
         stored = np.stack([pack(row, bits) for row in codes])  # [rows, bytes]: each row packed on its own
         table = numpy_helper.from_array(stored, graph.unique(f"{q.name}/onnxtq.rows"))
@@ -109,26 +109,15 @@ def _rewrite(graph: Graph, node: ir.Node, prefix: str, shared: dict) -> None:
         out_type = int(scale.const_value.dtype)
         if out_type != TensorProto.FLOAT:
             value = w.add("Cast", [value], to=out_type)
-        last = w.nodes[-1]
-        last.name = gather.name
-        last.metadata_props.update(gather.metadata_props)
-        tag(last, GatherCodesPass.name, "lookup")
-        graph.graph.insert_before(gather, w.nodes)
-        name = gather.outputs[0].name
-        gather.outputs[0].replace_all_uses_with(value, replace_graph_outputs=True)
-        graph.graph.remove(gather, safe=True)
-        value.name = name
+        replace_node(graph, gather, w.nodes, value)
+        tag(w.nodes[-1], GatherCodesPass.name, "lookup")
     graph.graph.remove(node, safe=True)
 
 
 def _per_row(graph: Graph, value: ir.Value, rows: int) -> ir.Value:
     """A step or zero point as a [rows, 1] table Gather reads (a single value as it is)."""
-    array = graph.array(value.name)
+    array = widened(graph, value) if int(value.const_value.dtype) in SUB_BYTE else graph.array(value.name)
     if array.size == 1:
         return value
-    if int(value.const_value.dtype) in SUB_BYTE:  # Gather takes no INT4/INT2: one byte per row
-        array = array.astype(
-            np.int8 if int(value.const_value.dtype) in (TensorProto.INT4, TensorProto.INT2) else np.uint8
-        )
     shaped = numpy_helper.from_array(array.reshape(rows, 1), graph.unique(f"{value.name}/onnxtq.rows"))
     return graph.set_initializer(shaped)

@@ -103,8 +103,9 @@ def reference(model_path, inputs: dict[str, np.ndarray], repeat=5, timeout=300) 
         )
 
 
-def _report(runtime, proc):
-    """The runner's JSON line (its last stdout line); a RuntimeError saying why where there is none."""
+def _report(runtime, argv, timeout):
+    """Run a runner and return its JSON line (its last stdout line); a RuntimeError saying why where there is none."""
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout)
     lines = proc.stdout.strip().splitlines()
     try:
         return json.loads(lines[-1])
@@ -118,22 +119,8 @@ def _run_python(runtime, python, name, model_path, inputs, tmp, repeat, timeout)
         return Result(runtime, error=f"{python} missing: run setup.sh")
     save_npz(tmp / "in.npz", list(inputs), list(inputs.values()))
     out = tmp / "out.npz"
-    proc = subprocess.run(
-        [
-            str(python),
-            str(HERE / "py_runner.py"),
-            name,
-            model_path,
-            str(tmp / "in.npz"),
-            str(out),
-            "--repeat",
-            str(repeat),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    report = _report(runtime, proc)
+    argv = [python, HERE / "py_runner.py", name, model_path, tmp / "in.npz", out, "--repeat", repeat]
+    report = _report(runtime, argv, timeout)
     outputs = None
     if report.get("runs"):
         with np.load(out) as z:
@@ -165,23 +152,8 @@ def _run_node(model_path, inputs, project, tmp, repeat, timeout):
     if not (project / "node_modules" / "onnxruntime-node").is_dir():
         return Result("ort-node", error=f"onnxruntime-node missing under {project}: run setup.sh")
     _write_tensors(tmp / "in", inputs)
-    proc = subprocess.run(
-        [
-            "node",
-            str(HERE / "node_runner.mjs"),
-            model_path,
-            str(tmp / "in"),
-            str(tmp / "out"),
-            "--repeat",
-            str(repeat),
-            "--project",
-            str(project),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    report = _report("ort-node", proc)
+    argv = ["node", HERE / "node_runner.mjs", model_path, tmp / "in", tmp / "out", "--repeat", repeat]
+    report = _report("ort-node", [*argv, "--project", project], timeout)
     outputs = None
     if report.get("runs"):
         outputs = _read_tensors(tmp / "out", json.loads((tmp / "out" / "manifest.json").read_text()))
