@@ -15,9 +15,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import onnx
-
-from onnxtq import __version__, container, model_io, report_page
+from onnxtq import __version__, container, model_io, parallel, progress, report_page
 from onnxtq.calibration.data import ImagePreprocessing, open_source
 from onnxtq.compress import DEFAULT_PIPELINE, Guards, compress, model_bytes, prepare, sweep
 from onnxtq.errors import DataError, OnnxtqError, UsageError
@@ -26,7 +24,7 @@ from onnxtq.model_io import write_atomic
 from onnxtq.pipeline import registry
 from onnxtq.profiles import PROFILES, min_onnxruntime
 from onnxtq.report import output_line
-from onnxtq.served import transfer_sizes
+from onnxtq.served import MEASURED_UP_TO, SENT, transfer_sizes
 from onnxtq.target import DEFAULT_CODECS, KINDS, parse_bytes
 from onnxtq.verify import check_fidelity, compare, validate
 from onnxtq.weights import discover
@@ -95,6 +93,19 @@ def _add_target_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=PROFILES, default="ort", help=f"the runtimes the file is for ({rows})")
 
 
+def _add_worker_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs", type=int, default=0, help="threads for per-layer work (0: one per core)")
+    p.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="run per-layer work on this Dask scheduler's workers, e.g. tcp://10.0.0.5:8786 (same file as a local run)",
+    )
+
+
+def _workers(args) -> None:
+    parallel.configure(args.jobs, args.cluster)
+
+
 def _guards(args) -> Guards:
     return Guards(allow_no_gain=args.allow_no_gain, keep_nonfinite=args.keep_nonfinite)
 
@@ -113,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"onnxtq {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = _command(sub, "compress", "compress a model into a smaller ONNX file")
@@ -146,6 +158,12 @@ def _parser() -> argparse.ArgumentParser:
         "--min-sqnr", type=float, metavar="DB", help="refuse to write the output if any output's SQNR is below this"
     )
     c.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    c.add_argument(
+        "--no-sent",
+        action="store_true",
+        help=f"skip the sizes as sent (brotli -q 11 takes about 3 s/MB; always skipped past {MEASURED_UP_TO >> 20} MB)",
+    )
+    _add_worker_options(c)
     _add_target_option(c)
     _add_guard_options(c)
 
@@ -161,6 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--report-html", metavar="HTML", help="write the report page with the rate-fidelity curve")
     sw.add_argument("--verify-samples", type=int, default=8)
     sw.add_argument("--threads", type=int, default=0)
+    _add_worker_options(sw)
     _add_target_option(sw)
     _add_guard_options(sw)
 
@@ -235,6 +254,7 @@ def _pipeline(args) -> str:
 
 def _compress(args) -> int:
     output = args.output or f"{Path(args.model).stem}.compressed.onnx"
+    _workers(args)
     run = compress(
         args.model,
         output,
@@ -248,13 +268,16 @@ def _compress(args) -> int:
         {"--report": args.report, "--report-html": args.report_html},
         args.target,
     )
-    data = Path(output).read_bytes()
-    run.transfer = transfer_sizes(data)
+    with progress.stage("sizes as sent"):
+        measure = run.bytes_after <= MEASURED_UP_TO and not args.no_sent
+        run.transfer = transfer_sizes(Path(output).read_bytes()) if measure else {}
     print(run.table())
+    if not run.transfer:
+        why = "--no-sent" if args.no_sent else f"over {MEASURED_UP_TO >> 20} MB; brotli -q 11 takes about 3 s/MB"
+        print(f"sent: not measured ({why})")
     print(f"wrote {output}")
-    needs = min_onnxruntime(onnx.ModelProto.FromString(data))
-    if needs != "1.17":
-        print(f"it needs onnxruntime >= {needs}; --target portable writes a file every runtime loads")
+    if run.onnxruntime != "1.17":
+        print(f"it needs onnxruntime >= {run.onnxruntime}; --target portable writes a file every runtime loads")
     if args.report:
         write_atomic(run.to_json().encode(), args.report)
     if args.report_html:
@@ -264,6 +287,7 @@ def _compress(args) -> int:
 
 
 def _sweep(args) -> int:
+    _workers(args)
     every = sweep(
         args.model,
         args.out_dir,
@@ -277,18 +301,18 @@ def _sweep(args) -> int:
         {"--report": args.report, "--report-html": args.report_html},
         args.target,
     )
-    sent = "".join(f" {k:>10}" for k in ("brotli", "gzip", "packed"))
+    sent = "".join(f" {k:>10}" for k in SENT)
     print(f"{'pipeline':<48} {'bytes':>12}{sent} {'ratio':>7} {'SQNR dB':>8} {'seconds':>8}  file")
     failed = [run for run in every if run.error]
     for run in failed:
         print(f"{run.pipeline:<48} failed: {run.error}")
     runs = [run for run in every if not run.error]
     for run in runs:
-        run.transfer = transfer_sizes(Path(run.output).read_bytes())
+        run.transfer = transfer_sizes(Path(run.output).read_bytes()) if run.bytes_after <= MEASURED_UP_TO else {}
         sqnr = min((v["sqnr_db"] for v in run.verification.get("outputs", {}).values()), default=float("nan"))
         seconds = sum(p.seconds for p in run.passes)
         ratio = run.bytes_before / run.bytes_after
-        sent = "".join(f" {v:>10,d}" for v in run.transfer.values())
+        sent = "".join(f" {run.transfer[k]:>10,d}" if run.transfer else f" {'-':>10}" for k in SENT)
         numbers = f"{run.bytes_after:>12,d}{sent} {ratio:>6.2f}x {sqnr:>8.1f} {seconds:>8.1f}"
         print(f"{run.pipeline:<48} {numbers}  {run.output}")
     if args.report:  # every pipeline in order, failed ones with their error
@@ -450,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="onnxtq: %(message)s")
+    progress.enable(not args.quiet)
     try:
         return COMMANDS[args.command](args)
     except OnnxtqError as exc:

@@ -146,6 +146,7 @@ class RunReport:
     bytes_after: int = 0
     calibration: str = ""
     session: str = ""
+    onnxruntime: str = ""  # the oldest release that runs the file (onnxtq.profiles.min_onnxruntime)
     passes: list[PassReport] = field(default_factory=list)
     verification: dict = field(default_factory=dict)
     transfer: dict = field(default_factory=dict)  # bytes sent: brotli, gzip, packed (onnxtq.served)

@@ -22,11 +22,10 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
 from onnxtq.errors import DataError
 from onnxtq.model_io import write_atomic
 from onnxtq.paths import check_outputs
+from onnxtq.progress import bar
 from onnxtq.report import RunReport
 
 FINAL = ("quantized", "refined")  # record states that describe what the file stores
@@ -489,7 +488,7 @@ def write(
     if png_dir is not None:
         targets.update({f"figure '{fig['id']}'": Path(png_dir) / f"{fig['id']}.png" for fig in data["figures"]})
     check_outputs(inputs or {}, targets)
-    drawing = tqdm(data["figures"], desc="report plots", unit="figure", disable=None, leave=False)
+    drawing = bar(data["figures"], desc="report plots", unit="figure")
     images = {fig["id"]: plots.draw(fig) for fig in drawing}
     payloads = {Path(html_path): render(data, images).encode("utf-8")}
     if json_path is not None:

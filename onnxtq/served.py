@@ -9,6 +9,13 @@ import brotli
 
 from onnxtq import container
 
+#: Largest file whose sizes as sent a report measures: brotli -q 11 runs at about 3 s/MB, so a language
+#: model's file would spend most of the run here (`onnxtq pack` and a web server's brotli tell the size).
+MEASURED_UP_TO = 32 * 2**20
+
+#: The sizes as sent, in the order reports show them.
+SENT = ("brotli", "gzip", "packed")
+
 
 def brotli_bytes(data: bytes) -> int:
     """brotli at quality 11 with a 16 MB window (`brotli -q 11`)."""

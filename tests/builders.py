@@ -188,3 +188,8 @@ def dequantize_cases(rng) -> dict:
             {"axis": 1},
         ),
     }
+
+
+def past_progress(err: str) -> str:
+    """stderr without the CLI's progress lines ("onnxtq [time, peak] stage"): the error and its hint."""
+    return "".join(line for line in err.splitlines(True) if not line.startswith("onnxtq ["))

@@ -12,7 +12,7 @@ import tempfile
 import numpy as np
 import onnx
 import pytest
-from builders import bundled, if_model, make_model, run
+from builders import bundled, if_model, make_model, past_progress, run
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from onnxtq.cli import main
@@ -30,7 +30,7 @@ def cnn(tmp_path):
 
 def _fails(argv, code, message, capsys):
     assert main([str(a) for a in argv]) == code
-    err = capsys.readouterr().err
+    err = past_progress(capsys.readouterr().err)
     assert message in err, err
     assert "Traceback" not in err and err.startswith("onnxtq: error:") and "\nonnxtq: hint: " in err
     return err

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import bundled, conv_model
+from builders import bundled, conv_model, past_progress
 
 from onnxtq.cli import main
 from onnxtq.pipeline import registry
@@ -72,7 +72,7 @@ def test_fidelity_budget_refuses_to_write(cnn, tmp_path, capsys):
 def test_bad_input_exits_2_with_a_hint_and_no_traceback(cnn, argv, message, capsys):
     argv = [str(cnn) if a == "MODEL" else a for a in argv]
     assert main(argv) == 2
-    err = capsys.readouterr().err
+    err = past_progress(capsys.readouterr().err)
     assert message in err and "Traceback" not in err and err.startswith("onnxtq: error:")
 
 
