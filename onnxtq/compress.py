@@ -24,6 +24,7 @@ from onnxtq.pass_infra import Context
 from onnxtq.paths import check_outputs
 from onnxtq.pipeline import parse
 from onnxtq.profiles import Profile, min_onnxruntime, profile
+from onnxtq.progress import stage
 from onnxtq.report import PassReport, RunReport
 from onnxtq.verify import (
     check_constants,
@@ -126,11 +127,13 @@ def compress(
     """
     chosen = profile(target)
     manager = parse(pipeline)
-    original, work, prep_report, data, size = _start(
-        source_path, calib, {"the output": output_path, **(also_writes or {})}, guards, image_prep
-    )
+    with stage("load and check"):
+        original, work, prep_report, data, size = _start(
+            source_path, calib, {"the output": output_path, **(also_writes or {})}, guards, image_prep
+        )
     try:
         ctx = _context(Graph(work), data, manager.wants_holdout, chosen)
+        del work  # the graph holds what it needs; an opset upgrade then frees the copy read from the file
         reports = [prep_report] + manager.run(ctx)
         run = RunReport(manager.pipeline, str(source_path), str(output_path), passes=reports, bytes_before=size)
         return _finish(original, ctx, run, verify_samples, min_sqnr_db, threads, guards)
@@ -162,9 +165,10 @@ def sweep(
     head = parse(shared)
     tails = [parse(p) for p in pipelines]
     outputs = {f"pipeline {i + 1}'s output": sweep_output(source_path, out_dir, i) for i in range(len(tails))}
-    original, work, prep_report, data, size = _start(
-        source_path, calib, {**outputs, **(also_writes or {})}, guards, image_prep
-    )
+    with stage("load and check"):
+        original, work, prep_report, data, size = _start(
+            source_path, calib, {**outputs, **(also_writes or {})}, guards, image_prep
+        )
     runs = []
     try:
         base = _context(Graph(work), data, any(tail.wants_holdout for tail in tails), chosen)
@@ -206,6 +210,7 @@ def _finish(
     """Stamp, validate, verify against the original, check the gain and write atomically: the tail every
     run shares."""
     result = ctx.graph.proto()
+    run.onnxruntime = min_onnxruntime(result)
     onnx.helper.set_model_props(
         result,
         {
@@ -213,12 +218,13 @@ def _finish(
             "onnxtq.pipeline": run.pipeline,
             "onnxtq.version": __version__,
             "onnxtq.target": ctx.profile.name,
-            "onnxtq.runtime": f"onnxruntime>={min_onnxruntime(result)}",
+            "onnxtq.runtime": f"onnxruntime>={run.onnxruntime}",
         },
     )
-    check_constants(original, result)
-    validate(result)
-    data = model_io.serialize(result)
+    with stage("validate"):
+        check_constants(original, result)
+        validate(result)
+        data = model_io.serialize(result)
     why = None if guards.allow_no_gain else no_gain(run, len(data), original)
     if why:
         raise NoGainError(f"{why}; nothing written")
@@ -226,9 +232,11 @@ def _finish(
     if ctx.stats is not None:
         run.calibration = f"{ctx.stats.samples} samples from {ctx.stats.description}"
     if ctx.data is not None and verify_samples:
-        run.verification = compare(original, result, ctx.data, verify_samples, threads)
+        with stage("verify against the original"):
+            run.verification = compare(original, result, ctx.data, verify_samples, threads)
         check_fidelity(run.verification, min_sqnr_db, "; nothing written")
-    model_io.write_atomic(data, run.output, refuse=run.source)
+    with stage(f"write {run.output}"):
+        model_io.write_atomic(data, run.output, refuse=run.source)
     run.bytes_after = len(data)
     return run
 

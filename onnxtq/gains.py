@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from tqdm import tqdm
 
 from onnxtq import model_io
 from onnxtq.calibration.collect import INPUT_BATCH_BYTES
 from onnxtq.calibration.data import Source
 from onnxtq.graph import copy_model
+from onnxtq.progress import bar
 from onnxtq.weights import WeightSite
 
 #: Noise rms relative to the weight's rms: small enough to stay near-linear, large enough to beat float noise.
@@ -73,7 +73,7 @@ class Probe:
         sess, inits = self._exposed(model, [s.name for s in sites])
         rng = np.random.default_rng(seed)
         gains = {}
-        for site in tqdm(sites, desc="network gains", unit="weight", disable=None, leave=False):
+        for site in bar(sites, desc="network gains", unit="weight"):
             w = onnx.numpy_helper.to_array(inits[site.name])
             rms = float(np.sqrt((w.astype(np.float64) ** 2).mean())) or 1.0
             noise = rng.normal(0.0, NOISE * rms, w.shape)
@@ -88,7 +88,7 @@ class Probe:
         layer's own effect at a chosen operating point, where the noise-measured gain is only a slope."""
         sess, inits = self._exposed(model, list(replacements))
         errors = {}
-        for name, w_hat in tqdm(replacements.items(), desc="marginal errors", unit="weight", disable=None, leave=False):
+        for name, w_hat in bar(replacements.items(), desc="marginal errors", unit="weight"):
             dtype = onnx.helper.tensor_dtype_to_np_dtype(inits[name].data_type)
             shaped = np.asarray(w_hat, dtype).reshape(tuple(inits[name].dims))  # recurrent: the op's layout
             errors[name] = self._error(self._run(sess, {name: shaped}))

@@ -345,13 +345,60 @@ def proto_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
+#: Initializers above this many bytes travel as headers in a light copy (`light_copy`).
+LIGHT_BYTES = 4096
+
+
+def light_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
+    """A copy of `model` whose large initializers keep only their name, type and shape, and their names:
+    for tools that copy the whole model (the opset converter), whose answer then gets them back
+    (`put_back`). Built field by field, so the weights are never copied (nor read: reading a bytes field of
+    a protobuf copies it)."""
+    light = onnx.ModelProto()
+    for f, value in model.ListFields():
+        if f.name != "graph":
+            _copy_field(light, f, value)
+    big = set()
+    for f, value in model.graph.ListFields():
+        if f.name != "initializer":
+            _copy_field(light.graph, f, value)
+    for t in model.graph.initializer:
+        header = light.graph.initializer.add()
+        if t.ByteSize() > LIGHT_BYTES:
+            header.name, header.data_type = t.name, t.data_type
+            header.dims.extend(t.dims)
+            big.add(t.name)
+        else:
+            header.CopyFrom(t)
+    return light, big
+
+
+def _copy_field(target, f, value) -> None:
+    if hasattr(value, "extend"):  # a repeated field
+        getattr(target, f.name).extend(value)
+    elif hasattr(value, "CopyFrom"):  # a message
+        getattr(target, f.name).CopyFrom(value)
+    else:
+        setattr(target, f.name, value)
+
+
+def put_back(target: onnx.ModelProto, source: onnx.ModelProto, names: set[str]) -> None:
+    """The initializers `names` of `source` copied whole into `target`'s of the same names."""
+    whole = {t.name: t for t in source.graph.initializer if t.name in names}
+    for t in target.graph.initializer:
+        if t.name in whole:
+            t.CopyFrom(whole[t.name])
+
+
 def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     """Convert the default-domain opset up to `target` with real op conversion."""
     current = proto_opset(model)
     if current >= target:
         return model
     try:
-        converted = version_converter.convert_version(model, target)
+        light, big = light_copy(model)  # the converter copies the model twice: without its weights
+        converted = version_converter.convert_version(light, target)
+        put_back(converted, model, big)
     except Exception as exc:
         raise PreconditionError(
             f"cannot convert the model from opset {current} to {target}: {exc}",

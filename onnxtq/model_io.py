@@ -7,8 +7,10 @@ range exists, and that each tensor's stored size matches its declared shape.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +20,14 @@ from onnx import external_data_helper, numpy_helper
 
 from onnxtq import lowering
 from onnxtq.errors import ModelError, UsageError
-from onnxtq.graph import Graph
+from onnxtq.graph import Graph, light_copy
 
 #: Largest tensor we agree to materialise (elements); guards against forged dims.
 MAX_TENSOR_ELEMENTS = 2**33
 _TWO_GB = 2**31 - 1
+
+#: Models larger than this reach onnxruntime through a temporary folder instead of as bytes (`session`).
+SESSION_FROM_FILE_BYTES = 2**29
 
 
 def _dtype_size(data_type: int) -> float:
@@ -236,9 +241,9 @@ def session_options(threads: int = 0, exact: bool = True, fold_dequantize: bool 
 
 
 def session(
-    model: onnx.ModelProto | bytes, threads: int = 0, exact: bool = True, fold_dequantize: bool = False
+    model: onnx.ModelProto | bytes | str | Path, threads: int = 0, exact: bool = True, fold_dequantize: bool = False
 ) -> ort.InferenceSession:
-    """An onnxruntime CPU session over an in-memory model (nothing written to disk).
+    """An onnxruntime CPU session over an in-memory model (a large one through a temporary folder), or a file.
 
     A model holding codes its opset cannot (the portable target's, before they are lowered) runs as it will
     be written: lowered (onnxtq.lowering)."""
@@ -246,12 +251,53 @@ def session(
         graph = Graph(onnx.ModelProto.FromString(model.SerializeToString()))
         lowering.lower(graph)
         model = graph.proto()
-    data = model if isinstance(model, bytes) else model.SerializeToString()
     options = session_options(threads, exact, fold_dequantize)
     try:
-        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        if isinstance(model, onnx.ModelProto) and is_large(model):
+            with on_disk(model) as path:
+                sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        elif isinstance(model, (str, Path)):
+            sess = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        else:
+            data = model if isinstance(model, bytes) else model.SerializeToString()
+            sess = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ModelError(f"onnxruntime cannot load the model: {exc}") from exc
+    # onnxruntime's Python class keeps the serialized model to rebuild the session with fallback providers;
+    # with the CPU provider only it never does, and that copy is one more model in memory per session.
+    if getattr(sess, "_model_bytes", None) is not None:
+        sess._model_bytes = None
+    return sess
+
+
+@contextlib.contextmanager
+def on_disk(model: onnx.ModelProto) -> Iterator[str]:
+    """The path of `model` written to a temporary folder (gone after the block), its large weights one by one
+    into an external-data file: how a model too large to pass as bytes reaches onnxruntime and the checker
+    (protobuf stops at 2 GB, and the bytes would be one more copy in memory)."""
+    light, big = light_copy(model)
+    with tempfile.TemporaryDirectory(prefix="onnxtq-model-") as folder:
+        with open(os.path.join(folder, "weights.bin"), "wb") as data:
+            whole = {t.name: t for t in model.graph.initializer if t.name in big}
+            for header in light.graph.initializer:
+                if header.name in whole and not whole[header.name].HasField("raw_data"):  # typed fields: inline
+                    header.CopyFrom(whole[header.name])
+                elif header.name in whole:
+                    raw = whole[header.name].raw_data  # a copy of one weight at a time
+                    header.data_location = onnx.TensorProto.EXTERNAL
+                    for key, value in (("location", "weights.bin"), ("offset", data.tell()), ("length", len(raw))):
+                        header.external_data.add(key=key, value=str(value))
+                    data.write(raw)
+                    del raw
+        path = os.path.join(folder, "model.onnx")
+        with open(path, "wb") as f:
+            f.write(light.SerializeToString())
+        yield path
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """Whether `model` goes to onnxruntime and the checker through a folder (`on_disk`) rather than as bytes."""
+    return model.ByteSize() > SESSION_FROM_FILE_BYTES
 
 
 def initializer_array(t: onnx.TensorProto) -> np.ndarray:

@@ -31,6 +31,7 @@ from onnxtq.errors import OnnxtqError, PassError, PreconditionError, UsageError
 from onnxtq.graph import Graph, upgrade_opset
 from onnxtq.opsets import Emission
 from onnxtq.profiles import DEFAULT, Profile
+from onnxtq.progress import stage
 from onnxtq.report import PassReport
 
 STATS = "stats"
@@ -207,7 +208,8 @@ class PassManager:
             seen = self._statistics(ctx, p, index, reports)
             start = time.perf_counter()
             try:
-                report = p.run(ctx)
+                with stage(p.spec):
+                    report = p.run(ctx)
             except OnnxtqError:
                 raise
             except Exception as exc:
@@ -235,7 +237,8 @@ class PassManager:
 
             again = CalibratePass(**ctx.stats.options)
             start = time.perf_counter()
-            report = again.run(ctx)
+            with stage(f"recalibrate before {p.name}"):
+                report = again.run(ctx)
             report.pass_name, report.spec = "recalibrate", f"recalibrate{again.spec.removeprefix('calibrate')}"
             report.seconds = time.perf_counter() - start
             reports.append(report)

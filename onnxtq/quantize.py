@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxtq import parallel
+
 #: Candidate clipping ratios: dense near 1 (8-bit) and down to 0.2 (2-bit optimum sits low).
 CLIP_GRID = np.concatenate([np.linspace(0.2, 0.7, 21)[:-1], np.linspace(0.7, 1.0, 31)])
 
@@ -142,6 +144,34 @@ def _codes(w, scale, zp, qrange: tuple[int, int]):
     return np.clip(np.round(w / scale[:, None]) + z, *qrange)
 
 
+#: Weights whose clipping search runs together: its temporaries stay in cache across the whole grid.
+SEARCH_ELEMENTS = 2**18
+
+
+def _rows(w: np.ndarray, h: np.ndarray, part: slice) -> tuple[np.ndarray, np.ndarray]:
+    """Rows `part` of w and h, contiguous: each row's error is then summed the same way (pairwise) whatever
+    the cut and however the weight was laid out (a MatMul weight's groups are a transposed view)."""
+    return np.ascontiguousarray(w[part]), np.ascontiguousarray(h[part])
+
+
+def _clip_search(w: np.ndarray, h: np.ndarray, qrange: tuple[int, int], symmetric: bool):
+    """Each row's step (and zero point) of least h-weighted squared error over CLIP_GRID; rows are
+    independent, so any cut of the rows gives the same answer."""
+    best_scale, best_zp = _grid_for(w, 1.0, qrange, symmetric)
+    best_err = np.full(w.shape[0], np.inf)
+    for alpha in CLIP_GRID:
+        scale, zp = _grid_for(w, float(alpha), qrange, symmetric)
+        q = _codes(w, scale, zp, qrange)
+        deq = (q - (0 if zp is None else zp[:, None])) * scale[:, None]
+        err = (h * (w - deq) ** 2).sum(axis=1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, scale, best_scale)
+        if zp is not None:
+            best_zp = np.where(better, zp, best_zp)
+    return best_scale, best_zp
+
+
 def quantize_groups(
     w: np.ndarray,
     bits: int,
@@ -160,19 +190,14 @@ def quantize_groups(
     qrange = qrange or int_range(bits, symmetric)
     w = w.astype(np.float32)  # the search only ranks candidates: float32 is precise enough and twice as fast
     h = np.ones_like(w) if h is None else h.astype(np.float32)
-    best_scale, best_zp = _grid_for(w, 1.0, qrange, symmetric)
     if clip:
-        best_err = np.full(w.shape[0], np.inf)
-        for alpha in CLIP_GRID:
-            scale, zp = _grid_for(w, float(alpha), qrange, symmetric)
-            q = _codes(w, scale, zp, qrange)
-            deq = (q - (0 if zp is None else zp[:, None])) * scale[:, None]
-            err = (h * (w - deq) ** 2).sum(axis=1)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_scale = np.where(better, scale, best_scale)
-            if zp is not None:
-                best_zp = np.where(better, zp, best_zp)
+        rows = max(1, SEARCH_ELEMENTS // max(w.shape[1], 1))
+        parts = [slice(start, start + rows) for start in range(0, w.shape[0], rows)] or [slice(0, 0)]
+        found = parallel.thread_map(lambda part: _clip_search(*_rows(w, h, part), qrange, symmetric), parts)
+        best_scale = np.concatenate([scale for scale, _ in found])
+        best_zp = None if symmetric else np.concatenate([zp for _, zp in found])
+    else:
+        best_scale, best_zp = _grid_for(w, 1.0, qrange, symmetric)
     if best_scale.max(initial=0.0) > np.finfo(scale_dtype).max:  # float16 cannot hold such steps
         scale_dtype = np.float32
     tiny = float(np.finfo(scale_dtype).smallest_subnormal)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from tqdm import tqdm
 
 from onnxtq import model_io
 from onnxtq.calibration.data import Source
 from onnxtq.errors import ModelError, VerificationError
 from onnxtq.finite import nonfinite
+from onnxtq.progress import bar
 
 
 def compare(
@@ -25,7 +25,7 @@ def compare(
     keys = ("signal", "noise", "max_abs_err", "values", "nonfinite", "reference_nonfinite")
     sums = {name: dict.fromkeys(keys, 0.0) for name in names}
     seen = 0
-    with tqdm(total=samples, desc="verify", unit="sample", disable=None, leave=False) as bar:
+    with bar(total=samples, desc="verify", unit="sample") as shown:
         for n, feed in source.batches(1):
             if seen >= samples:
                 break
@@ -41,7 +41,7 @@ def compare(
                 s["nonfinite"] += int((~np.isfinite(b)).sum())
                 s["reference_nonfinite"] += int((~np.isfinite(a)).sum())
             seen += n
-            bar.update(n)
+            shown.update(n)
     outputs = {}
     for name, s in sums.items():
         finite = not (s["nonfinite"] or s["reference_nonfinite"])
@@ -79,13 +79,21 @@ def check_fidelity(result: dict, min_sqnr_db: float | None, consequence: str = "
 
 
 def _problem(model: onnx.ModelProto) -> str | None:
-    """Why the model cannot be used: the full checker's words or onnxruntime's; None if both accept it."""
+    """Why the model cannot be used: the full checker's words or onnxruntime's; None if both accept it.
+    A large model is checked as a file with external data (model_io.on_disk), as the checker needs past 2 GB."""
+    if model_io.is_large(model):
+        with model_io.on_disk(model) as path:
+            return _file_problem(path, path)
+    return _file_problem(model, model)
+
+
+def _file_problem(checked, loaded) -> str | None:
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(checked, full_check=True)
     except Exception as exc:  # the checker raises ValidationError, shape inference errors and others
         return f"onnx.checker rejects it: {exc}"
     try:
-        model_io.session(model)
+        model_io.session(loaded)
     except ModelError as exc:
         return str(exc)
     return None

@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
 from onnxtq import lowering
 from onnxtq.calibration.data import split_holdout
@@ -35,6 +34,7 @@ from onnxtq.model_io import serialize
 from onnxtq.opsets import Emission
 from onnxtq.packing import container_bits
 from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
+from onnxtq.progress import bar
 from onnxtq.quantize import blocking_for
 from onnxtq.rd import Band, Option, allocate
 from onnxtq.report import PassReport, Rate, WeightRecord
@@ -145,7 +145,7 @@ class AutoPass(Pass):
             layer.gain = gains[layer.site.name]
         points = {
             layer.site.name: self._points(layer, kind == "served_size")
-            for layer in tqdm(layers, desc="auto candidates", unit="weight", disable=None, leave=False)
+            for layer in bar(layers, desc="auto candidates", unit="weight")
         }
         banded = self._banded_options(layers, kind)
         energy = probe.energy
@@ -219,7 +219,7 @@ class AutoPass(Pass):
         options: dict[str, list[Option]] = {}
         for name in names:
             codec = BANDED[name](scale_bits=self.config.scale_bits)
-            for layer in tqdm(layers, desc=f"auto {name} curves", unit="weight", disable=None, leave=False):
+            for layer in bar(layers, desc=f"auto {name} curves", unit="weight"):
                 if layer.stats is None:
                     continue
                 for coding in codec.options(codec.layer(layer) if name == "tq" else layer):

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tqdm import tqdm
-
 from onnxtq.bias import bias_note
 from onnxtq.codec import Layer
 from onnxtq.codecs.crq import CrqCodec
 from onnxtq.finish import finish
 from onnxtq.opsets import Emission
 from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
+from onnxtq.progress import bar
 from onnxtq.report import Kept, PassReport
 from onnxtq.sequential import MIN_PATCHES_PER_INPUT, enough, sequential_stages
 from onnxtq.weights import WeightSite, discover, quantizable
@@ -75,7 +74,7 @@ class CrqPass(Pass):
         sites = quantizable(discover(ctx.graph), cfg.min_elements, report)
         ends = {sites[0].name, sites[-1].name} if sites else set()
         codecs: dict[int, CrqCodec] = {}
-        with tqdm(total=len(sites), desc=self.name, unit="weight", disable=None, leave=False) as bar:
+        with bar(total=len(sites), desc=self.name, unit="weight") as shown:
             for site, drift in sequential_stages(ctx, sites, cfg.sequential):
                 bits = self._bits_for(site, ends)
                 codec = codecs.setdefault(bits, CrqCodec(bits, cfg.ternary, cfg.block, cfg.method, cfg.scale_bits))
@@ -84,7 +83,7 @@ class CrqPass(Pass):
                 report.records.append(record)
                 if bits != cfg.bits:
                     report.kept.append(Kept(site.name, site.kind, bits, record.bytes_after))
-                bar.update()
+                shown.update()
         if report.kept:
             kept = ", ".join(f"{k.name} ({k.kind}, {k.bits} bits, {k.bytes:,d} B)" for k in report.kept)
             report.notes.append(f"kept at higher precision: {kept}")

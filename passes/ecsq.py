@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
 from onnxtq.bias import bias_note
 from onnxtq.codec import Layer, output_error
@@ -23,6 +22,7 @@ from onnxtq.finish import finish
 from onnxtq.gains import Probe
 from onnxtq.opsets import Emission
 from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
+from onnxtq.progress import bar
 from onnxtq.rd import Option, allocate
 from onnxtq.report import PassReport, Rate, WeightRecord
 from onnxtq.weights import discover, quantizable
@@ -98,12 +98,12 @@ class EcsqPass(Pass):
 
     def _uniform(self, ctx: Context, codec: EcsqCodec, layers, weights: int, report: PassReport) -> list[WeightRecord]:
         cfg = self.config
-        curves = [codec.curve(layer) for layer in tqdm(layers, desc="ecsq curves", disable=None, leave=False)]
+        curves = [codec.curve(layer) for layer in bar(layers, desc="ecsq curves")]
         tries, best = [], None  # tries: (plain-rounding rate aimed at, rate given); best: (rate, deltas, codes)
         aim = cfg.rate
         for _attempt in range(ATTEMPTS):
             deltas = self._deltas(codec, layers, curves, aim * weights)
-            codes = [codec.codes(*a) for a in tqdm(list(zip(layers, deltas)), desc="ecsq", disable=None, leave=False)]
+            codes = [codec.codes(*a) for a in bar(list(zip(layers, deltas)), desc="ecsq")]
             rate = (sum(entropy_bits(q) + codec.side_bits(layer) for q, layer in zip(codes, layers))) / weights
             tries.append((aim, rate))
             if best is None or abs(rate - cfg.rate) < abs(best[0] - cfg.rate):

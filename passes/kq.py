@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
 from onnxtq.bias import bias_note
 from onnxtq.codec import Layer
@@ -30,6 +29,7 @@ from onnxtq.codecs.kq import KqCodec
 from onnxtq.finish import finish
 from onnxtq.opsets import Emission
 from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
+from onnxtq.progress import bar
 from onnxtq.report import PassReport, WeightRecord
 from onnxtq.weights import WeightSite, discover, quantizable
 
@@ -114,7 +114,7 @@ class KqPass(Pass):
             key = (cfg.share, kk if kk > 1 else cfg.pq, kk == 1) if shared else (site.name,)
             jobs.setdefault(key, []).append(Layer.of(ctx.graph, site, stats))
         records = []
-        for layers in tqdm(list(jobs.values()), desc=self.name, unit="codebook", disable=None, leave=False):
+        for layers in bar(list(jobs.values()), desc=self.name, unit="codebook"):
             group = codec.code_group(layers)
             if group.prepare is not None:
                 group.prepare(ctx.graph, self.name)

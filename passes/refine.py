@@ -17,12 +17,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
-from tqdm import tqdm
 
 from onnxtq.codec import Coded, Layer
 from onnxtq.finish import db, finish
 from onnxtq.packing import int_tensor
 from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
+from onnxtq.progress import bar
 from onnxtq.quantize import GroupCode, blocking_for
 from onnxtq.reconstruct import reconstruct
 from onnxtq.report import PassReport, WeightRecord
@@ -57,7 +57,7 @@ class RefinePass(Pass):
         report = self.new_report()
         g = ctx.graph
         nodes = [n for n in g.graph if n.op_type == "DequantizeLinear" and n.outputs[0].name in g.originals]
-        for node in tqdm(nodes, desc=self.name, unit="weight", disable=None, leave=False):
+        for node in bar(nodes, desc=self.name, unit="weight"):
             site, original = g.originals[node.outputs[0].name]
             report.records.append(self._refine(ctx, node, site, original))
         if not nodes:

@@ -10,16 +10,17 @@ logit SQNR at 8 bits.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
-from tqdm import tqdm
-
+from onnxtq import parallel
 from onnxtq.bias import bias_note
 from onnxtq.codec import Layer
-from onnxtq.codecs.rtn import RtnCodec
+from onnxtq.codecs.rtn import RtnCodec, quantize_task
 from onnxtq.finish import finish
 from onnxtq.opsets import Emission
 from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
+from onnxtq.progress import bar
 from onnxtq.report import PassReport
 from onnxtq.weights import discover, quantizable
 
@@ -68,9 +69,18 @@ class RtnPass(Pass):
         sites = quantizable(discover(ctx.graph), cfg.min_elements, report)
         stats = ctx.stats if ctx.stats_fresh else None
         codec = RtnCodec(cfg.bits, cfg.block, cfg.is_symmetric, cfg.clip, cfg.weighted, cfg.scale_bits)
-        for site in tqdm(sites, desc=self.name, unit="weight", disable=None, leave=False):
-            layer = Layer.of(ctx.graph, site, stats)
-            report.records.append(finish(ctx.graph, layer, codec.code(layer), self.name, cfg.bias_correct))
+        layers: deque[Layer] = deque()  # read, their codes on the way (on a cluster, a few ahead)
+
+        def tasks():
+            for site in sites:
+                layers.append(Layer.of(ctx.graph, site, stats))
+                yield codec.task(layers[-1])
+
+        codes = parallel.task_map(quantize_task, tasks())
+        for group_code in bar(codes, total=len(sites), desc=self.name, unit="weight"):
+            layer = layers.popleft()
+            coded = codec.code(layer, group_code)
+            report.records.append(finish(ctx.graph, layer, coded, self.name, cfg.bias_correct))
         weighted = stats is not None and cfg.weighted
         report.notes.append(
             "error weighted by calibration diag(H)" if weighted else "error = plain weight MSE (no statistics)"

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
 from onnxtq.bias import bias_note
 from onnxtq.codec import Layer, output_error
@@ -29,6 +28,7 @@ from onnxtq.gains import Probe
 from onnxtq.graph import Graph
 from onnxtq.opsets import Emission
 from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
+from onnxtq.progress import bar
 from onnxtq.rd import allocate
 from onnxtq.report import Additivity, PassReport, Rate
 from onnxtq.sequential import sequential_stages
@@ -108,19 +108,14 @@ class TqPass(Pass):
             cfg.scale_bits,
         )
         clock = [time.perf_counter()]
-        layers = [
-            codec.layer(Layer.of(ctx.graph, s, ctx.stats))
-            for s in tqdm(sites, desc="tq transforms", disable=None, leave=False)
-        ]
+        layers = [codec.layer(Layer.of(ctx.graph, s, ctx.stats)) for s in bar(sites, desc="tq transforms")]
         model = ctx.graph.proto()
         probe = Probe(model, ctx.data, cfg.gain_samples) if cfg.gains else None
         if probe is not None:
             gains = probe.gains(model, sites, lambda s, e: output_error(s, ctx.stats.get(s), e))
             for layer in layers:
                 layer.layer.gain = gains[layer.site.name]
-        options = {
-            layer.site.name: codec.options(layer) for layer in tqdm(layers, desc="tq curves", disable=None, leave=False)
-        }
+        options = {layer.site.name: codec.options(layer) for layer in bar(layers, desc="tq curves")}
         weights = sum(int(np.prod(s.shape)) for s in sites)
         target = self._target(ctx, sites, weights, probe)
         chosen = allocate(options, **target)
@@ -178,7 +173,7 @@ class TqPass(Pass):
         """Every layer materialised as allocated and finished: (records, Σ g·D, bound bits)."""
         records, predicted, bound_bits = [], 0.0, 0.0
         by_name = {layer.site.name: layer for layer in layers}
-        with tqdm(total=len(layers), desc="tq emit", disable=None, leave=False) as bar:
+        with bar(total=len(layers), desc="tq emit") as shown:
             for site, drift in sequential_stages(ctx, sites, self.config.sequential):
                 layer = by_name[site.name]
                 index, picks = chosen.choice[site.name]
@@ -188,7 +183,7 @@ class TqPass(Pass):
                 records.append(record)
                 predicted += layer.gain * coded.output_error
                 bound_bits += (record.bound_bits or 0.0) * int(np.prod(site.shape))
-                bar.update()
+                shown.update()
         return records, predicted, bound_bits
 
     def _target(self, ctx: Context, sites, weights: int, probe) -> dict:

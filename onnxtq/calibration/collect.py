@@ -8,12 +8,10 @@ pass over the data; each output is reduced to statistics and dropped at once.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from tqdm import tqdm
 
 from onnxtq import model_io
 from onnxtq.calibration.branches import BranchRunner, has_branches
@@ -28,7 +26,8 @@ from onnxtq.calibration.stats import (
     initial_rows,
 )
 from onnxtq.errors import DataError
-from onnxtq.graph import copy_model, infer_shapes, outer_reads, proto_bodies, tensor_shapes
+from onnxtq.graph import copy_model, infer_shapes, light_copy, outer_reads, proto_bodies, put_back, tensor_shapes
+from onnxtq.progress import bar
 from onnxtq.weights import RECURRENT_GATES, WeightSite, hidden_name
 
 #: Tensors exposed at once when probing sizes that shape inference cannot give.
@@ -154,7 +153,7 @@ def _activation_bytes(
         names = [n for n in names if n in defined]
     else:
         absent = {}
-    fixed = copy.deepcopy(model)
+    fixed = light_copy(model)[0]  # shapes need no weights
     for vi in fixed.graph.input:
         if vi.name in feed:
             dims = vi.type.tensor_type.shape.dim
@@ -191,23 +190,25 @@ def _plan(names: list[str], sizes: dict[str, int], budget: int) -> list[list[str
     return groups
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
-    """`model` answering only `names`, cut to the nodes they need (onnxruntime runs every node it holds)."""
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """`model` answering only `names`, cut to the nodes they need (onnxruntime runs every node it holds).
+    Built from a light copy: of the weights, only those the kept nodes read are copied."""
     if not names:
-        return model.SerializeToString()
+        return model
     needed, nodes = set(names), []
     for node in reversed(model.graph.node):
         if needed.intersection(node.output):
             nodes.append(node)
             needed |= set(node.input) | outer_reads(node)
-    graph = model.graph
-    inputs = {vi.name for vi in graph.input}
-    cut = copy_model(model)
+    inputs = {vi.name for vi in model.graph.input}
+    cut, big = light_copy(model)
+    kept = [t for t in cut.graph.initializer if t.name in needed or t.name in inputs]
     del cut.graph.node[:], cut.graph.output[:], cut.graph.initializer[:]
     cut.graph.node.extend(reversed(nodes))
-    cut.graph.initializer.extend(t for t in graph.initializer if t.name in needed or t.name in inputs)
+    cut.graph.initializer.extend(kept)
+    put_back(cut, model, big & {t.name for t in kept})
     cut.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
-    return cut.SerializeToString()
+    return cut
 
 
 def _check_finite(activations: dict[str, np.ndarray], first_sample: int) -> None:
@@ -247,7 +248,7 @@ def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, con
         read = _reader(model, group, config.threads)
         seen = 0
         desc = f"calibrate {group_index + 1}/{len(plan)}"
-        with tqdm(total=limit, desc=desc, unit="sample", disable=None, leave=False) as bar:
+        with bar(total=limit, desc=desc, unit="sample") as shown:
             for n, feed in source.batches(batch):
                 if seen >= limit:
                     break
@@ -264,11 +265,15 @@ def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, con
                             acc.update(chunk)
                 del outputs
                 seen += n
-                bar.update(n)
+                shown.update(n)
     by_site = {}
-    finalized = {key: acc.finalize() for key, (_, acc) in by_key.items() if acc.count}  # 0: a branch never taken
-    if config.shrink:
-        finalized = {key: stats.shrunk() for key, stats in finalized.items()}
+    finalized = {}
+    for key in list(by_key):  # one layer's moments at a time: the accumulator goes as its statistics come
+        _, acc = by_key.pop(key)
+        if acc.count:  # 0: a branch never taken
+            stats = acc.finalize()
+            del acc
+            finalized[key] = stats.shrunk() if config.shrink else stats
     for site in targets:
         if _key(site) in finalized:
             by_site[site.name] = finalized[_key(site)]

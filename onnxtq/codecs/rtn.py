@@ -41,24 +41,26 @@ class RtnCodec(Codec):
         point = Band(np.array([self.bits]), np.array([float(bits)]), np.array([layer.gain * coded.output_error]))
         return [Option(f"rtn {self.bits}-bit", [point], materialize=lambda picks, drift=None: coded)]
 
-    def code(self, layer: Layer) -> Coded:
-        return self.code_groups(layer)[0]
+    def code(self, layer: Layer, group_code: GroupCode | None = None) -> Coded:
+        """The coded layer; `group_code` is `quantize_task(self.task(layer))` where that ran elsewhere."""
+        return self.code_groups(layer, group_code)[0]
 
-    def code_groups(self, layer: Layer) -> tuple[Coded, Blocking, GroupCode]:
-        """The coded layer with its grouping and its codes (for rates other than the container's)."""
+    def task(self, layer: Layer) -> tuple:
+        """The arguments of `quantize_task` for `layer`: the costly part, a pure function of plain arrays
+        that any worker can run (onnxtq.parallel)."""
         site = layer.site
         blocking = blocking_for(site, self.block)
         weights = None
         if self.weighted and layer.stats is not None:
             weights = blocking.to_groups(importance(site, layer.stats))
-        group_code = quantize_groups(
-            blocking.to_groups(layer.w),
-            self.bits,
-            self.symmetric,
-            self.clip,
-            weights,
-            step_dtype(site, self.scale_bits),
-        )
+        groups = blocking.to_groups(layer.w)
+        return groups, self.bits, self.symmetric, self.clip, weights, step_dtype(site, self.scale_bits)
+
+    def code_groups(self, layer: Layer, group_code: GroupCode | None = None) -> tuple[Coded, Blocking, GroupCode]:
+        """The coded layer with its grouping and its codes (for rates other than the container's)."""
+        site = layer.site
+        blocking = blocking_for(site, self.block)
+        group_code = group_code or quantize_task(self.task(layer))
         w_hat = dequantized(blocking, group_code)
         error = None if layer.stats is None else output_error(site, layer.stats, layer.w.astype(np.float64) - w_hat)
         coded = Coded(
@@ -74,3 +76,8 @@ def side_bits(code: GroupCode) -> int:
     groups = len(code.scale)
     zero_points = groups * container_bits(code.bits) if code.zero_point is not None else 0
     return groups * 8 * code.scale.dtype.itemsize + zero_points
+
+
+def quantize_task(task: tuple) -> GroupCode:
+    """quantize_groups over one layer's `RtnCodec.task`: importable, so a worker process can run it."""
+    return quantize_groups(*task)

@@ -1,0 +1,80 @@
+"""Where per-layer work runs: on this machine's cores (`--jobs` threads) or on a Dask cluster's worker
+processes (`--cluster ADDRESS`).
+
+Every task is a pure function of its arguments, so the answers, and the file, are the same wherever the
+work ran. On one machine, threads: numpy releases the GIL in the loops that cost (the clipping search,
+matrix products), so threads keep every core busy without copying a weight into another process. A
+cluster gets whole layers (`task_map`), a bounded number at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+from onnxtq.errors import UsageError
+
+#: Seconds to wait for a Dask scheduler to answer.
+CONNECT_SECONDS = 20
+
+_settings = {"jobs": 0, "cluster": None}
+
+
+def configure(jobs: int = 0, cluster: str | None = None) -> None:
+    """Workers for what follows: `jobs` local workers (0: one per core), and a Dask scheduler's address."""
+    if jobs < 0:
+        raise UsageError(f"--jobs {jobs}: give a count of workers, or 0 for one per core")
+    _settings.update(jobs=jobs, cluster=cluster)
+    for address in [a for a in _clients if a != cluster]:  # a client left behind would try to reconnect
+        _clients.pop(address).close()
+
+
+def workers() -> int:
+    """Local workers: --jobs, or the cores this process may run on."""
+    return _settings["jobs"] or len(os.sched_getaffinity(0))
+
+
+def thread_map(fn: Callable, items: Iterable) -> list:
+    """[fn(item) for item in items], on the local workers' threads when there are several."""
+    items = list(items)
+    if workers() == 1 or len(items) < 2:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(min(workers(), len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def task_map(fn: Callable, items: Iterable, window: int = 0) -> Iterator:
+    """fn(item) for each item, in order: on the Dask cluster when one is configured (at most `window` tasks
+    out at a time, default twice its workers, so only their arguments are copied and alive at once), else
+    here, lazily, one after the other (each task's numpy loops use the local threads). `fn` must be
+    importable where the workers run."""
+    if not _settings["cluster"]:
+        yield from map(fn, items)
+        return
+    client = _dask_client(_settings["cluster"])
+    window = window or 2 * max(1, len(client.scheduler_info().get("workers", {})))
+    pending: list = []
+    for item in items:
+        pending.append(client.submit(fn, item, pure=False))
+        if len(pending) >= window:
+            yield pending.pop(0).result()
+    for future in pending:
+        yield future.result()
+
+
+_clients: dict = {}
+
+
+def _dask_client(address: str):
+    """One Dask client per scheduler address for the life of the process."""
+    if address not in _clients:
+        try:
+            from distributed import Client
+        except ImportError as exc:
+            raise UsageError("--cluster needs Dask's distributed scheduler", "pip install 'onnxtq[cluster]'") from exc
+        try:
+            _clients[address] = Client(address, timeout=CONNECT_SECONDS)
+        except OSError as exc:
+            raise UsageError(f"cannot reach the Dask scheduler at {address}: {exc}") from exc
+    return _clients[address]

@@ -1,0 +1,71 @@
+"""Per-layer work on threads (--jobs) and on a Dask cluster (--cluster): the same file wherever it ran."""
+
+import numpy as np
+import pytest
+from builders import bundled
+
+from onnxtq import parallel
+from onnxtq.cli import main
+from onnxtq.quantize import SEARCH_ELEMENTS, _clip_search, int_range, quantize_groups
+
+PIPELINE = "calibrate,rtn{bits=4},rtn{bits=2,min_elements=0}"  # 4-bit codes, then 2-bit zero points for the rest
+
+
+@pytest.fixture(autouse=True)
+def local_after():
+    yield
+    parallel.configure()
+
+
+def _compress(tmp_path, name, *extra):
+    model, calib = bundled("mnist_transformer")
+    out = tmp_path / f"{name}.onnx"
+    argv = ["-q", "compress", str(model), "-o", str(out), "--calib", str(calib), "--pipeline", PIPELINE, *extra]
+    assert main(argv) == 0
+    return out.read_bytes()
+
+
+def test_any_cut_of_the_rows_and_any_number_of_threads_give_the_same_codes():
+    rng = np.random.default_rng(0)
+    rows = 3 * SEARCH_ELEMENTS // 100 + 7  # cut in several parts
+    w = rng.standard_normal((100, rows)).astype(np.float32).T  # laid out as a MatMul weight's groups are
+    h = rng.random((100, rows)).astype(np.float32).T
+    for bits, symmetric in ((4, True), (2, False)):
+        whole = np.ascontiguousarray(w), np.ascontiguousarray(h)
+        whole_scale, whole_zp = _clip_search(*whole, int_range(bits, symmetric), symmetric)  # all rows at once
+        for jobs in (1, 2, 3):
+            parallel.configure(jobs)
+            code = quantize_groups(w, bits, symmetric, True, h)
+            np.testing.assert_array_equal(code.scale, whole_scale.astype(np.float32))
+            if not symmetric:
+                np.testing.assert_array_equal(code.zero_point, whole_zp)
+
+
+def test_jobs_one_and_all_cores_write_the_same_file(tmp_path):
+    assert _compress(tmp_path, "one", "--jobs", "1") == _compress(tmp_path, "all")
+
+
+def test_a_dask_cluster_of_two_workers_writes_the_local_file(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    local = _compress(tmp_path, "local")
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, worker_dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        with distributed.get_task_stream(client) as stream:
+            remote = _compress(tmp_path, "remote", "--cluster", cluster.scheduler_address)
+        ran = [t for t in stream.data if t["key"].startswith("quantize_task")]
+        assert remote == local
+        assert ran and {t["worker"] for t in ran} == set(client.scheduler_info()["workers"])  # both worked
+
+
+def test_an_unreachable_cluster_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("distributed")
+    monkeypatch.setattr(parallel, "CONNECT_SECONDS", 2)
+    model, calib = bundled("mnist_transformer")
+    argv = ["-q", "compress", str(model), "-o", str(tmp_path / "o.onnx"), "--calib", str(calib)]
+    assert main([*argv, "--cluster", "tcp://127.0.0.1:9"]) == 2
+    assert "cannot reach the Dask scheduler" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
