@@ -20,7 +20,7 @@ from onnxtq.calibration.data import ImagePreprocessing, open_source
 from onnxtq.compress import DEFAULT_PIPELINE, Guards, compress, model_bytes, prepare, sweep
 from onnxtq.errors import DataError, OnnxtqError, UsageError
 from onnxtq.graph import Graph, provenance
-from onnxtq.model_io import write_atomic
+from onnxtq.model_io import data_file, write_atomic
 from onnxtq.pipeline import registry
 from onnxtq.profiles import PROFILES, min_onnxruntime
 from onnxtq.report import output_line
@@ -102,6 +102,15 @@ def _add_worker_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_external_data_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--external-data",
+        action="store_true",
+        default=None,
+        help="write the weights to OUTPUT.data beside the model (by itself when one file would pass 2 GB)",
+    )
+
+
 def _workers(args) -> None:
     parallel.configure(args.jobs, args.cluster)
 
@@ -164,6 +173,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"skip the sizes as sent (brotli -q 11 takes about 3 s/MB; always skipped past {MEASURED_UP_TO >> 20} MB)",
     )
     _add_worker_options(c)
+    _add_external_data_option(c)
     _add_target_option(c)
     _add_guard_options(c)
 
@@ -180,6 +190,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--verify-samples", type=int, default=8)
     sw.add_argument("--threads", type=int, default=0)
     _add_worker_options(sw)
+    _add_external_data_option(sw)
     _add_target_option(sw)
     _add_guard_options(sw)
 
@@ -267,15 +278,18 @@ def _compress(args) -> int:
         _guards(args),
         {"--report": args.report, "--report-html": args.report_html},
         args.target,
+        args.external_data,
     )
+    data = data_file(output) if run.bytes_after > Path(output).stat().st_size else None
     with progress.stage("sizes as sent"):
-        measure = run.bytes_after <= MEASURED_UP_TO and not args.no_sent
+        measure = run.bytes_after <= MEASURED_UP_TO and not args.no_sent and data is None
         run.transfer = transfer_sizes(Path(output).read_bytes()) if measure else {}
     print(run.table())
     if not run.transfer:
         why = "--no-sent" if args.no_sent else f"over {MEASURED_UP_TO >> 20} MB; brotli -q 11 takes about 3 s/MB"
+        why = "two files: the model and its external data" if data is not None else why
         print(f"sent: not measured ({why})")
-    print(f"wrote {output}")
+    print(f"wrote {output}" + (f" and its weights in {data}" if data is not None else ""))
     if run.onnxruntime != "1.17":
         print(f"it needs onnxruntime >= {run.onnxruntime}; --target portable writes a file every runtime loads")
     if args.report:
@@ -300,6 +314,7 @@ def _sweep(args) -> int:
         _guards(args),
         {"--report": args.report, "--report-html": args.report_html},
         args.target,
+        args.external_data,
     )
     sent = "".join(f" {k:>10}" for k in SENT)
     print(f"{'pipeline':<48} {'bytes':>12}{sent} {'ratio':>7} {'SQNR dB':>8} {'seconds':>8}  file")
@@ -308,7 +323,9 @@ def _sweep(args) -> int:
         print(f"{run.pipeline:<48} failed: {run.error}")
     runs = [run for run in every if not run.error]
     for run in runs:
-        run.transfer = transfer_sizes(Path(run.output).read_bytes()) if run.bytes_after <= MEASURED_UP_TO else {}
+        one_file = run.bytes_after == Path(run.output).stat().st_size
+        measure = one_file and run.bytes_after <= MEASURED_UP_TO
+        run.transfer = transfer_sizes(Path(run.output).read_bytes()) if measure else {}
         sqnr = min((v["sqnr_db"] for v in run.verification.get("outputs", {}).values()), default=float("nan"))
         seconds = sum(p.seconds for p in run.passes)
         ratio = run.bytes_before / run.bytes_after

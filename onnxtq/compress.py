@@ -19,7 +19,7 @@ import onnx
 from onnxtq import __version__, model_io
 from onnxtq.calibration.data import ImagePreprocessing, open_source, split_holdout
 from onnxtq.errors import ModelError, NoGainError, OnnxtqError
-from onnxtq.graph import Graph, constants_to_initializers, hoist_body_weights, subgraph_tensors
+from onnxtq.graph import Graph, constants_to_initializers, external_data_from, hoist_body_weights, subgraph_tensors
 from onnxtq.pass_infra import Context
 from onnxtq.paths import check_outputs
 from onnxtq.pipeline import parse
@@ -75,8 +75,9 @@ class Guards:
 
 
 def _start(source_path, calib, outputs: dict, guards: Guards, image_prep):
-    """Everything checked before any work: paths, the model itself, its weights; returns what the run needs."""
-    original, external = model_io.load_with_files(source_path)
+    """Everything checked before any work: paths, the model itself, its weights; returns what the run needs.
+    Weights in external data stay on disk (read within `external_data_from` the model's folder)."""
+    original, external = model_io.load_with_files(source_path, lazy=True)
     inputs = {"the input model": [source_path], "its external data": external}
     if isinstance(calib, (str, os.PathLike)):
         inputs["the calibration data"] = [calib]
@@ -119,27 +120,31 @@ def compress(
     guards: Guards = Guards(),
     also_writes: dict[str, str | os.PathLike | None] | None = None,
     target: str = "ort",
+    external_data: bool | None = None,
 ) -> RunReport:
     """Compress the model at `source_path` into `output_path`; returns the run report.
 
     `also_writes` names the caller's other outputs (a report, a page), checked with `output_path`
-    against the inputs and each other before any work; `target` is the runtime profile (onnxtq.profiles).
+    against the inputs and each other before any work; `target` is the runtime profile (onnxtq.profiles);
+    `external_data` writes the weights to `output_path`.data (None: only when one file would pass 2 GB).
     """
     chosen = profile(target)
     manager = parse(pipeline)
-    with stage("load and check"):
-        original, work, prep_report, data, size = _start(
-            source_path, calib, {"the output": output_path, **(also_writes or {})}, guards, image_prep
-        )
-    try:
-        ctx = _context(Graph(work), data, manager.wants_holdout, chosen)
-        del work  # the graph holds what it needs; an opset upgrade then frees the copy read from the file
-        reports = [prep_report] + manager.run(ctx)
-        run = RunReport(manager.pipeline, str(source_path), str(output_path), passes=reports, bytes_before=size)
-        return _finish(original, ctx, run, verify_samples, min_sqnr_db, threads, guards)
-    finally:
-        if data is not None:
-            data.close()
+    outputs = {"the output": output_path, "its external data": model_io.data_file(output_path)}
+    with external_data_from(Path(source_path).parent):
+        with stage("load and check"):
+            original, work, prep_report, data, size = _start(
+                source_path, calib, {**outputs, **(also_writes or {})}, guards, image_prep
+            )
+        try:
+            ctx = _context(Graph(work), data, manager.wants_holdout, chosen)
+            del work  # the graph holds what it needs; an opset upgrade then frees the copy read from the file
+            reports = [prep_report] + manager.run(ctx)
+            run = RunReport(manager.pipeline, str(source_path), str(output_path), passes=reports, bytes_before=size)
+            return _finish(original, ctx, run, verify_samples, min_sqnr_db, threads, guards, external_data)
+        finally:
+            if data is not None:
+                data.close()
 
 
 def sweep(
@@ -154,6 +159,7 @@ def sweep(
     guards: Guards = Guards(),
     also_writes: dict[str, str | os.PathLike | None] | None = None,
     target: str = "ort",
+    external_data: bool | None = None,
 ) -> list[RunReport]:
     """Several pipelines on one model, the `shared` head (normalisation, calibration) run once.
 
@@ -164,31 +170,35 @@ def sweep(
     chosen = profile(target)
     head = parse(shared)
     tails = [parse(p) for p in pipelines]
-    outputs = {f"pipeline {i + 1}'s output": sweep_output(source_path, out_dir, i) for i in range(len(tails))}
-    with stage("load and check"):
-        original, work, prep_report, data, size = _start(
-            source_path, calib, {**outputs, **(also_writes or {})}, guards, image_prep
-        )
-    runs = []
-    try:
-        base = _context(Graph(work), data, any(tail.wants_holdout for tail in tails), chosen)
-        head_reports = [prep_report] + head.run(base)
-        for index, tail in enumerate(tails):
-            pipeline = f"{head.pipeline},{tail.pipeline}"
-            output = sweep_output(source_path, out_dir, index)
-            try:
-                graph = Graph(base.graph.proto())
-                ctx = Context(graph, base.data, base.stats, base.stats_fresh, base.holdout, base.profile)
-                reports = head_reports + tail.run(ctx)
-                run = RunReport(pipeline, str(source_path), str(output), passes=reports, bytes_before=size)
-                runs.append(_finish(original, ctx, run, verify_samples, None, threads, guards))
-            except OnnxtqError as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                runs.append(RunReport(pipeline, str(source_path), error=error, exit_code=exc.exit_code))
-        return runs
-    finally:
-        if data is not None:
-            data.close()
+    outputs = {}
+    for i in range(len(tails)):
+        outputs[f"pipeline {i + 1}'s output"] = sweep_output(source_path, out_dir, i)
+        outputs[f"pipeline {i + 1}'s external data"] = model_io.data_file(sweep_output(source_path, out_dir, i))
+    with external_data_from(Path(source_path).parent):
+        with stage("load and check"):
+            original, work, prep_report, data, size = _start(
+                source_path, calib, {**outputs, **(also_writes or {})}, guards, image_prep
+            )
+        runs = []
+        try:
+            base = _context(Graph(work), data, any(tail.wants_holdout for tail in tails), chosen)
+            head_reports = [prep_report] + head.run(base)
+            for index, tail in enumerate(tails):
+                pipeline = f"{head.pipeline},{tail.pipeline}"
+                output = sweep_output(source_path, out_dir, index)
+                try:
+                    graph = Graph(base.graph.proto())
+                    ctx = Context(graph, base.data, base.stats, base.stats_fresh, base.holdout, base.profile)
+                    reports = head_reports + tail.run(ctx)
+                    run = RunReport(pipeline, str(source_path), str(output), passes=reports, bytes_before=size)
+                    runs.append(_finish(original, ctx, run, verify_samples, None, threads, guards, external_data))
+                except OnnxtqError as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                    runs.append(RunReport(pipeline, str(source_path), error=error, exit_code=exc.exit_code))
+            return runs
+        finally:
+            if data is not None:
+                data.close()
 
 
 def _context(graph: Graph, data, holdout: bool, chosen: Profile) -> Context:
@@ -205,10 +215,18 @@ def sweep_output(source_path, out_dir, index: int) -> Path:
 
 
 def _finish(
-    original, ctx: Context, run: RunReport, verify_samples: int, min_sqnr_db: float | None, threads: int, guards
+    original,
+    ctx: Context,
+    run: RunReport,
+    verify_samples: int,
+    min_sqnr_db: float | None,
+    threads: int,
+    guards,
+    external_data: bool | None,
 ) -> RunReport:
-    """Stamp, validate, verify against the original, check the gain and write atomically: the tail every
-    run shares."""
+    """Stamp, validate, check the gain, verify against the original and write atomically: the tail every
+    run shares. The file is written beside its place first (its size is the gain's measure) and moved in
+    only when every check has passed."""
     result = ctx.graph.proto()
     run.onnxruntime = min_onnxruntime(result)
     onnx.helper.set_model_props(
@@ -224,20 +242,24 @@ def _finish(
     with stage("validate"):
         check_constants(original, result)
         validate(result)
-        data = model_io.serialize(result)
-    why = None if guards.allow_no_gain else no_gain(run, len(data), original)
-    if why:
-        raise NoGainError(f"{why}; nothing written")
-    run.session = "onnxruntime CPU, session.qdq_matmulnbits_accuracy_level=0 (fp32 compute)"
-    if ctx.stats is not None:
-        run.calibration = f"{ctx.stats.samples} samples from {ctx.stats.description}"
-    if ctx.data is not None and verify_samples:
-        with stage("verify against the original"):
-            run.verification = compare(original, result, ctx.data, verify_samples, threads)
-        check_fidelity(run.verification, min_sqnr_db, "; nothing written")
     with stage(f"write {run.output}"):
-        model_io.write_atomic(data, run.output, refuse=run.source)
-    run.bytes_after = len(data)
+        written = model_io.stage(result, run.output, refuse=run.source, external_data=external_data)
+    try:
+        why = None if guards.allow_no_gain else no_gain(run, written.size, original)
+        if why:
+            raise NoGainError(f"{why}; nothing written")
+        run.session = "onnxruntime CPU, session.qdq_matmulnbits_accuracy_level=0 (fp32 compute)"
+        if ctx.stats is not None:
+            run.calibration = f"{ctx.stats.samples} samples from {ctx.stats.description}"
+        if ctx.data is not None and verify_samples:
+            with stage("verify against the original"):
+                run.verification = compare(original, result, ctx.data, verify_samples, threads)
+            check_fidelity(run.verification, min_sqnr_db, "; nothing written")
+    except BaseException:
+        written.discard()
+        raise
+    written.commit()
+    run.bytes_after = written.size
     return run
 
 

@@ -74,7 +74,7 @@ class Probe:
         rng = np.random.default_rng(seed)
         gains = {}
         for site in bar(sites, desc="network gains", unit="weight"):
-            w = onnx.numpy_helper.to_array(inits[site.name])
+            w = model_io.initializer_array(inits[site.name])
             rms = float(np.sqrt((w.astype(np.float64) ** 2).mean())) or 1.0
             noise = rng.normal(0.0, NOISE * rms, w.shape)
             noisy = (w + noise).astype(w.dtype)

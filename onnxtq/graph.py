@@ -13,6 +13,12 @@ ORT sessions, calibration and the opset converter work on protobufs: `proto()` o
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+from contextvars import ContextVar
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -22,6 +28,25 @@ from onnxtq.errors import PreconditionError
 
 PROVENANCE_PASS = "onnxtq.pass"
 PROVENANCE_ROLE = "onnxtq.role"
+
+#: The folder the run's external-data references resolve against (the input model's); None: no run.
+_DATA_FOLDER: ContextVar[Path | None] = ContextVar("onnxtq_data_folder", default=None)
+
+
+@contextlib.contextmanager
+def external_data_from(folder: str | os.PathLike) -> Iterator[None]:
+    """Within the block, tensors a model keeps in external data are read from `folder`: how a run holds an
+    input model's weights on disk (memory-mapped when read) instead of in memory."""
+    token = _DATA_FOLDER.set(Path(folder))
+    try:
+        yield
+    finally:
+        _DATA_FOLDER.reset(token)
+
+
+def data_folder() -> Path | None:
+    """The folder external-data references resolve against in this run (`external_data_from`), or None."""
+    return _DATA_FOLDER.get()
 
 
 class Graph:
@@ -37,6 +62,8 @@ class Graph:
             self._spell_default_domain = any(o.HasField("domain") for o in defaults) or not defaults
             self._value_info = {vi.name for vi in model.graph.value_info}
             model = ir.serde.deserialize_model(model)
+            if data_folder() is not None:
+                ir.external_data.set_base_dir(model.graph, data_folder())
         else:
             self._spell_default_domain, self._value_info = True, set()
         self.model = model

@@ -8,6 +8,7 @@ range exists, and that each tensor's stored size matches its declared shape.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import tempfile
 from collections.abc import Iterator
@@ -17,10 +18,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import external_data_helper, numpy_helper
+from onnx.external_data_helper import uses_external_data
 
 from onnxtq import lowering
 from onnxtq.errors import ModelError, UsageError
-from onnxtq.graph import Graph, light_copy
+from onnxtq.graph import Graph, data_folder, light_copy
 
 #: Largest tensor we agree to materialise (elements); guards against forged dims.
 MAX_TENSOR_ELEMENTS = 2**33
@@ -139,8 +141,11 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     return load_with_files(path)[0]
 
 
-def load_with_files(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[Path]]:
-    """`load`, and the external data files the model was read from besides its own."""
+def load_with_files(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelProto, list[Path]]:
+    """`load`, and the external data files the model was read from besides its own.
+
+    `lazy` leaves external data on disk (checked, not read): the run then reads it from the model's folder
+    (`graph.external_data_from`), a tensor at a time, memory-mapped."""
     path = Path(path)
     if path.is_dir():
         raise ModelError(f"'{path}' is a folder, not a model file", "give the path of the .onnx file")
@@ -160,6 +165,8 @@ def load_with_files(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[Path
             files.add((path.parent / next(e.value for e in t.external_data if e.key == "location")).resolve())
         else:
             _check_inline(t)
+    if lazy:
+        return model, sorted(files)
     try:
         external_data_helper.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError) as exc:  # what the checks above cannot foresee (e.g. a file that vanished)
@@ -167,11 +174,58 @@ def load_with_files(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[Path
     return model, sorted(files)
 
 
+def external_locations(model: onnx.ModelProto) -> set[str]:
+    """The external-data files (locations) the model's tensors still point at."""
+    return {
+        e.value
+        for t in _iter_tensors(model.graph)
+        if external_data_helper.uses_external_data(t)
+        for e in t.external_data
+        if e.key == "location"
+    }
+
+
+def _external_file(location: str) -> Path:
+    """Where this run's external data `location` is (the folder `graph.external_data_from` names)."""
+    folder = data_folder()
+    if folder is None:
+        raise ModelError(f"a tensor points at external data '{location}' but no model folder is known")
+    return folder / location
+
+
+def _external_bytes(t: onnx.TensorProto) -> bytes:
+    """The bytes an external tensor keeps on disk (its range was checked when the model was loaded)."""
+    info = {e.key: e.value for e in t.external_data}
+    with open(_external_file(info["location"]), "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        return f.read(int(info["length"]) if "length" in info else tensor_nbytes(t))
+
+
+def inline_size(model: onnx.ModelProto) -> int:
+    """Bytes of the model as one file, its external tensors read in (about: a few bytes of framing each)."""
+    external = [t for t in _iter_tensors(model.graph) if external_data_helper.uses_external_data(t)]
+    return model.ByteSize() + sum(tensor_nbytes(t) + 16 for t in external)
+
+
 def serialize(model: onnx.ModelProto) -> bytes:
-    """The model as one file's bytes (protobuf caps a message at 2 GB)."""
-    if model.ByteSize() >= _TWO_GB:
-        raise ModelError("the compressed model exceeds 2 GB", "external-data output is not supported yet")
-    return model.SerializeToString()
+    """The model as one file's bytes, tensors kept in external data read in (protobuf caps a file at 2 GB)."""
+    if inline_size(model) >= _TWO_GB:
+        raise ModelError("the compressed model exceeds 2 GB as one file", "write it with --external-data")
+    return _read_in(model).SerializeToString() if external_locations(model) else model.SerializeToString()
+
+
+def _read_in(model: onnx.ModelProto, keep: str | None = None) -> onnx.ModelProto:
+    """A copy of `model` holding the data of its external tensors, but those in the file `keep`."""
+    whole = onnx.ModelProto()
+    whole.CopyFrom(model)  # cheap: the weights still on disk are headers here
+    for t in _iter_tensors(whole.graph):
+        location = next((e.value for e in t.external_data if e.key == "location"), None)
+        if uses_external_data(t) and location != keep:
+            raw = _external_bytes(t)
+            del t.external_data[:]
+            t.ClearField("data_location")  # unset, as in a tensor the file holds inline
+            t.raw_data = raw
+    return whole
 
 
 def save_atomic(model: onnx.ModelProto, path: str | os.PathLike, *, refuse: Path | None = None) -> int:
@@ -188,12 +242,21 @@ def write_atomic(data: bytes, path: str | os.PathLike, *, refuse: str | os.PathL
     """Write bytes via a temporary file in the same folder and rename, so a reader never sees half a
     file; never over `refuse` (the input the output was made from)."""
     path = Path(path)
+    _refuse_input(path, refuse)
+    _Staged([(_written(path, lambda f: f.write(data)), path)], len(data)).commit()
+
+
+def _refuse_input(path: Path, refuse: str | os.PathLike | None) -> None:
     if refuse is not None and (
         path.resolve() == Path(refuse).resolve() or (path.exists() and os.path.samefile(path, refuse))
     ):
         raise ModelError(
             f"output '{path}' is the input model", "choose another output path; onnxtq never overwrites its input"
         )
+
+
+def _written(path: Path, write) -> str:
+    """A temporary file beside `path` holding what `write(file)` writes; its name."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -201,15 +264,99 @@ def write_atomic(data: bytes, path: str | os.PathLike, *, refuse: str | os.PathL
         raise UsageError(f"cannot write '{path}': {exc.strerror or exc}", "choose a folder you can write to") from exc
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
     except OSError as exc:  # disk full, or the target is a folder: nothing is left behind
         os.unlink(tmp)
         raise UsageError(f"cannot write '{path}': {exc.strerror or exc}", "check the path and the free space") from exc
     except BaseException:
         os.unlink(tmp)
         raise
+    return tmp
+
+
+class _Staged:
+    """An output written to temporary files beside its final paths, not yet in place: its `size` is known
+    before the caller keeps it (`commit`: renamed, the model's own file last) or drops it (`discard`)."""
+
+    def __init__(self, moves: list[tuple[str, Path]], size: int):
+        self.moves, self.size = moves, size
+
+    def commit(self) -> None:
+        try:
+            for tmp, path in self.moves:
+                os.replace(tmp, path)
+        except OSError as exc:
+            self.discard()
+            raise UsageError(f"cannot write '{path}': {exc.strerror or exc}", "check the path") from exc
+
+    def discard(self) -> None:
+        for tmp, _ in self.moves:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+#: Tensors of an external-data output at least this large start at a multiple of `_ALIGN` in its data
+#: file, so a runtime can memory-map them.
+_ALIGNED_FROM, _ALIGN = 2**20, 4096
+
+
+def data_file(path: str | os.PathLike) -> Path:
+    """The external-data file an output at `path` gets: beside it, its name and `.data`."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def stage(
+    model: onnx.ModelProto, path: str | os.PathLike, *, refuse=None, external_data: bool | None = None
+) -> _Staged:
+    """`model` written beside `path`, not yet in place: one file, or with `external_data` (by itself when one
+    file would pass protobuf's 2 GB) the graph in `path` and every tensor over 4 kB in `data_file(path)`."""
+    path = Path(path)
+    _refuse_input(path, refuse)
+    if external_data is None:
+        external_data = inline_size(model) >= _TWO_GB
+    if not external_data:
+        data = serialize(model)
+        return _Staged([(_written(path, lambda f: f.write(data)), path)], len(data))
+    light, big = light_copy(model)
+    whole = {t.name: t for t in model.graph.initializer if t.name in big}
+    location = data_file(path).name
+
+    def write_tensors(f) -> None:
+        for header in light.graph.initializer:
+            t = whole.get(header.name, header)  # a header of the light copy, or still in the input's data
+            moved = t is not header or uses_external_data(header)
+            if not moved or t.data_type == onnx.TensorProto.STRING:
+                if t is not header:
+                    header.CopyFrom(t)
+                continue
+            raw = _stored_bytes(t)
+            del header.external_data[:]
+            if len(raw) >= _ALIGNED_FROM and f.tell() % _ALIGN:
+                f.write(bytes(_ALIGN - f.tell() % _ALIGN))
+            header.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", f.tell()), ("length", len(raw))):
+                header.external_data.add(key=key, value=str(value))
+            f.write(raw)
+
+    tensors = _written(data_file(path), write_tensors)
+    try:
+        graph = _read_in(light, keep=location).SerializeToString()  # small tensors and attributes stay here
+    except BaseException:
+        os.unlink(tensors)
+        raise
+    size = len(graph) + os.path.getsize(tensors)
+    return _Staged([(tensors, data_file(path)), (_written(path, lambda f: f.write(graph)), path)], size)
+
+
+def _stored_bytes(t: onnx.TensorProto) -> bytes:
+    """A tensor's data as its raw bytes (little-endian, sub-byte types packed), wherever it is kept."""
+    if external_data_helper.uses_external_data(t):
+        return _external_bytes(t)
+    if t.HasField("raw_data"):
+        return t.raw_data
+    return numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
 
 
 def _umask() -> int:
@@ -241,43 +388,85 @@ def session_options(threads: int = 0, exact: bool = True, fold_dequantize: bool 
 
 
 def session(
-    model: onnx.ModelProto | bytes | str | Path, threads: int = 0, exact: bool = True, fold_dequantize: bool = False
+    model: onnx.ModelProto | bytes | str | Path,
+    threads: int = 0,
+    exact: bool = True,
+    fold_dequantize: bool = False,
+    on_disk_at: str | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session over an in-memory model (a large one through a temporary folder), or a file.
 
-    A model holding codes its opset cannot (the portable target's, before they are lowered) runs as it will
-    be written: lowered (onnxtq.lowering)."""
+    Weights the model still keeps in the input's external data reach onnxruntime memory-mapped; `on_disk_at`
+    is where `on_disk` has already written the model, if it has. A model
+    holding codes its opset cannot (the portable target's, before they are lowered) runs as it will be
+    written: lowered (onnxtq.lowering)."""
     if isinstance(model, onnx.ModelProto) and lowering.needs_lowering(model):
         graph = Graph(onnx.ModelProto.FromString(model.SerializeToString()))
         lowering.lower(graph)
         model = graph.proto()
-    options = session_options(threads, exact, fold_dequantize)
+    locations = external_locations(model) if isinstance(model, onnx.ModelProto) else set()
+    mapped = {location: _mapped(_external_file(location)) for location in sorted(locations)}
+    given = []  # the buffers onnxruntime was handed
+
+    def options_at(folder: str | None) -> ort.SessionOptions:
+        options = session_options(threads, exact, fold_dequantize)
+        own = Path(folder or "", _weights_name(locations))
+        files = {**mapped, own.name: _mapped(own)} if mapped and folder and own.is_file() else mapped
+        if files:  # onnxruntime then takes every external file from this table, none from the folder
+            names = list(files)
+            buffers = [files[n] for n in names]
+            options.add_external_initializers_from_files_in_memory(names, buffers, [b.size for b in buffers])
+            given.extend(buffers)
+        return options
+
     try:
-        if isinstance(model, onnx.ModelProto) and is_large(model):
+        if on_disk_at is not None:
+            options = options_at(os.path.dirname(on_disk_at))
+            sess = ort.InferenceSession(on_disk_at, options, providers=["CPUExecutionProvider"])
+        elif isinstance(model, onnx.ModelProto) and is_large(model):
             with on_disk(model) as path:
+                options = options_at(os.path.dirname(path))
                 sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         elif isinstance(model, (str, Path)):
-            sess = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(str(model), options_at(None), providers=["CPUExecutionProvider"])
         else:
             data = model if isinstance(model, bytes) else model.SerializeToString()
-            sess = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(data, options_at(None), providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ModelError(f"onnxruntime cannot load the model: {exc}") from exc
     # onnxruntime's Python class keeps the serialized model to rebuild the session with fallback providers;
     # with the CPU provider only it never does, and that copy is one more model in memory per session.
     if getattr(sess, "_model_bytes", None) is not None:
         sess._model_bytes = None
+    sess._onnxtq_mapped = given  # the mapped files live as long as the session that may read them
     return sess
+
+
+def _mapped(path: Path) -> np.ndarray:
+    """A read-only memory map of a whole file, as bytes."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return np.zeros(0, np.uint8)
+        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
 
 
 @contextlib.contextmanager
 def on_disk(model: onnx.ModelProto) -> Iterator[str]:
     """The path of `model` written to a temporary folder (gone after the block), its large weights one by one
     into an external-data file: how a model too large to pass as bytes reaches onnxruntime and the checker
-    (protobuf stops at 2 GB, and the bytes would be one more copy in memory)."""
+    (protobuf stops at 2 GB, and the bytes would be one more copy in memory). Weights still in the input's
+    external data stay there: the folder holds an empty file of the same size in its place, which the checker
+    (it only checks the file is there) accepts; `session` hands onnxruntime the real one, mapped."""
     light, big = light_copy(model)
+    locations = external_locations(model)
     with tempfile.TemporaryDirectory(prefix="onnxtq-model-") as folder:
-        with open(os.path.join(folder, "weights.bin"), "wb") as data:
+        for location in locations:
+            stand_in = Path(folder, location)
+            stand_in.parent.mkdir(parents=True, exist_ok=True)
+            with open(stand_in, "wb") as f:
+                f.truncate(_external_file(location).stat().st_size)  # sparse: no byte written
+        weights = _weights_name(locations)
+        with open(os.path.join(folder, weights), "wb") as data:
             whole = {t.name: t for t in model.graph.initializer if t.name in big}
             for header in light.graph.initializer:
                 if header.name in whole and not whole[header.name].HasField("raw_data"):  # typed fields: inline
@@ -285,7 +474,7 @@ def on_disk(model: onnx.ModelProto) -> Iterator[str]:
                 elif header.name in whole:
                     raw = whole[header.name].raw_data  # a copy of one weight at a time
                     header.data_location = onnx.TensorProto.EXTERNAL
-                    for key, value in (("location", "weights.bin"), ("offset", data.tell()), ("length", len(raw))):
+                    for key, value in (("location", weights), ("offset", data.tell()), ("length", len(raw))):
                         header.external_data.add(key=key, value=str(value))
                     data.write(raw)
                     del raw
@@ -295,11 +484,33 @@ def on_disk(model: onnx.ModelProto) -> Iterator[str]:
         yield path
 
 
+def _weights_name(locations: set[str]) -> str:
+    """The name of `on_disk`'s own weights file: one that none of the input's external-data files has."""
+    name = "weights.bin"
+    while name in locations:
+        name = "_" + name
+    return name
+
+
 def is_large(model: onnx.ModelProto) -> bool:
     """Whether `model` goes to onnxruntime and the checker through a folder (`on_disk`) rather than as bytes."""
     return model.ByteSize() > SESSION_FROM_FILE_BYTES
 
 
+def needs_folder(model: onnx.ModelProto) -> bool:
+    """Whether the checker must see `model` as a file in a folder: a large one, or one whose weights are
+    still in the input's external data (which it looks for beside the file)."""
+    return is_large(model) or bool(external_locations(model))
+
+
 def initializer_array(t: onnx.TensorProto) -> np.ndarray:
-    """numpy view of an initializer (float tensors as float32 or float64)."""
+    """numpy view of an initializer (float tensors as float32 or float64), read from the input's external
+    data if it is still there."""
+    if uses_external_data(t):
+        folder = data_folder()
+        if folder is None:
+            raise ModelError(f"tensor '{t.name}' is in external data but no model folder is known")
+        header = onnx.TensorProto()
+        header.CopyFrom(t)  # onnx reads the data into the tensor it is given: into this copy, not the model
+        return numpy_helper.to_array(header, str(folder))
     return numpy_helper.to_array(t)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
 
 from onnxtq import model_io
 from onnxtq.calibration.data import Source
@@ -80,20 +81,21 @@ def check_fidelity(result: dict, min_sqnr_db: float | None, consequence: str = "
 
 def _problem(model: onnx.ModelProto) -> str | None:
     """Why the model cannot be used: the full checker's words or onnxruntime's; None if both accept it.
-    A large model is checked as a file with external data (model_io.on_disk), as the checker needs past 2 GB."""
-    if model_io.is_large(model):
+    A large model, or one whose weights are still in the input's external data, is checked as a file in a
+    folder (model_io.on_disk), as the checker needs past 2 GB and to find external data."""
+    if model_io.needs_folder(model):
         with model_io.on_disk(model) as path:
-            return _file_problem(path, path)
-    return _file_problem(model, model)
+            return _file_problem(model, path)
+    return _file_problem(model, None)
 
 
-def _file_problem(checked, loaded) -> str | None:
+def _file_problem(model: onnx.ModelProto, path: str | None) -> str | None:
     try:
-        onnx.checker.check_model(checked, full_check=True)
+        onnx.checker.check_model(model if path is None else path, full_check=True)
     except Exception as exc:  # the checker raises ValidationError, shape inference errors and others
         return f"onnx.checker rejects it: {exc}"
     try:
-        model_io.session(loaded)
+        model_io.session(model, on_disk_at=path)
     except ModelError as exc:
         return str(exc)
     return None
@@ -153,16 +155,19 @@ def drop_wrong_output_shapes(model: onnx.ModelProto, observed: dict[str, tuple[i
 
 def check_constants(original: onnx.ModelProto, result: onnx.ModelProto) -> None:
     """VerificationError if the run wrote a constant holding NaN/Inf that the original did not hold: with no
-    calibration data to run the model on, this is what stops a broken file (e.g. steps beyond float16)."""
-    constants = [(t.name, t) for t in original.graph.initializer] + [
-        (n.output[0], a.t)
-        for n in original.graph.node
-        if n.op_type == "Constant"
-        for a in n.attribute
-        if a.name == "value"
+    calibration data to run the model on, this is what stops a broken file (e.g. steps beyond float16).
+    Tensors still in the input's external data are the input's own: they are not read."""
+    constants = {t.name: t for t in original.graph.initializer}
+    for n in original.graph.node:
+        if n.op_type == "Constant":
+            constants.update((n.output[0], a.t) for a in n.attribute if a.name == "value")
+    made = [
+        t.name
+        for t in result.graph.initializer
+        if not uses_external_data(t)
+        and nonfinite(numpy_helper.to_array(t))
+        and not (t.name in constants and nonfinite(model_io.initializer_array(constants[t.name])))
     ]
-    kept = {name for name, t in constants if nonfinite(numpy_helper.to_array(t))}
-    made = [t.name for t in result.graph.initializer if t.name not in kept and nonfinite(numpy_helper.to_array(t))]
     if made:
         raise VerificationError(
             f"the compressed model's constant(s) {made[:3]} hold NaN/Inf; nothing written",
