@@ -396,42 +396,35 @@ def session(
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session over an in-memory model (a large one through a temporary folder), or a file.
 
-    Weights the model still keeps in the input's external data reach onnxruntime memory-mapped; `on_disk_at`
-    is where `on_disk` has already written the model, if it has. A model
-    holding codes its opset cannot (the portable target's, before they are lowered) runs as it will be
-    written: lowered (onnxtq.lowering)."""
+    Weights the model still keeps in the input's external data onnxruntime reads from the input's folder
+    itself, as from the file (one copy in memory, none of ours); `on_disk_at` is where `on_disk` has
+    already written the model, if it has. A model holding codes its opset cannot (the portable target's,
+    before they are lowered) runs as it will be written: lowered (onnxtq.lowering)."""
     if isinstance(model, onnx.ModelProto) and lowering.needs_lowering(model):
         graph = Graph(onnx.ModelProto.FromString(model.SerializeToString()))
         lowering.lower(graph)
         model = graph.proto()
     locations = external_locations(model) if isinstance(model, onnx.ModelProto) else set()
-    mapped = {location: _mapped(_external_file(location)) for location in sorted(locations)}
-    given = []  # the buffers onnxruntime was handed
-
-    def options_at(folder: str | None) -> ort.SessionOptions:
-        options = session_options(threads, exact, fold_dequantize)
-        own = Path(folder or "", _weights_name(locations))
-        files = {**mapped, own.name: _mapped(own)} if mapped and folder and own.is_file() else mapped
-        if files:  # onnxruntime then takes every external file from this table, none from the folder
-            names = list(files)
-            buffers = [files[n] for n in names]
-            options.add_external_initializers_from_files_in_memory(names, buffers, [b.size for b in buffers])
-            given.extend(buffers)
-        return options
-
+    options = session_options(threads, exact, fold_dequantize)
+    given = []  # buffers onnxruntime was handed, kept as long as the session
     try:
-        if on_disk_at is not None:
-            options = options_at(os.path.dirname(on_disk_at))
-            sess = ort.InferenceSession(on_disk_at, options, providers=["CPUExecutionProvider"])
-        elif isinstance(model, onnx.ModelProto) and is_large(model):
-            with on_disk(model) as path:
-                options = options_at(os.path.dirname(path))
-                sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        elif isinstance(model, (str, Path)):
-            sess = ort.InferenceSession(str(model), options_at(None), providers=["CPUExecutionProvider"])
-        else:
+        if isinstance(model, (str, Path)):
+            sess = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        elif _as_bytes(model, locations):
+            if locations:  # as bytes, its external data read from the input's folder
+                folder = str(_external_file(next(iter(locations))).parent.resolve())
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
             data = model if isinstance(model, bytes) else model.SerializeToString()
-            sess = ort.InferenceSession(data, options_at(None), providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        else:  # through a folder; the input's data, in another one, then goes as mapped files
+            with contextlib.ExitStack() as stack:
+                path = on_disk_at or stack.enter_context(on_disk(model))
+                if locations:
+                    own = Path(path).parent / _weights_name(locations)
+                    files = {loc: _external_file(loc) for loc in locations} | ({own.name: own} if own.is_file() else {})
+                    given = [_mapped(f) for f in files.values()]
+                    options.add_external_initializers_from_files_in_memory(list(files), given, [b.size for b in given])
+                sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ModelError(f"onnxruntime cannot load the model: {exc}") from exc
     # onnxruntime's Python class keeps the serialized model to rebuild the session with fallback providers;
@@ -482,6 +475,14 @@ def on_disk(model: onnx.ModelProto) -> Iterator[str]:
         with open(path, "wb") as f:
             f.write(light.SerializeToString())
         yield path
+
+
+def _as_bytes(model: onnx.ModelProto | bytes, locations: set[str]) -> bool:
+    """Whether onnxruntime gets the model as bytes: a small one, or one whose weights are mostly still in the
+    input's external data (bytes up to 2 GB); else through a folder (`on_disk`)."""
+    if isinstance(model, bytes):
+        return True
+    return model.ByteSize() < _TWO_GB if locations else not is_large(model)
 
 
 def _weights_name(locations: set[str]) -> str:

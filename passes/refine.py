@@ -59,7 +59,7 @@ class RefinePass(Pass):
         nodes = [n for n in g.graph if n.op_type == "DequantizeLinear" and n.outputs[0].name in g.originals]
         for node in bar(nodes, desc=self.name, unit="weight"):
             site, original = g.originals[node.outputs[0].name]
-            report.records.append(self._refine(ctx, node, site, original))
+            report.records.append(self._refine(ctx, node, site, original.numpy().reshape(site.shape)))
         if not nodes:
             report.notes.append("no weight quantized earlier in this run: nothing to refine")
         return report

@@ -266,6 +266,7 @@ def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, con
                 del outputs
                 seen += n
                 shown.update(n)
+        del read  # this group's session goes before the next one's comes (each holds the model's weights)
     by_site = {}
     finalized = {}
     for key in list(by_key):  # one layer's moments at a time: the accumulator goes as its statistics come
