@@ -160,7 +160,7 @@ def load_with_files(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.M
     files = set()
     for t in _iter_tensors(model.graph):
         _check_header(t, str(path))
-        if external_data_helper.uses_external_data(t):
+        if uses_external_data(t):
             _check_external(t, path.parent)
             files.add((path.parent / next(e.value for e in t.external_data if e.key == "location")).resolve())
         else:
@@ -179,18 +179,23 @@ def external_locations(model: onnx.ModelProto) -> set[str]:
     return {
         e.value
         for t in _iter_tensors(model.graph)
-        if external_data_helper.uses_external_data(t)
+        if uses_external_data(t)
         for e in t.external_data
         if e.key == "location"
     }
 
 
-def _external_file(location: str) -> Path:
-    """Where this run's external data `location` is (the folder `graph.external_data_from` names)."""
+def _input_folder() -> Path:
+    """The folder this run's external data is in (`graph.external_data_from`)."""
     folder = data_folder()
     if folder is None:
-        raise ModelError(f"a tensor points at external data '{location}' but no model folder is known")
-    return folder / location
+        raise ModelError("a tensor points at external data but no model folder is known")
+    return folder
+
+
+def _external_file(location: str) -> Path:
+    """Where this run's external data `location` is."""
+    return _input_folder() / location
 
 
 def _external_bytes(t: onnx.TensorProto) -> bytes:
@@ -203,7 +208,7 @@ def _external_bytes(t: onnx.TensorProto) -> bytes:
 
 def inline_size(model: onnx.ModelProto) -> int:
     """Bytes of the model as one file, its external tensors read in (about: a few bytes of framing each)."""
-    external = [t for t in _iter_tensors(model.graph) if external_data_helper.uses_external_data(t)]
+    external = [t for t in _iter_tensors(model.graph) if uses_external_data(t)]
     return model.ByteSize() + sum(tensor_nbytes(t) + 16 for t in external)
 
 
@@ -352,7 +357,7 @@ def stage(
 
 def _stored_bytes(t: onnx.TensorProto) -> bytes:
     """A tensor's data as its raw bytes (little-endian, sub-byte types packed), wherever it is kept."""
-    if external_data_helper.uses_external_data(t):
+    if uses_external_data(t):
         return _external_bytes(t)
     if t.HasField("raw_data"):
         return t.raw_data
@@ -412,7 +417,7 @@ def session(
             sess = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         elif _as_bytes(model, locations):
             if locations:  # as bytes, its external data read from the input's folder
-                folder = str(_external_file(next(iter(locations))).parent.resolve())
+                folder = str(_input_folder().resolve())
                 options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
             data = model if isinstance(model, bytes) else model.SerializeToString()
             sess = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
@@ -449,7 +454,7 @@ def on_disk(model: onnx.ModelProto) -> Iterator[str]:
     into an external-data file: how a model too large to pass as bytes reaches onnxruntime and the checker
     (protobuf stops at 2 GB, and the bytes would be one more copy in memory). Weights still in the input's
     external data stay there: the folder holds an empty file of the same size in its place, which the checker
-    (it only checks the file is there) accepts; `session` hands onnxruntime the real one, mapped."""
+    (it only checks the file is there) accepts; `session` gives onnxruntime the real one."""
     light, big = light_copy(model)
     locations = external_locations(model)
     with tempfile.TemporaryDirectory(prefix="onnxtq-model-") as folder:
@@ -508,10 +513,7 @@ def initializer_array(t: onnx.TensorProto) -> np.ndarray:
     """numpy view of an initializer (float tensors as float32 or float64), read from the input's external
     data if it is still there."""
     if uses_external_data(t):
-        folder = data_folder()
-        if folder is None:
-            raise ModelError(f"tensor '{t.name}' is in external data but no model folder is known")
         header = onnx.TensorProto()
         header.CopyFrom(t)  # onnx reads the data into the tensor it is given: into this copy, not the model
-        return numpy_helper.to_array(header, str(folder))
+        return numpy_helper.to_array(header, str(_input_folder()))
     return numpy_helper.to_array(t)

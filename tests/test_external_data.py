@@ -14,6 +14,7 @@ from onnx import external_data_helper
 
 from onnxtq import compress, model_io
 from onnxtq.cli import main
+from onnxtq.compress import sweep, sweep_output
 from onnxtq.graph import Graph, external_data_from
 
 PIPELINES = ["fold-bn,calibrate,rtn{bits=4}", "fold-bn,calibrate,tq{rate=3}"]
@@ -48,6 +49,16 @@ def test_external_input_gives_the_same_file(model, tmp_path, pipeline):
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert a.verification == b.verification
     assert (split.parent / "weights.bin").read_bytes() == data  # the input's data is read, never written
+
+
+def test_sweep_of_an_external_input(model, tmp_path):
+    inline, split, calib = model
+    pipelines = ["rtn{bits=4}", "tq{rate=3}"]
+    for path, out in ((inline, tmp_path / "a"), (split, tmp_path / "b")):
+        assert all(not run.error for run in sweep(path, out, pipelines, calib=calib))
+    for index in range(len(pipelines)):
+        a = sweep_output(inline, tmp_path / "a", index).read_bytes()
+        assert a == sweep_output(split, tmp_path / "b", index).read_bytes()
 
 
 def test_lazy_load_keeps_weights_on_disk(model):
