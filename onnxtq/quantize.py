@@ -148,22 +148,34 @@ def _codes(w, scale, zp, qrange: tuple[int, int]):
 SEARCH_ELEMENTS = 2**18
 
 
-def _rows(w: np.ndarray, h: np.ndarray, part: slice) -> tuple[np.ndarray, np.ndarray]:
+def _rows(w: np.ndarray, h: np.ndarray | None, part: slice) -> tuple[np.ndarray, np.ndarray | None]:
     """Rows `part` of w and h, contiguous: each row's error is then summed the same way (pairwise) whatever
     the cut and however the weight was laid out (a MatMul weight's groups are a transposed view)."""
-    return np.ascontiguousarray(w[part]), np.ascontiguousarray(h[part])
+    return np.ascontiguousarray(w[part]), None if h is None else np.ascontiguousarray(h[part])
 
 
-def _clip_search(w: np.ndarray, h: np.ndarray, qrange: tuple[int, int], symmetric: bool):
-    """Each row's step (and zero point) of least h-weighted squared error over CLIP_GRID; rows are
-    independent, so any cut of the rows gives the same answer."""
+def _clip_search(w: np.ndarray, h: np.ndarray | None, qrange: tuple[int, int], symmetric: bool):
+    """Each row's step (and zero point) of least h-weighted squared error over CLIP_GRID (h None: plain
+    squared error); rows are independent, so any cut of the rows gives the same answer. The grid's
+    temporaries are made once and reused in place: the same arithmetic, without an allocation per step."""
     best_scale, best_zp = _grid_for(w, 1.0, qrange, symmetric)
     best_err = np.full(w.shape[0], np.inf)
+    q, deq = np.empty_like(w), np.empty_like(w)
     for alpha in CLIP_GRID:
         scale, zp = _grid_for(w, float(alpha), qrange, symmetric)
-        q = _codes(w, scale, zp, qrange)
-        deq = (q - (0 if zp is None else zp[:, None])) * scale[:, None]
-        err = (h * (w - deq) ** 2).sum(axis=1)
+        np.divide(w, scale[:, None], out=q)
+        np.round(q, out=q)
+        if zp is not None:
+            np.add(q, zp[:, None], out=q)
+        np.clip(q, *qrange, out=q)
+        if zp is not None:
+            np.subtract(q, zp[:, None], out=q)
+        np.multiply(q, scale[:, None], out=deq)
+        np.subtract(w, deq, out=deq)
+        np.square(deq, out=deq)
+        if h is not None:
+            np.multiply(h, deq, out=deq)
+        err = deq.sum(axis=1)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)
@@ -189,7 +201,7 @@ def quantize_groups(
     """
     qrange = qrange or int_range(bits, symmetric)
     w = w.astype(np.float32)  # the search only ranks candidates: float32 is precise enough and twice as fast
-    h = np.ones_like(w) if h is None else h.astype(np.float32)
+    h = None if h is None else h.astype(np.float32)
     if clip:
         rows = max(1, SEARCH_ELEMENTS // max(w.shape[1], 1))
         parts = [slice(start, start + rows) for start in range(0, w.shape[0], rows)] or [slice(0, 0)]
