@@ -11,7 +11,6 @@ written over the dequantized weight by one ScatterElements.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,7 +119,7 @@ def emit_dequantize(graph: Graph, site: WeightSite, blocking: Blocking, code: Gr
         q.flat[escaped] = 0  # the likeliest code; the escapes write over it
     elif escaped.size:
         q = np.clip(q, *int_range(code.bits, False))
-    original = graph.initializers[site.name].const_value  # the float weight as stored (mapped if on disk)
+    original = graph.initializers[site.name].const_value  # the float weight as stored (read when refined)
     node, stored = _dequantize_node(
         graph, site.name, site.node, q, scale, zp, code.bits, blocking.dequantize_attrs, ftype, pass_name
     )
@@ -132,9 +131,6 @@ def emit_dequantize(graph: Graph, site: WeightSite, blocking: Blocking, code: Gr
         stored += patch_stored
     else:
         graph.originals[out.name] = (site, original)  # the float weight, for passes that refine the codes later
-    if isinstance(original, ir.ExternalTensor):  # mapped again if a later pass reads it: no page stays resident
-        with contextlib.suppress(BufferError):  # a caller still holds a view: the map goes with the view
-            original.release()
     nodes += replace_initializer(graph, site, out, pass_name)
     prepend(graph, nodes)
     return sum(tensor_nbytes(t) for t in stored)

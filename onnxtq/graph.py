@@ -82,7 +82,15 @@ class Graph:
         return self.graph.initializers
 
     def array(self, name: str) -> np.ndarray:
-        return self.initializers[name].const_value.numpy()
+        """The initializer's values; one still in the input's external data is read from its file and the
+        file unmapped at once, so a weight stays in memory only while a caller holds it."""
+        tensor = self.initializers[name].const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            values = np.array(tensor.numpy())
+            with contextlib.suppress(BufferError):  # another caller's view keeps the map until it goes
+                tensor.release()
+            return values
+        return tensor.numpy()
 
     def nbytes(self, name: str) -> int:
         """Bytes the initializer stores (sub-byte types packed)."""
