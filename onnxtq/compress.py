@@ -16,10 +16,17 @@ from pathlib import Path
 
 import onnx
 
-from onnxtq import __version__, model_io
+from onnxtq import __version__, model_io, pieces
 from onnxtq.calibration.data import ImagePreprocessing, open_source, split_holdout
 from onnxtq.errors import ModelError, NoGainError, OnnxtqError
-from onnxtq.graph import Graph, constants_to_initializers, external_data_from, hoist_body_weights, subgraph_tensors
+from onnxtq.graph import (
+    Graph,
+    constants_to_initializers,
+    external_data_from,
+    hoist_body_weights,
+    scratch_space,
+    subgraph_tensors,
+)
 from onnxtq.pass_infra import Context
 from onnxtq.paths import check_outputs
 from onnxtq.pipeline import parse
@@ -82,7 +89,7 @@ def _start(source_path, calib, outputs: dict, guards: Guards, image_prep):
     if isinstance(calib, (str, os.PathLike)):
         inputs["the calibration data"] = [calib]
     check_outputs(inputs, outputs)
-    check_input(original)
+    check_input(original, runs_next=calib is not None)
     work, prep_report = prepare(original)
     _check_weights(work, guards)
     data = open_source(calib, original, prep=image_prep) if calib is not None else None
@@ -137,11 +144,12 @@ def compress(
                 source_path, calib, {**outputs, **(also_writes or {})}, guards, image_prep
             )
         try:
-            ctx = _context(Graph(work), data, manager.wants_holdout, chosen)
-            del work  # the graph holds what it needs; an opset upgrade then frees the copy read from the file
-            reports = [prep_report] + manager.run(ctx)
-            run = RunReport(manager.pipeline, str(source_path), str(output_path), passes=reports, bytes_before=size)
-            return _finish(original, ctx, run, verify_samples, min_sqnr_db, threads, guards, external_data)
+            with scratch_space(pieces.needed(original)):  # a big model's new tensors wait on disk
+                ctx = _context(Graph(work), data, manager.wants_holdout, chosen)
+                del work  # the graph holds what it needs; an opset upgrade then frees the copy read from the file
+                reports = [prep_report] + manager.run(ctx)
+                run = RunReport(manager.pipeline, str(source_path), str(output_path), passes=reports, bytes_before=size)
+                return _finish(original, ctx, run, verify_samples, min_sqnr_db, threads, guards, external_data)
         finally:
             if data is not None:
                 data.close()
@@ -181,21 +189,22 @@ def sweep(
             )
         runs = []
         try:
-            base = _context(Graph(work), data, any(tail.wants_holdout for tail in tails), chosen)
-            head_reports = [prep_report] + head.run(base)
-            for index, tail in enumerate(tails):
-                pipeline = f"{head.pipeline},{tail.pipeline}"
-                output = sweep_output(source_path, out_dir, index)
-                try:
-                    graph = Graph(base.graph.proto())
-                    ctx = Context(graph, base.data, base.stats, base.stats_fresh, base.holdout, base.profile)
-                    reports = head_reports + tail.run(ctx)
-                    run = RunReport(pipeline, str(source_path), str(output), passes=reports, bytes_before=size)
-                    runs.append(_finish(original, ctx, run, verify_samples, None, threads, guards, external_data))
-                except OnnxtqError as exc:
-                    error = f"{type(exc).__name__}: {exc}"
-                    runs.append(RunReport(pipeline, str(source_path), error=error, exit_code=exc.exit_code))
-            return runs
+            with scratch_space(pieces.needed(original)):
+                base = _context(Graph(work), data, any(tail.wants_holdout for tail in tails), chosen)
+                head_reports = [prep_report] + head.run(base)
+                for index, tail in enumerate(tails):
+                    pipeline = f"{head.pipeline},{tail.pipeline}"
+                    output = sweep_output(source_path, out_dir, index)
+                    try:
+                        graph = Graph(base.graph.proto())
+                        ctx = Context(graph, base.data, base.stats, base.stats_fresh, base.holdout, base.profile)
+                        reports = head_reports + tail.run(ctx)
+                        run = RunReport(pipeline, str(source_path), str(output), passes=reports, bytes_before=size)
+                        runs.append(_finish(original, ctx, run, verify_samples, None, threads, guards, external_data))
+                    except OnnxtqError as exc:
+                        error = f"{type(exc).__name__}: {exc}"
+                        runs.append(RunReport(pipeline, str(source_path), error=error, exit_code=exc.exit_code))
+                return runs
         finally:
             if data is not None:
                 data.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
@@ -49,6 +50,79 @@ def data_folder() -> Path | None:
     return _DATA_FOLDER.get()
 
 
+#: New tensors at least this large go to the run's scratch file, when it has one (`scratch_space`).
+SCRATCH_BYTES = 2**20
+
+
+class Scratch:
+    """A run's temporary file for the large tensors it makes (codes, refitted weights), for a model too large
+    to hold them all in memory: each is appended once and the graph holds it as an external tensor, as it holds
+    the input's weights still on disk. Its location is the temporary folder's own (random) name, so it is
+    never one of the input's."""
+
+    def __init__(self):
+        self._folder = tempfile.TemporaryDirectory(prefix="onnxtq-run-")
+        self.folder = Path(self._folder.name)
+        self.location = f"{self.folder.name}.bin"
+        self.path = self.folder / self.location
+        self._file = open(self.path, "wb")
+
+    def put(self, tensor: onnx.TensorProto) -> ir.ExternalTensor:
+        """`tensor` (with raw data) appended to the file, as the external tensor that reads it back."""
+        offset, raw = self._file.tell(), tensor.raw_data
+        self._file.write(raw)
+        self._file.flush()  # readers (onnx-ir, onnxruntime, the writer) open the file themselves
+        shape = ir.Shape(list(tensor.dims))
+        return ir.ExternalTensor(
+            self.location,
+            offset,
+            len(raw),
+            ir.DataType(tensor.data_type),
+            shape=shape,
+            name=tensor.name,
+            base_dir=self.folder,
+        )
+
+    def close(self) -> None:
+        self._file.close()
+        self._folder.cleanup()
+
+
+_SCRATCH: ContextVar[Scratch | None] = ContextVar("onnxtq_scratch", default=None)
+
+
+@contextlib.contextmanager
+def scratch_space(enabled: bool = True) -> Iterator[Scratch | None]:
+    """Within the block (if `enabled`), the large tensors a run makes wait in a temporary file (`Scratch`),
+    removed after the block."""
+    space = Scratch() if enabled else None
+    token = _SCRATCH.set(space)
+    try:
+        yield space
+    finally:
+        _SCRATCH.reset(token)
+        if space is not None:
+            space.close()
+
+
+def scratch() -> Scratch | None:
+    """This run's scratch file (`scratch_space`), or None."""
+    return _SCRATCH.get()
+
+
+def _place_external(graph: ir.Graph) -> None:
+    """Point the external tensors of a graph made from a protobuf at their files: the run's scratch file, or
+    the input's folder."""
+    own = scratch()
+    if data_folder() is not None:
+        ir.external_data.set_base_dir(graph, data_folder())
+    if own is not None:
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and tensor.location == own.location:
+                tensor.base_dir = own.folder
+
+
 class Graph:
     """A model in onnx-ir with what rewrites need: initializers by name, uses, fresh names, dead-code removal.
 
@@ -62,8 +136,7 @@ class Graph:
             self._spell_default_domain = any(o.HasField("domain") for o in defaults) or not defaults
             self._value_info = {vi.name for vi in model.graph.value_info}
             model = ir.serde.deserialize_model(model)
-            if data_folder() is not None:
-                ir.external_data.set_base_dir(model.graph, data_folder())
+            _place_external(model.graph)
         else:
             self._spell_default_domain, self._value_info = True, set()
         self.model = model
@@ -97,8 +170,13 @@ class Graph:
         return int(self.initializers[name].const_value.nbytes)
 
     def set_initializer(self, tensor: onnx.TensorProto) -> ir.Value:
-        """Add or replace (in place, keeping its position) an initializer by name."""
-        stored = ir.serde.deserialize_tensor(tensor)
+        """Add or replace (in place, keeping its position) an initializer by name; a large one goes to the run's
+        scratch file when it has one."""
+        own = scratch()
+        if own is not None and tensor.HasField("raw_data") and tensor.ByteSize() >= SCRATCH_BYTES:
+            stored = own.put(tensor)
+        else:
+            stored = ir.serde.deserialize_tensor(tensor)
         value = self.initializers.get(tensor.name)
         if value is None:
             value = ir.Value(name=tensor.name, const_value=stored)
@@ -390,13 +468,9 @@ def light_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
     (`put_back`). Built field by field, so the weights are never copied (nor read: reading a bytes field of
     a protobuf copies it)."""
     light = onnx.ModelProto()
-    for f, value in model.ListFields():
-        if f.name != "graph":
-            _copy_field(light, f, value)
+    copy_fields(light, model, skip={"graph"})
+    copy_fields(light.graph, model.graph, skip={"initializer"})
     big = set()
-    for f, value in model.graph.ListFields():
-        if f.name != "initializer":
-            _copy_field(light.graph, f, value)
     for t in model.graph.initializer:
         header = light.graph.initializer.add()
         if t.ByteSize() > LIGHT_BYTES:
@@ -408,13 +482,18 @@ def light_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
     return light, big
 
 
-def _copy_field(target, f, value) -> None:
-    if hasattr(value, "extend"):  # a repeated field
-        getattr(target, f.name).extend(value)
-    elif hasattr(value, "CopyFrom"):  # a message
-        getattr(target, f.name).CopyFrom(value)
-    else:
-        setattr(target, f.name, value)
+def copy_fields(target, source, skip: set[str] = frozenset(), only: set[str] | None = None) -> None:
+    """Copy the fields `source` has set into `target` (a message of its type): those named in `only` (None:
+    all), but those named in `skip`."""
+    for f, value in source.ListFields():
+        if f.name in skip or (only is not None and f.name not in only):
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(target, f.name).extend(value)
+        elif hasattr(value, "CopyFrom"):  # a message
+            getattr(target, f.name).CopyFrom(value)
+        else:
+            setattr(target, f.name, value)
 
 
 def put_back(target: onnx.ModelProto, source: onnx.ModelProto, names: set[str]) -> None:

@@ -22,7 +22,7 @@ from onnx.external_data_helper import uses_external_data
 
 from onnxtq import lowering
 from onnxtq.errors import ModelError, UsageError
-from onnxtq.graph import Graph, data_folder, light_copy
+from onnxtq.graph import Graph, copy_fields, data_folder, light_copy, scratch
 
 #: Largest tensor we agree to materialise (elements); guards against forged dims.
 MAX_TENSOR_ELEMENTS = 2**33
@@ -194,8 +194,18 @@ def _input_folder() -> Path:
 
 
 def _external_file(location: str) -> Path:
-    """Where this run's external data `location` is."""
+    """Where this run's external data `location` is: its scratch file (graph.Scratch) or the input's folder."""
+    own = scratch()
+    if own is not None and location == own.location:
+        return own.path
     return _input_folder() / location
+
+
+def made_by_run(t: onnx.TensorProto) -> bool:
+    """Whether `t` is held in external data this run wrote (its scratch file), not the input's."""
+    own = scratch()
+    location = next((e.value for e in t.external_data if e.key == "location"), None)
+    return own is not None and uses_external_data(t) and location == own.location
 
 
 def _external_bytes(t: onnx.TensorProto) -> bytes:
@@ -219,6 +229,60 @@ def serialize(model: onnx.ModelProto) -> bytes:
     return _read_in(model).SerializeToString() if external_locations(model) else model.SerializeToString()
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _tag(number: int, length: int) -> bytes:
+    """The key and length of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _around(message, number: int) -> tuple[bytes, bytes]:
+    """A message's bytes before and after its field `number` (protobuf writes fields in number order)."""
+    head, tail = type(message)(), type(message)()
+    for f, _ in message.ListFields():
+        if f.number != number:
+            copy_fields(head if f.number < number else tail, message, only={f.name})
+    return head.SerializeToString(), tail.SerializeToString()
+
+
+_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_RAW = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+
+
+def write_whole(model: onnx.ModelProto, f) -> int:
+    """Write `model` as one file to `f`, its external tensors read in one at a time: the bytes `serialize`
+    gives, without the whole model (nor its bytes) in memory at once. Returns the bytes written."""
+    if inline_size(model) >= _TWO_GB:
+        raise ModelError("the compressed model exceeds 2 GB as one file", "write it with --external-data")
+    sizes = []
+    for t in model.graph.initializer:
+        if uses_external_data(t):
+            n = tensor_nbytes(t)
+            sizes.append(_inline(t, b"").ByteSize() - len(_tag(_RAW, 0)) + len(_tag(_RAW, n)) + n)
+        else:
+            sizes.append(t.ByteSize())
+    graph_head, graph_tail = _around(model.graph, _INITIALIZER)
+    graph_bytes = len(graph_head) + len(graph_tail) + sum(len(_tag(_INITIALIZER, n)) + n for n in sizes)
+    model_head, model_tail = _around(model, _GRAPH)
+    f.write(model_head + _tag(_GRAPH, graph_bytes) + graph_head)
+    for t, n in zip(model.graph.initializer, sizes):
+        data = (_inline(t, _external_bytes(t)) if uses_external_data(t) else t).SerializeToString()
+        if len(data) != n:
+            raise AssertionError(f"tensor '{t.name}': {len(data)} bytes written, {n} counted")
+        f.write(_tag(_INITIALIZER, n) + data)
+        del data
+    f.write(graph_tail + model_tail)
+    return len(model_head) + len(_tag(_GRAPH, graph_bytes)) + graph_bytes + len(model_tail)
+
+
 def _read_in(model: onnx.ModelProto, keep: str | None = None) -> onnx.ModelProto:
     """A copy of `model` holding the data of its external tensors, but those in the file `keep`."""
     whole = onnx.ModelProto()
@@ -226,10 +290,7 @@ def _read_in(model: onnx.ModelProto, keep: str | None = None) -> onnx.ModelProto
     for t in _iter_tensors(whole.graph):
         location = next((e.value for e in t.external_data if e.key == "location"), None)
         if uses_external_data(t) and location != keep:
-            raw = _external_bytes(t)
-            del t.external_data[:]
-            t.ClearField("data_location")  # unset, as in a tensor the file holds inline
-            t.raw_data = raw
+            t.CopyFrom(_inline(t, _external_bytes(t)))
     return whole
 
 
@@ -238,9 +299,9 @@ def save_atomic(model: onnx.ModelProto, path: str | os.PathLike, *, refuse: Path
 
     `refuse` is the input model's path: writing over it is never allowed.
     """
-    data = serialize(model)
-    write_atomic(data, path, refuse=refuse)
-    return len(data)
+    staged = stage(model, path, refuse=refuse, external_data=False)
+    staged.commit()
+    return staged.size
 
 
 def write_atomic(data: bytes, path: str | os.PathLike, *, refuse: str | os.PathLike | None = None) -> None:
@@ -322,8 +383,9 @@ def stage(
     if external_data is None:
         external_data = inline_size(model) >= _TWO_GB
     if not external_data:
-        data = serialize(model)
-        return _Staged([(_written(path, lambda f: f.write(data)), path)], len(data))
+        size = []
+        tmp = _written(path, lambda f: size.append(write_whole(model, f)))
+        return _Staged([(tmp, path)], size[0])
     light, big = light_copy(model)
     whole = {t.name: t for t in model.graph.initializer if t.name in big}
     location = data_file(path).name
@@ -416,7 +478,10 @@ def session(
         if isinstance(model, (str, Path)):
             sess = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         elif _as_bytes(model, locations):
-            if locations:  # as bytes, its external data read from the input's folder
+            own = scratch()
+            if own is not None and own.location in locations:  # onnxruntime then wants every file in memory
+                given = _map_files(options, {loc: _external_file(loc) for loc in locations})
+            elif locations:  # as bytes, its external data read from the input's folder
                 folder = str(_input_folder().resolve())
                 options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
             data = model if isinstance(model, bytes) else model.SerializeToString()
@@ -427,8 +492,7 @@ def session(
                 if locations:
                     own = Path(path).parent / _weights_name(locations)
                     files = {loc: _external_file(loc) for loc in locations} | ({own.name: own} if own.is_file() else {})
-                    given = [_mapped(f) for f in files.values()]
-                    options.add_external_initializers_from_files_in_memory(list(files), given, [b.size for b in given])
+                    given = _map_files(options, files)
                 sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ModelError(f"onnxruntime cannot load the model: {exc}") from exc
@@ -438,6 +502,14 @@ def session(
         sess._model_bytes = None
     sess._onnxtq_mapped = given  # the mapped files live as long as the session that may read them
     return sess
+
+
+def _map_files(options: ort.SessionOptions, files: dict[str, Path]) -> list[np.ndarray]:
+    """Hand onnxruntime the external-data `files` (by location) as read-only memory maps; returns the maps,
+    which must live as long as the session."""
+    given = [_mapped(f) for f in files.values()]
+    options.add_external_initializers_from_files_in_memory(list(files), given, [b.size for b in given])
+    return given
 
 
 def _mapped(path: Path) -> np.ndarray:
@@ -513,7 +585,15 @@ def initializer_array(t: onnx.TensorProto) -> np.ndarray:
     """numpy view of an initializer (float tensors as float32 or float64), read from the input's external
     data if it is still there."""
     if uses_external_data(t):
-        header = onnx.TensorProto()
-        header.CopyFrom(t)  # onnx reads the data into the tensor it is given: into this copy, not the model
-        return numpy_helper.to_array(header, str(_input_folder()))
+        return numpy_helper.to_array(_inline(t, _external_bytes(t)))
     return numpy_helper.to_array(t)
+
+
+def _inline(t: onnx.TensorProto, raw: bytes) -> onnx.TensorProto:
+    """A copy of the external tensor `t` holding its data `raw` itself."""
+    whole = onnx.TensorProto()
+    whole.CopyFrom(t)
+    del whole.external_data[:]
+    whole.ClearField("data_location")  # unset, as in a tensor the file holds inline
+    whole.raw_data = raw
+    return whole

@@ -3,16 +3,35 @@ the original's on calibration inputs (SQNR and max error per output; any NaN or 
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
-from onnxtq import model_io
+from onnxtq import model_io, pieces
 from onnxtq.calibration.data import Source
 from onnxtq.errors import ModelError, VerificationError
 from onnxtq.finite import nonfinite
+from onnxtq.graph import FLOAT_TYPES
 from onnxtq.progress import bar
+
+
+def outputs(model: onnx.ModelProto, batches, threads: int = 0) -> Iterator[list[np.ndarray]]:
+    """Each batch's outputs (in the graph's order): from one session, or a piece at a time for a model too
+    large for one (onnxtq.pieces)."""
+    if pieces.needed(model):
+        yield from pieces.outputs(model, batches, threads)
+        return
+    sess = model_io.session(model, threads)
+    for _, feed in batches:
+        yield sess.run(None, feed)
+
+
+def _first(source: Source, samples: int):
+    """The source's first `samples` inputs, one at a time."""
+    return itertools.islice(source.batches(1), samples)
 
 
 def compare(
@@ -20,17 +39,14 @@ def compare(
 ) -> dict:
     """Per output: SQNR in dB (10·log10 Σref² / Σ(ref − out)²), max |err|, and how many of its values are
     NaN/Inf in the candidate and in the reference, over up to `samples` inputs."""
-    ref = model_io.session(reference, threads)
-    out = model_io.session(candidate, threads)
-    names = [o.name for o in ref.get_outputs()]
+    names = [o.name for o in reference.graph.output]
     keys = ("signal", "noise", "max_abs_err", "values", "nonfinite", "reference_nonfinite")
     sums = {name: dict.fromkeys(keys, 0.0) for name in names}
     seen = 0
+    pairs = zip(*(outputs(model, _first(source, samples), threads) for model in (reference, candidate)))
     with bar(total=samples, desc="verify", unit="sample") as shown:
-        for n, feed in source.batches(1):
-            if seen >= samples:
-                break
-            for name, a, b in zip(names, ref.run(names, feed), out.run(names, feed)):
+        for ours, theirs in pairs:
+            for name, a, b in zip(names, ours, theirs):
                 a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
                 finite = np.isfinite(a) & np.isfinite(b)
                 error = np.abs(a - b)
@@ -41,17 +57,17 @@ def compare(
                 s["values"] += b.size
                 s["nonfinite"] += int((~np.isfinite(b)).sum())
                 s["reference_nonfinite"] += int((~np.isfinite(a)).sum())
-            seen += n
-            shown.update(n)
-    outputs = {}
+            seen += 1
+            shown.update(1)
+    results = {}
     for name, s in sums.items():
         finite = not (s["nonfinite"] or s["reference_nonfinite"])
-        outputs[name] = {
+        results[name] = {
             "sqnr_db": _db(s["signal"], s["noise"]) if finite else float("nan"),
             "max_abs_err": s["max_abs_err"],
             **{k: int(s[k]) for k in ("values", "nonfinite", "reference_nonfinite")},
         }
-    return {"samples": seen, "outputs": outputs}
+    return {"samples": seen, "outputs": results}
 
 
 def _db(signal: float, noise: float) -> float:
@@ -79,23 +95,26 @@ def check_fidelity(result: dict, min_sqnr_db: float | None, consequence: str = "
         )
 
 
-def _problem(model: onnx.ModelProto) -> str | None:
+def _problem(model: onnx.ModelProto, load: bool = True) -> str | None:
     """Why the model cannot be used: the full checker's words or onnxruntime's; None if both accept it.
     A large model, or one whose weights are still in the input's external data, is checked as a file in a
     folder (model_io.on_disk), as the checker needs past 2 GB and to find external data."""
     if model_io.needs_folder(model):
         with model_io.on_disk(model) as path:
-            return _file_problem(model, path)
-    return _file_problem(model, None)
+            return _file_problem(model, path, load)
+    return _file_problem(model, None, load)
 
 
-def _file_problem(model: onnx.ModelProto, path: str | None) -> str | None:
+def _file_problem(model: onnx.ModelProto, path: str | None, load: bool = True) -> str | None:
     try:
         onnx.checker.check_model(model if path is None else path, full_check=True)
     except Exception as exc:  # the checker raises ValidationError, shape inference errors and others
         return f"onnx.checker rejects it: {exc}"
     try:
-        model_io.session(model, on_disk_at=path)
+        if not pieces.needed(model):
+            model_io.session(model, on_disk_at=path)
+        elif load:  # each piece's session in turn, as a run in pieces loads them
+            pieces.check_loads(model)
     except ModelError as exc:
         return str(exc)
     return None
@@ -104,9 +123,10 @@ def _file_problem(model: onnx.ModelProto, path: str | None) -> str | None:
 _INPUT_HINT = "onnxtq takes models that pass onnx.checker's full check and run in onnxruntime on their calibration data"
 
 
-def check_input(model: onnx.ModelProto) -> None:
-    """The model given to compress must be valid ONNX that onnxruntime loads: what onnxtq starts from."""
-    problem = _problem(model)
+def check_input(model: onnx.ModelProto, runs_next: bool = False) -> None:
+    """The model given to compress must be valid ONNX that onnxruntime loads: what onnxtq starts from. A model
+    run in pieces that `check_runs` will run next is loaded there, once."""
+    problem = _problem(model, load=not (runs_next and pieces.needed(model)))
     if problem:
         raise ModelError(f"the model is not one onnxtq can compress: {problem}", _INPUT_HINT)
 
@@ -115,24 +135,26 @@ def check_runs(model: onnx.ModelProto, source: Source) -> dict[str, tuple[int, .
     """...and that runs on the first calibration sample with finite outputs (a model that cannot, or that
     computes NaN, would fail every later step, at best with onnxruntime's words as if they were a bug).
     Returns the shape of each output on that sample."""
-    first = next(iter(source.batches(1)), None)
-    if first is None:
+    first = list(_first(source, 1))
+    if not first:
         return {}  # an empty source is refused by whoever reads it
-    sess = model_io.session(model)
+    names = [o.name for o in model.graph.output]
     try:
-        outputs = sess.run(None, first[1])
+        values = next(outputs(model, first))
+    except ModelError:
+        raise
     except Exception as exc:  # onnxruntime's Fail, InvalidArgument, RuntimeException...
         raise ModelError(
             f"onnxruntime cannot run the model on the first calibration sample: {exc}", _INPUT_HINT
         ) from exc
-    for out, value in zip(sess.get_outputs(), outputs):
+    for name, value in zip(names, values):
         found = nonfinite(np.asarray(value))
         if found:
             raise ModelError(
-                f"on the first calibration sample the model's output '{out.name}' holds {found[0]} NaN/Inf value(s)",
+                f"on the first calibration sample the model's output '{name}' holds {found[0]} NaN/Inf value(s)",
                 "the model or its weights are broken: onnxtq compresses models that compute finite outputs",
             )
-    return {out.name: tuple(np.shape(value)) for out, value in zip(sess.get_outputs(), outputs)}
+    return {name: tuple(np.shape(value)) for name, value in zip(names, values)}
 
 
 def drop_wrong_output_shapes(model: onnx.ModelProto, observed: dict[str, tuple[int, ...]]) -> list[str]:
@@ -156,7 +178,8 @@ def drop_wrong_output_shapes(model: onnx.ModelProto, observed: dict[str, tuple[i
 def check_constants(original: onnx.ModelProto, result: onnx.ModelProto) -> None:
     """VerificationError if the run wrote a constant holding NaN/Inf that the original did not hold: with no
     calibration data to run the model on, this is what stops a broken file (e.g. steps beyond float16).
-    Tensors still in the input's external data are the input's own: they are not read."""
+    Tensors still in the input's external data are the input's own, and integer codes hold no NaN: neither is
+    read."""
     constants = {t.name: t for t in original.graph.initializer}
     for n in original.graph.node:
         if n.op_type == "Constant":
@@ -164,8 +187,9 @@ def check_constants(original: onnx.ModelProto, result: onnx.ModelProto) -> None:
     made = [
         t.name
         for t in result.graph.initializer
-        if not uses_external_data(t)
-        and nonfinite(numpy_helper.to_array(t))
+        if t.data_type in FLOAT_TYPES
+        and (model_io.made_by_run(t) or not uses_external_data(t))
+        and nonfinite(model_io.initializer_array(t))
         and not (t.name in constants and nonfinite(model_io.initializer_array(constants[t.name])))
     ]
     if made:

@@ -8,12 +8,15 @@ pass over the data; each output is reduced to statistics and dropped at once.
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 
-from onnxtq import model_io
+from onnxtq import model_io, pieces
 from onnxtq.calibration.branches import BranchRunner, has_branches
 from onnxtq.calibration.data import Source, check_finite
 from onnxtq.calibration.stats import (
@@ -57,16 +60,30 @@ class CalibrationConfig:
 
 class StatsStore:
     """Read-only statistics by weight name, what they were computed from, and the calibrate options that
-    made them (`options`: what a recalibration repeats)."""
+    made them (`options`: what a recalibration repeats). With `spill` (a model run in pieces) each layer's
+    statistics wait in a temporary folder and are read back whole when asked for, so memory holds the layers
+    being worked on, not every layer's d×d moments."""
 
-    def __init__(self, by_site: dict[str, LayerStats], samples: int, description: str):
+    def __init__(self, by_site: dict[str, LayerStats | Path], samples: int, description: str, spill: bool = False):
         self.by_site = by_site
         self.samples = samples
         self.description = description
         self.options: dict = {}
+        self._folder = tempfile.TemporaryDirectory(prefix="onnxtq-stats-") if spill else None
+        self._written = 0
+
+    def keep(self, stats: LayerStats) -> LayerStats | Path:
+        """What the store holds for `stats`: themselves, or the file they were written to."""
+        if self._folder is None:
+            return stats
+        path = Path(self._folder.name) / f"{self._written}.npz"
+        self._written += 1
+        stats.save(path)
+        return path
 
     def get(self, site: WeightSite) -> LayerStats | None:
-        return self.by_site.get(site.name)
+        stats = self.by_site.get(site.name)
+        return LayerStats.load(stats) if isinstance(stats, Path) else stats
 
     def importance(self, site: WeightSite) -> np.ndarray | None:
         stats = self.get(site)
@@ -226,8 +243,72 @@ def _first_batch(source: Source, config: CalibrationConfig) -> tuple[tuple[int, 
     return first, min(config.batch, max(1, INPUT_BATCH_BYTES // max(sample_bytes, 1)))  # big inputs: small batches
 
 
+def _limited(source: Source, batch: int, limit: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """The source's batches up to `limit` samples (the last one trimmed to it)."""
+    seen = 0
+    for n, feed in source.batches(batch):
+        if seen >= limit:
+            break
+        if seen + n > limit:
+            feed = {k: v[: limit - seen] for k, v in feed.items()}
+            n = limit - seen
+        yield n, feed
+        seen += n
+
+
+#: What a calibration stream yields: a batch's tensors and what ran of the model (None: all of it), or
+#: (None, None, names) once every batch of those tensors has been seen.
+Streamed = tuple[dict[str, np.ndarray] | None, set[str] | None, set[str] | None]
+
+
+def _in_groups(model, tensors, inputs, source, first, batch, limit, config) -> Iterator[Streamed]:
+    """Whole-model sessions, one pass over the data per group of tensors whose values fit `memory_mb`."""
+    sizes = {k: v * batch for k, v in _activation_bytes(model, first[1], tensors, config.threads).items()}
+    plan = _plan(tensors, sizes, config.memory_mb * 2**20) or [[]]
+    for group_index, group in enumerate(plan):
+        wanted = set(group) | (inputs if group_index == 0 else set())
+        read = _reader(model, group, config.threads)
+        seen = 0
+        with bar(total=limit, desc=f"calibrate {group_index + 1}/{len(plan)}", unit="sample") as shown:
+            for n, feed in _limited(source, batch, limit):
+                outputs, ran = read(feed)
+                _check_finite(outputs, seen)
+                outputs.update({k: v for k, v in feed.items() if k in wanted})
+                yield outputs, ran, None
+                seen += n
+                shown.update(n)
+        del read  # this group's session goes before the next one's comes (each holds the model's weights)
+        yield None, None, wanted
+
+
+def _in_pieces(model, tensors, inputs, source, batch, limit, config) -> Iterator[Streamed]:
+    """One pass over the data a piece of the model at a time (onnxtq.pieces), for a model too large for one
+    session: every tensor of a piece is complete when the piece is."""
+    runner = pieces.PieceRunner(model, set(tensors) | inputs, threads=config.threads)
+    count = max(len(runner.pieces), 1)
+    current, seen = 0, 0
+
+    def complete(k: int) -> set[str]:
+        return set(runner.pieces[k].computes if runner.pieces else ()) | inputs
+
+    with bar(total=limit * count, desc=f"calibrate in {count} pieces", unit="sample") as shown:
+        for k, n, values in runner.run(_limited(source, batch, limit)):
+            if k != current:
+                yield None, None, complete(current)
+                current, seen = k, 0
+            _check_finite(values, seen)
+            yield values, None, None
+            seen += n
+            shown.update(n)
+    yield None, None, complete(current)
+
+
 def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, config: CalibrationConfig) -> StatsStore:
-    """Statistics for every site with an activation, from one or more streamed passes over `source`."""
+    """Statistics for every site with an activation, from one or more streamed passes over `source`.
+
+    A model too large for one session (onnxtq.pieces) is run a piece at a time, its statistics written to a
+    temporary folder as each layer's are complete: memory holds the statistics being gathered, not all of them.
+    """
     targets = [s for s in sites if s.activation is not None]
     if not targets:
         return StatsStore({}, 0, source.description)
@@ -238,47 +319,41 @@ def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, con
         by_key.setdefault(_key(site), (site, _accumulator(site, config)))
     tensors = sorted({a for key in by_key for a in key[0] if a not in inputs})
     first, batch = _first_batch(source, config)
-    sizes = {k: v * batch for k, v in _activation_bytes(model, first[1], tensors, config.threads).items()}
-    plan = _plan(tensors, sizes, config.memory_mb * 2**20) or [[]]
     limit = config.samples or source.num_samples
     rngs = {key: np.random.default_rng([config.seed, i]) for i, key in enumerate(by_key)}
-    for group_index, group in enumerate(plan):
-        wanted = set(group) | (inputs if group_index == 0 else set())
-        members = [(site, acc) for key, (site, acc) in by_key.items() if wanted.intersection(key[0])]
-        read = _reader(model, group, config.threads)
-        seen = 0
-        desc = f"calibrate {group_index + 1}/{len(plan)}"
-        with bar(total=limit, desc=desc, unit="sample") as shown:
-            for n, feed in source.batches(batch):
-                if seen >= limit:
-                    break
-                if seen + n > limit:  # trim the last batch to the sample budget
-                    feed = {k: v[: limit - seen] for k, v in feed.items()}
-                    n = limit - seen
-                outputs, ran = read(feed)
-                _check_finite(outputs, seen)
-                outputs.update({k: v for k, v in feed.items() if k in wanted})
-                for site, acc in members:
-                    used = site.activations if _read_here(site, ran) else ()
-                    for name in (a for a in used if a in outputs):
-                        for chunk in _chunks(site, name, outputs[name], config, rngs[_key(site)]):
-                            acc.update(chunk)
-                del outputs
-                seen += n
-                shown.update(n)
-        del read  # this group's session goes before the next one's comes (each holds the model's weights)
-    by_site = {}
-    finalized = {}
-    for key in list(by_key):  # one layer's moments at a time: the accumulator goes as its statistics come
-        _, acc = by_key.pop(key)
-        if acc.count:  # 0: a branch never taken
-            stats = acc.finalize()
-            del acc
-            finalized[key] = stats.shrunk() if config.shrink else stats
+    big = pieces.needed(model)
+    store = StatsStore({}, min(limit, source.num_samples), source.description, spill=big)
+    if big and not has_branches(model):
+        stream = _in_pieces(model, tensors, inputs, source, batch, limit, config)
+    else:
+        stream = _in_groups(model, tensors, inputs, source, first, batch, limit, config)
+    finalized: dict = {}
+    done: set[str] = set()
+
+    def finalize(keys) -> None:  # one layer's moments at a time: the accumulator goes as its statistics come
+        for key in keys:
+            _, acc = by_key.pop(key)
+            if acc.count:  # 0: a branch never taken
+                stats = acc.finalize()
+                del acc
+                finalized[key] = store.keep(stats.shrunk() if config.shrink else stats)
+
+    for outputs, ran, complete in stream:
+        if complete is not None:
+            done |= complete
+            finalize([key for key in by_key if done.issuperset(key[0])])
+            continue
+        for site, acc in by_key.values():
+            used = site.activations if _read_here(site, ran) else ()
+            for name in (a for a in used if a in outputs):
+                for chunk in _chunks(site, name, outputs[name], config, rngs[_key(site)]):
+                    acc.update(chunk)
+        del outputs
+    finalize(list(by_key))
     for site in targets:
         if _key(site) in finalized:
-            by_site[site.name] = finalized[_key(site)]
-    return StatsStore(by_site, min(limit, source.num_samples), source.description)
+            store.by_site[site.name] = finalized[_key(site)]
+    return store
 
 
 def collect_drift(

@@ -66,6 +66,17 @@ class LayerStats:
         rows = np.pad(rows, ((0, 0), (0, 0), (0, pad))).reshape(self.groups, rows.shape[1], -1, self.block)
         return float(np.einsum("gnbd,gbde,gnbe->", rows, self.moment, rows))
 
+    def save(self, path) -> None:
+        """Write these statistics to `path` (an uncompressed .npz), to be read back by `load`."""
+        scalars = np.array([self.count, self.block, self.shrinkage], np.float64)
+        np.savez(path, mean=self.mean, moment=self.moment, scalars=scalars, mode=np.array(self.mode))
+
+    @classmethod
+    def load(cls, path) -> LayerStats:
+        with np.load(path, allow_pickle=False) as f:
+            count, block, shrinkage = f["scalars"]
+            return cls(int(count), f["mean"], str(f["mode"]), f["moment"], int(block), float(shrinkage))
+
     def shrunk(self) -> LayerStats:
         """These statistics with each covariance block C = H − m mᵀ shrunk toward its diagonal,
         C − λ·offdiag(C), where λ is Schäfer & Strimmer's estimate (2005) with Gaussian entry variances,

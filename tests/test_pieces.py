@@ -1,0 +1,192 @@
+"""A model too large for one session runs a piece at a time (onnxtq.pieces): the same values, the same
+statistics and the same compressed file as in one session, with each piece's weights alone in a session,
+the run's new tensors in its scratch file and the output written a tensor at a time."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from builders import bundled, make_model, run
+
+from onnxtq import compress, model_io, pieces
+from onnxtq import graph as graph_module
+from onnxtq.calibration import CalibrationConfig, collect
+from onnxtq.calibration.data import open_source
+from onnxtq.compress import sweep, sweep_output
+from onnxtq.errors import ModelError
+from onnxtq.graph import Graph, external_data_from, scratch_space
+from onnxtq.verify import check_runs
+from onnxtq.weights import discover
+
+#: A budget that cuts the bundled models (100-300 kB of weights) into several pieces.
+SMALL = 40_000
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    monkeypatch.setattr(pieces, "PIECE_BYTES", SMALL)
+
+
+def _feeds(calib, count=6, batch=2):
+    data = np.load(calib)
+    return [(batch, {k: data[k][i : i + batch] for k in data.files}) for i in range(0, count, batch)]
+
+
+@pytest.mark.parametrize("name", ["mnist_cnn", "mnist_transformer", "mnist_rnn"])
+def test_outputs_in_pieces_equal_one_session(name, small_pieces):
+    path, calib = bundled(name)
+    model = onnx.load(path)
+    runner = pieces.PieceRunner(model, finals=True)
+    assert len(runner.pieces) > 2
+    assert all(
+        sum(model_io.tensor_nbytes(t) for t in model.graph.initializer if t.name in p.weights) <= SMALL
+        or len(p.nodes) == 1
+        for p in runner.pieces
+    )
+    feeds = _feeds(calib)
+    got = list(pieces.outputs(model, feeds))
+    for (_, feed), outputs in zip(feeds, got):
+        for a, b in zip(outputs, run(model, feed)):  # fusions differ across cuts: within float rounding
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+def test_only_the_nodes_asked_for_run():
+    path, _ = bundled("mnist_transformer")
+    model = onnx.load(path)
+    early = next(n.output[0] for n in model.graph.node if n.op_type == "MatMul")
+    (piece,) = pieces.plan(model, {early})
+    last = max(i for i, n in enumerate(model.graph.node) if early in n.output)
+    assert max(piece.nodes) == last  # nothing after the value asked for
+    assert len(piece.nodes) < len(model.graph.node)
+
+
+@pytest.mark.parametrize("name", ["mnist_transformer", "mnist_rnn"])
+def test_statistics_in_pieces_are_those_of_one_session(name, monkeypatch):
+    path, calib = bundled(name)
+    model = onnx.load(path)
+    sites = discover(Graph(onnx.load(path))).sites
+    whole = collect(model, sites, open_source(calib, model), CalibrationConfig())
+    monkeypatch.setattr(pieces, "PIECE_BYTES", SMALL)
+    cut = collect(model, sites, open_source(calib, model), CalibrationConfig())
+    assert cut.by_site and all(isinstance(v, Path) for v in cut.by_site.values())  # each layer's on disk
+    for site in sites:
+        a, b = whole.get(site), cut.get(site)
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert (a.count, a.mode, a.block, a.shrinkage) == (b.count, b.mode, b.block, b.shrinkage)
+            np.testing.assert_array_equal(a.mean, b.mean)
+            np.testing.assert_array_equal(a.moment, b.moment)
+
+
+@pytest.mark.parametrize(
+    "name, pipeline",
+    [("mnist_transformer", "calibrate,rtn{bits=4,block=32}"), ("mnist_rnn", "calibrate,tq{rate=3}")],
+)
+def test_a_run_in_pieces_writes_the_same_file(name, pipeline, tmp_path, monkeypatch):
+    path, calib = bundled(name)
+    whole = compress(path, tmp_path / "whole.onnx", pipeline, calib=calib)
+    monkeypatch.setattr(pieces, "PIECE_BYTES", SMALL)
+    monkeypatch.setattr(graph_module, "SCRATCH_BYTES", 1000)
+    made = []
+    monkeypatch.setattr(model_io, "write_whole", _spy(model_io.write_whole, made))
+    cut = compress(path, tmp_path / "cut.onnx", pipeline, calib=calib)
+    assert (tmp_path / "cut.onnx").read_bytes() == (tmp_path / "whole.onnx").read_bytes()
+    assert cut.verification == whole.verification
+    assert any(made)  # codes waited on disk
+
+
+def test_a_cnn_in_pieces_within_the_rounding_of_its_fused_convolutions(tmp_path, monkeypatch):
+    """onnxruntime fuses a Conv with the Relu after it only where both are in one piece: the statistics, and so a
+    few codes, move by float rounding."""
+    path, calib = bundled("mnist_cnn")
+    pipeline = "fold-bn,calibrate,rtn{bits=4}"
+    whole = compress(path, tmp_path / "whole.onnx", pipeline, calib=calib)
+    monkeypatch.setattr(pieces, "PIECE_BYTES", SMALL)
+    cut = compress(path, tmp_path / "cut.onnx", pipeline, calib=calib)
+    assert cut.bytes_after == whole.bytes_after
+    (a,), (b,) = whole.verification["outputs"].values(), cut.verification["outputs"].values()
+    assert abs(a["sqnr_db"] - b["sqnr_db"]) < 0.05
+
+
+def _spy(write_whole, made):
+    def spy(model, f):
+        made.extend(model_io.made_by_run(t) for t in model.graph.initializer)
+        return write_whole(model, f)
+
+    return spy
+
+
+def test_a_sweep_in_pieces_writes_the_same_files(tmp_path, monkeypatch):
+    path, calib = bundled("mnist_transformer")
+    pipelines = ["rtn{bits=4}", "rtn{bits=8},dequantize-at-load"]
+    assert all(not r.error for r in sweep(path, tmp_path / "a", pipelines, calib=calib))
+    monkeypatch.setattr(pieces, "PIECE_BYTES", SMALL)
+    assert all(not r.error for r in sweep(path, tmp_path / "b", pipelines, calib=calib))
+    for index in range(len(pipelines)):
+        a, b = (sweep_output(path, tmp_path / d, index).read_bytes() for d in "ab")
+        assert a == b
+
+
+def test_dequantized_weights_stay_in_their_readers_piece(tmp_path, small_pieces):
+    path, calib = bundled("mnist_transformer")
+    compress(path, tmp_path / "q.onnx", "calibrate,rtn{bits=4}", calib=calib)
+    model = onnx.load(tmp_path / "q.onnx")
+    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    runner = pieces.PieceRunner(model, finals=True)
+    assert len(runner.pieces) > 1
+    crossing = {name for p in runner.pieces for name in p.reads}
+    assert not {name for name in crossing if made_by.get(name) == "DequantizeLinear"}
+    outputs = list(pieces.outputs(model, _feeds(calib)))
+    for (_, feed), got in zip(_feeds(calib), outputs):
+        np.testing.assert_allclose(got[0], run(model, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_value_that_is_not_a_tensor_cannot_cross_pieces(small_pieces):
+    rng = np.random.default_rng(0)
+    weights = {k: rng.standard_normal((64, 64)).astype(np.float32) for k in ("w1", "w2")}  # 16 kB each
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        onnx.helper.make_node("SequenceConstruct", ["h"], ["s"]),
+        onnx.helper.make_node("MatMul", ["x", "w2"], ["h2"]),
+        onnx.helper.make_node("SequenceAt", ["s", "zero"], ["t"]),
+        onnx.helper.make_node("Add", ["h2", "t"], ["y"]),
+    ]
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])
+    model = make_model(nodes, [x], [y], {**weights, "zero": np.array(0, np.int64)})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pieces, "PIECE_BYTES", 20_000)  # one weight a piece: the sequence crosses
+        assert len(pieces.PieceRunner(model, finals=True).pieces) == 2
+        with pytest.raises(ModelError, match="'s' crosses between two pieces of the model and is not a tensor"):
+            list(pieces.outputs(model, [(1, {"x": np.ones((1, 64), np.float32)})]))
+
+
+def test_check_runs_in_pieces_sees_the_outputs(small_pieces):
+    path, calib = bundled("mnist_cnn")
+    model = onnx.load(path)
+    shapes = check_runs(model, open_source(calib, model))
+    assert shapes == {model.graph.output[0].name: (1, 10)}
+
+
+@pytest.mark.parametrize("name", ["mnist_cnn", "mnist_transformer"])
+def test_one_file_written_a_tensor_at_a_time_is_the_serialized_model(name, tmp_path):
+    path, _ = bundled(name)
+    model = onnx.load(path)
+    out = io.BytesIO()
+    assert model_io.write_whole(model, out) == len(out.getvalue())
+    assert out.getvalue() == model.SerializeToString()
+    onnx.external_data_helper.convert_model_to_external_data(model, location="w.bin", size_threshold=1024)
+    onnx.save(model, tmp_path / "split.onnx")
+    split = onnx.load(tmp_path / "split.onnx", load_external_data=False)
+    with external_data_from(tmp_path), scratch_space() as scratch:
+        graph = Graph(split)
+        big = max(graph.initializers, key=graph.nbytes)
+        graph.set_initializer(onnx.numpy_helper.from_array(np.ones(300_000, np.float32), big))  # to scratch
+        proto = graph.proto()
+        assert model_io.made_by_run(next(t for t in proto.graph.initializer if t.name == big))
+        out = io.BytesIO()
+        model_io.write_whole(proto, out)
+        assert out.getvalue() == model_io.serialize(proto)
+        assert scratch.path.stat().st_size == 1_200_000
