@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxtq import parallel
+from onnxtq import kernels, parallel
 
 #: Candidate clipping ratios: dense near 1 (8-bit) and down to 0.2 (2-bit optimum sits low).
 CLIP_GRID = np.concatenate([np.linspace(0.2, 0.7, 21)[:-1], np.linspace(0.7, 1.0, 31)])
@@ -155,33 +155,11 @@ def _rows(w: np.ndarray, h: np.ndarray | None, part: slice) -> tuple[np.ndarray,
 
 
 def _clip_search(w: np.ndarray, h: np.ndarray | None, qrange: tuple[int, int], symmetric: bool):
-    """Each row's step (and zero point) of least h-weighted squared error over CLIP_GRID (h None: plain
-    squared error); rows are independent, so any cut of the rows gives the same answer. The grid's
-    temporaries are made once and reused in place: the same arithmetic, without an allocation per step."""
-    best_scale, best_zp = _grid_for(w, 1.0, qrange, symmetric)
-    best_err = np.full(w.shape[0], np.inf)
-    q, deq = np.empty_like(w), np.empty_like(w)
-    for alpha in CLIP_GRID:
-        scale, zp = _grid_for(w, float(alpha), qrange, symmetric)
-        np.divide(w, scale[:, None], out=q)
-        np.round(q, out=q)
-        if zp is not None:
-            np.add(q, zp[:, None], out=q)
-        np.clip(q, *qrange, out=q)
-        if zp is not None:
-            np.subtract(q, zp[:, None], out=q)
-        np.multiply(q, scale[:, None], out=deq)
-        np.subtract(w, deq, out=deq)
-        np.square(deq, out=deq)
-        if h is not None:
-            np.multiply(h, deq, out=deq)
-        err = deq.sum(axis=1)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_scale = np.where(better, scale, best_scale)
-        if zp is not None:
-            best_zp = np.where(better, zp, best_zp)
-    return best_scale, best_zp
+    """Each row's step (and zero point, None when symmetric) of least h-weighted squared error over CLIP_GRID
+    (h None: plain squared error), by onnxtq.kernels; rows are independent, so any cut of the rows gives the
+    same answer."""
+    step, zero = kernels.clip_search(w, h, CLIP_GRID, qrange, symmetric)
+    return step, None if symmetric else zero
 
 
 def quantize_groups(

@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxtq.quantize import Blocking, int_range, quantize_groups
+from onnxtq.quantize import CLIP_GRID, Blocking, _clip_search, _grid_for, int_range, quantize_groups
 
 
 @settings(max_examples=50, deadline=None)
@@ -65,3 +65,46 @@ def test_weighted_error_prefers_important_columns(rng):
 def test_zero_rows_are_safe():
     code = quantize_groups(np.zeros((3, 8), np.float32), 4, True)
     assert np.all(code.dequantize() == 0) and np.all(code.scale > 0)
+
+
+def _numpy_search(w, h, qrange, symmetric):
+    """The clipping search written as numpy operations on whole rows (what onnxtq.kernels compiles)."""
+    best_scale, best_zp = _grid_for(w, 1.0, qrange, symmetric)
+    best_err = np.full(w.shape[0], np.inf)
+    for alpha in CLIP_GRID:
+        scale, zp = _grid_for(w, float(alpha), qrange, symmetric)
+        z = 0 if zp is None else zp[:, None]
+        q = np.clip(np.round(w / scale[:, None]) + z, *qrange) - z
+        err = np.square(w - q * scale[:, None])
+        err = (err if h is None else h * err).sum(axis=1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, scale, best_scale)
+        best_zp = best_zp if zp is None else np.where(better, zp, best_zp)
+    return best_scale, best_zp
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cols=st.sampled_from([1, 5, 7, 8, 9, 16, 17, 100, 127, 128, 129, 136, 255, 256, 257, 1000, 2049]),
+    rows=st.integers(1, 12),
+    bits=st.sampled_from([2, 3, 4, 8]),
+    symmetric=st.booleans(),
+    weighted=st.booleans(),
+    scale=st.sampled_from([1e-3, 0.05, 1.0, 3e18]),
+    zeros=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_the_compiled_search_chooses_what_numpy_does_bit_for_bit(cols, rows, bits, symmetric, weighted, scale, zeros, seed):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_t(3, (rows, cols)) * scale).astype(np.float32)  # 3e18: squares overflow float32
+    if zeros:
+        w[:, : cols // 2] = 0
+        w[0] = 0
+    h = (rng.random((rows, cols)) ** 3).astype(np.float32) if weighted else None
+    qrange = int_range(bits, symmetric)
+    step, zero = _clip_search(w, h, qrange, symmetric)
+    want_step, want_zero = _numpy_search(w, h, qrange, symmetric)
+    np.testing.assert_array_equal(step, want_step)
+    if not symmetric:
+        np.testing.assert_array_equal(zero, want_zero)

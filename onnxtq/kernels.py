@@ -1,0 +1,146 @@
+"""Compiled inner loops (numba) where numpy would pass over memory once per operation.
+
+The clipping search of round-to-nearest (onnxtq.quantize) tries 51 clipping ratios on every weight: in numpy
+each ratio is eight passes over the row (divide, round, clip, multiply, subtract, square, weight, sum), on a
+1.3B-parameter model 46 s of 2 cores. Here each weight is read once for all ratios, ten times faster.
+
+The arithmetic is numpy's, operation for operation, in float32: the same correctly rounded divide, round
+half to even, clip, products, and the row sums in numpy's own pairwise order (blocks of 8 partial sums
+under 128 values, halves above). So the error of every ratio, and the ratio chosen, are bit for bit what the
+numpy formulation gives (tests/test_quantize.py compares them).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numba
+import numpy as np
+
+#: numpy's pairwise summation: below this many values, eight running sums.
+_PAIRWISE_BLOCK = 128
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _error(x, weight, step, zero, lo, hi, weighted):
+    """One weight's squared error on the grid (step, zero point), times its importance when `weighted`."""
+    q = min(max(np.rint(x / step) + zero, lo), hi) - zero
+    e = x - q * step
+    e = e * e
+    return weight * e if weighted else e
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _leaf(w, h, weighted, steps, zeros, lo, hi, start, n, out):
+    """out[a] = Σ_{j in [start, start+n)} h_j (w_j − ŵ_j)² on grid a, as numpy sums n ≤ 128 values: one running
+    sum under 8 values, else 8 interleaved ones added in pairs, then the rest one by one."""
+    grids = steps.shape[0]
+    if n < 8:
+        for a in range(grids):
+            total = np.float32(0.0)
+            for j in range(start, start + n):
+                total += _error(w[j], h[j], steps[a], zeros[a], lo, hi, weighted)
+            out[a] = total
+        return
+    r = np.empty((8, grids), np.float32)
+    for k in range(8):
+        for a in range(grids):
+            r[k, a] = _error(w[start + k], h[start + k], steps[a], zeros[a], lo, hi, weighted)
+    i = 8
+    while i < n - n % 8:
+        for k in range(8):
+            x, weight = w[start + i + k], h[start + i + k]
+            for a in range(grids):
+                r[k, a] += _error(x, weight, steps[a], zeros[a], lo, hi, weighted)
+        i += 8
+    for a in range(grids):
+        out[a] = ((r[0, a] + r[1, a]) + (r[2, a] + r[3, a])) + ((r[4, a] + r[5, a]) + (r[6, a] + r[7, a]))
+    while i < n:
+        x, weight = w[start + i], h[start + i]
+        for a in range(grids):
+            out[a] += _error(x, weight, steps[a], zeros[a], lo, hi, weighted)
+        i += 1
+
+
+@functools.lru_cache(maxsize=64)
+def pairwise_program(n: int) -> np.ndarray:
+    """numpy's pairwise summation of n values as a postfix program, rows (start, length) for a leaf sum and
+    (-1, -1) to add the two sums on top of the stack: above 128 values numpy sums the halves (the first cut to a
+    multiple of 8) and adds them."""
+    steps: list[tuple[int, int]] = []
+
+    def visit(start: int, length: int) -> None:
+        if length <= _PAIRWISE_BLOCK:
+            steps.append((start, length))
+            return
+        half = length // 2
+        half -= half % 8
+        visit(start, half)
+        visit(start + half, length - half)
+        steps.append((-1, -1))
+
+    visit(0, n)
+    return np.array(steps, np.int64)
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _row_errors(w, h, weighted, steps, zeros, lo, hi, program, out):
+    """out[a] = Σ_j h_j (w_j − ŵ_j)² over the row on grid a, summed in numpy's pairwise order (`program`)."""
+    stack = np.empty((program.shape[0], steps.shape[0]), np.float32)
+    top = 0
+    for p in range(program.shape[0]):
+        start, n = program[p, 0], program[p, 1]
+        if start >= 0:
+            _leaf(w, h, weighted, steps, zeros, lo, hi, start, n, stack[top])
+            top += 1
+        else:
+            top -= 1
+            stack[top - 1] += stack[top]
+    out[:] = stack[0]
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _grid(ratio, low, high, peak, lo, hi, symmetric):
+    """numpy's grid of clipping ratio α: symmetric steps α·max|w|/qhi, asymmetric ones covering
+    [α·min(w, 0), α·max(w, 0)] with a rounded zero point (a step of 0 becomes 1)."""
+    ratio = np.float32(ratio)
+    if symmetric:
+        step = ratio * peak / max(hi, np.float32(1.0))
+        return (step if step > 0 else np.float32(1.0)), np.float32(0.0)
+    bottom = min(low, np.float32(0.0)) * ratio
+    step = (max(high, np.float32(0.0)) * ratio - bottom) / (hi - lo)
+    step = step if step > 0 else np.float32(1.0)
+    return step, min(max(np.rint(-bottom / step), lo), hi)
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _clip_search(w, h, weighted, ratios, qlo, qhi, symmetric, program):
+    """Per row of w [G, S] (float32), the step and zero point of least (h-weighted) squared error over the
+    clipping `ratios`: the first ratio that beats every one before it, the grid of ratio 1 if none has a
+    finite error (weights so large their squares overflow)."""
+    rows, cols = w.shape
+    grids = ratios.shape[0]
+    best_step, best_zero = np.empty(rows, np.float32), np.zeros(rows, np.float32)
+    steps, zeros, errors = np.empty(grids, np.float32), np.zeros(grids, np.float32), np.empty(grids, np.float32)
+    lo, hi = np.float32(qlo), np.float32(qhi)
+    for g in range(rows):
+        low, high, peak = np.float32(np.inf), np.float32(-np.inf), np.float32(0.0)
+        for j in range(cols):
+            v = w[g, j]
+            low, high, peak = min(low, v), max(high, v), max(peak, abs(v))
+        for a in range(grids):
+            steps[a], zeros[a] = _grid(ratios[a], low, high, peak, lo, hi, symmetric)
+        _row_errors(w[g], h[g if weighted else 0], weighted, steps, zeros, lo, hi, program, errors)
+        best_step[g], best_zero[g] = _grid(1.0, low, high, peak, lo, hi, symmetric)
+        least = np.inf
+        for a in range(grids):
+            if errors[a] < least:
+                least, best_step[g], best_zero[g] = errors[a], steps[a], zeros[a]
+    return best_step, best_zero
+
+
+def clip_search(w: np.ndarray, h: np.ndarray | None, ratios: np.ndarray, qrange: tuple[int, int], symmetric: bool):
+    """Per row of w [G, S] (float32), the step and zero point of least (h-weighted, h [G, S]) squared error over
+    the clipping `ratios`, as `_clip_search` finds them."""
+    program = pairwise_program(w.shape[1])
+    return _clip_search(w, w if h is None else h, h is not None, ratios, *qrange, symmetric, program)
