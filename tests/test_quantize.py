@@ -95,7 +95,7 @@ def _numpy_search(w, h, qrange, symmetric):
     zeros=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_the_compiled_search_chooses_what_numpy_does_bit_for_bit(cols, rows, bits, symmetric, weighted, scale, zeros, seed):
+def test_the_compiled_search_chooses_what_numpy_does(cols, rows, bits, symmetric, weighted, scale, zeros, seed):
     rng = np.random.default_rng(seed)
     w = (rng.standard_t(3, (rows, cols)) * scale).astype(np.float32)  # 3e18: squares overflow float32
     if zeros:
