@@ -18,6 +18,7 @@ import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
 
+from onnxtq import kernels
 from onnxtq.graph import Graph, node_attr, prepend, tag
 from onnxtq.model_io import tensor_nbytes
 from onnxtq.packing import int_tensor
@@ -112,7 +113,7 @@ def emit_dequantize(graph: Graph, site: WeightSite, blocking: Blocking, code: Gr
     ftype = float_type(graph, site)
     scale = _scale_values(blocking.scales_to_shape(code.scale), ftype)
     zp = None if code.zero_point is None else blocking.scales_to_shape(code.zero_point)
-    q = blocking.from_groups(code.q)
+    q = kernels.rows_of(blocking.from_groups(code.q))  # a MatMul weight's groups are a transposed view
     escaped = escapes(q, code.bits, code.zero_point is None)
     if escaped.size and zp is None:
         q = q.copy()
@@ -283,5 +284,6 @@ def emit_transformed(
 
 
 def dequantized(blocking: Blocking, code: GroupCode) -> np.ndarray:
-    """The float weight ORT will compute, in the stored layout (numpy reference)."""
-    return blocking.from_groups(code.dequantize())
+    """The float weight ORT will compute, in the stored layout (numpy reference), laid out as that layout (a
+    MatMul weight's groups are its transposed view: every later pass over it would stride)."""
+    return kernels.rows_of(blocking.from_groups(code.dequantize()))

@@ -121,8 +121,8 @@ class GroupCode:
     bits: int
 
     def dequantize(self) -> np.ndarray:
-        zp = 0 if self.zero_point is None else self.zero_point[:, None]
-        return ((self.q - zp) * self.scale[:, None].astype(np.float64)).astype(np.float32)
+        """(q − z)·s in float64, as float32 (onnxtq.kernels)."""
+        return kernels.dequantize(self.q, self.scale, self.zero_point)
 
 
 def _grid_for(w: np.ndarray, alpha: float, qrange: tuple[int, int], symmetric: bool):
@@ -137,11 +137,6 @@ def _grid_for(w: np.ndarray, alpha: float, qrange: tuple[int, int], symmetric: b
     scale = np.where(scale > 0, scale, 1.0)
     zp = np.clip(np.round(-lo / scale), lo_q, hi_q)
     return scale, zp
-
-
-def _codes(w, scale, zp, qrange: tuple[int, int]):
-    z = 0 if zp is None else zp[:, None]
-    return np.clip(np.round(w / scale[:, None]) + z, *qrange)
 
 
 #: Weights whose clipping search runs together: its temporaries stay in cache across the whole grid.
@@ -178,8 +173,10 @@ def quantize_groups(
     codes below the container's range (ternary: (-1, 1) in INT2).
     """
     qrange = qrange or int_range(bits, symmetric)
-    w = w.astype(np.float32)  # the search only ranks candidates: float32 is precise enough and twice as fast
-    h = None if h is None else h.astype(np.float32)
+    # the search only ranks candidates: float32 is precise enough and twice as fast; rows laid out as rows (a
+    # MatMul weight's groups are its transposed view)
+    w = kernels.rows_of(w, np.float32)
+    h = None if h is None else kernels.rows_of(h, np.float32)
     if clip:
         rows = max(1, SEARCH_ELEMENTS // max(w.shape[1], 1))
         parts = [slice(start, start + rows) for start in range(0, w.shape[0], rows)] or [slice(0, 0)]
@@ -192,5 +189,5 @@ def quantize_groups(
         scale_dtype = np.float32
     tiny = float(np.finfo(scale_dtype).smallest_subnormal)
     stored = np.maximum(best_scale, tiny).astype(scale_dtype)  # the step ORT will use
-    q = _codes(w.astype(np.float64), stored.astype(np.float64), best_zp, qrange)
-    return GroupCode(q.astype(np.int32), stored, None if best_zp is None else best_zp.astype(np.int32), bits)
+    q = kernels.codes(w, stored, best_zp, qrange)  # against the stored step, in float64
+    return GroupCode(q, stored, None if best_zp is None else best_zp.astype(np.int32), bits)

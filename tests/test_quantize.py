@@ -108,3 +108,15 @@ def test_the_compiled_search_chooses_what_numpy_does(cols, rows, bits, symmetric
     np.testing.assert_array_equal(step, want_step)
     if not symmetric:
         np.testing.assert_array_equal(zero, want_zero)
+
+
+@settings(max_examples=100, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), symmetric=st.booleans(), fp16=st.booleans(), seed=st.integers(0, 2**16))
+def test_the_compiled_codes_are_numpys(bits, symmetric, fp16, seed):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_t(3, (7, 300)) * 0.1).astype(np.float32)
+    code = quantize_groups(w, bits, symmetric, True, None, np.float16 if fp16 else np.float32)
+    z = 0 if code.zero_point is None else code.zero_point[:, None].astype(np.float32)
+    steps = code.scale.astype(np.float64)[:, None]
+    want = np.clip(np.round(w.astype(np.float64) / steps) + z, *int_range(bits, symmetric))
+    np.testing.assert_array_equal(code.q, want.astype(np.int32))
