@@ -94,12 +94,13 @@ def distortion(layer: Layer, delta: np.ndarray, stats: LayerStats | None = None)
     return layer.gain * output_error(layer.site, layer.stats if stats is None else stats, delta)
 
 
-def output_error(site: WeightSite, stats: LayerStats | None, delta: np.ndarray) -> float:
-    """E‖ΔW x‖² by calibration, or ‖ΔW‖² for a weight without statistics (embeddings); Δ in the stored layout."""
+def output_error(site: WeightSite, stats: LayerStats | None, delta: np.ndarray, dtype=np.float64) -> float:
+    """E‖ΔW x‖² by calibration, or ‖ΔW‖² for a weight without statistics (embeddings); Δ in the stored layout,
+    the products in `dtype` (float32 for figures that only report)."""
     m = site.to_matrix(delta)
     if stats is None or m.shape[1] != stats.dim:
         return float((np.asarray(m, np.float64) ** 2).sum())
-    return stats.quadratic(m)
+    return stats.quadratic(m, dtype)
 
 
 class Codec(abc.ABC):

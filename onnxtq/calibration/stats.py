@@ -55,17 +55,19 @@ class LayerStats:
         d = np.diagonal(self.moment, axis1=2, axis2=3).reshape(self.groups, -1)
         return d[:, : self.dim]
 
-    def quadratic(self, m: np.ndarray) -> float:
-        """Σ_rows rᵀ H r for a matrix m [n, d] whose rows belong to groups in order: E‖m x‖²."""
-        rows = m.reshape(self.groups, -1, self.dim).astype(np.float64)
+    def quadratic(self, m: np.ndarray, dtype=np.float64) -> float:
+        """Σ_rows rᵀ H r for a matrix m [n, d] whose rows belong to groups in order: E‖m x‖², its products in
+        `dtype` (float32: half the time, for figures read to 0.01 dB)."""
+        rows = m.reshape(self.groups, -1, self.dim).astype(dtype)
+        moment = self.moment.astype(dtype, copy=False)
         if self.mode == "diag":
-            return float(np.einsum("gnd,gd,gnd->", rows, self.moment, rows))
+            return float(np.einsum("gnd,gd,gnd->", rows, moment, rows))
         if self.mode == "full":  # a BLAS product: a 3-operand einsum is many times slower on wide layers
-            return float(((rows @ self.moment) * rows).sum())
+            return float(((rows @ moment) * rows).sum())
         pad = -self.dim % self.block
         rows = np.pad(rows, ((0, 0), (0, 0), (0, pad))).reshape(self.groups, rows.shape[1], -1, self.block)
         rows = rows.transpose(0, 2, 1, 3)  # [g, blocks, n, B]: one BLAS product per block, as in full mode
-        return float(((rows @ self.moment) * rows).sum())
+        return float(((rows @ moment) * rows).sum())
 
     def save(self, path) -> None:
         """Write these statistics to `path` (an uncompressed .npz), to be read back by `load`."""

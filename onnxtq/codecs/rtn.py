@@ -42,8 +42,9 @@ class RtnCodec(Codec):
         return [Option(f"rtn {self.bits}-bit", [point], materialize=lambda picks, drift=None: coded)]
 
     def code(self, layer: Layer, group_code: GroupCode | None = None) -> Coded:
-        """The coded layer; `group_code` is `quantize_task(self.task(layer))` where that ran elsewhere."""
-        return self.code_groups(layer, group_code)[0]
+        """The coded layer; `group_code` is `quantize_task(self.task(layer))` where that ran elsewhere. Its output
+        error is left to the report (`finish`): nothing chooses by it."""
+        return self.code_groups(layer, group_code, measure=False)[0]
 
     def task(self, layer: Layer) -> tuple:
         """The arguments of `quantize_task` for `layer`: the costly part, a pure function of plain arrays
@@ -56,13 +57,18 @@ class RtnCodec(Codec):
         groups = blocking.to_groups(layer.w)
         return groups, self.bits, self.symmetric, self.clip, weights, step_dtype(site, self.scale_bits)
 
-    def code_groups(self, layer: Layer, group_code: GroupCode | None = None) -> tuple[Coded, Blocking, GroupCode]:
-        """The coded layer with its grouping and its codes (for rates other than the container's)."""
+    def code_groups(
+        self, layer: Layer, group_code: GroupCode | None = None, measure: bool = True
+    ) -> tuple[Coded, Blocking, GroupCode]:
+        """The coded layer with its grouping and its codes (for rates other than the container's); with `measure`,
+        its output error (what an allocation weighs it by)."""
         site = layer.site
         blocking = blocking_for(site, self.block)
         group_code = group_code or quantize_task(self.task(layer))
         w_hat = dequantized(blocking, group_code)
-        error = None if layer.stats is None else output_error(site, layer.stats, layer.w.astype(np.float64) - w_hat)
+        error = None
+        if measure and layer.stats is not None:
+            error = output_error(site, layer.stats, layer.w.astype(np.float64) - w_hat)
         coded = Coded(
             w_hat,
             lambda graph, pass_name: emit_dequantize(graph, site, blocking, group_code, pass_name),
