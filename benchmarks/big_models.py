@@ -1,12 +1,15 @@
 """onnxtq against onnxruntime's MatMulNBits quantizer on synthetic GPT models of growing size (issue 17).
 
-Builds the models of `gpt_models.py` (if absent), then for each: `onnxtq compress --pipeline
-'calibrate,rtn{bits=4}'` and onnxruntime's `MatMulNBitsQuantizer` (4 bits, blocks of 32, symmetric), each
-in its own process, timed, with its peak resident memory and CPU use (os.wait4's rusage of that process),
-and the SQNR of both files' logits against the float model's on held-out sequences. Prints a Markdown
-table and the fitted growth exponents (time and memory ∝ parameters^k).
+Builds the models of `gpt_models.py` (if absent), then for each: `onnxtq compress` with each pipeline (default
+'calibrate,rtn{bits=4}', and 'rtn{bits=4}', which like MatMulNBits reads no data) and onnxruntime's
+`MatMulNBitsQuantizer` (4 bits, blocks of 32, symmetric), each in its own process, timed, with its peak
+resident memory and CPU use (os.wait4's rusage of that process), and the SQNR of the files' logits against the
+float model's on the last calibration sequences. Prints a Markdown table and the fitted growth exponents (time
+and memory ∝ parameters^k). `--cluster-check` also runs the first pipeline on the smallest size on a local Dask
+cluster of two worker processes and says whether its file is the local one, byte for byte.
 
-    python benchmarks/big_models.py DIR [--sizes 27M 123M 353M 1.3B] [--pipeline P] [--jobs N] [--json F]
+    python benchmarks/big_models.py DIR [--sizes 27M 123M 353M 1.3B] [--pipelines P ...] [--jobs N]
+        [--cluster-check] [--json F]
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def measured(argv: list[str], log: Path) -> dict:
     """Run `argv` as a child; its wall time, peak RSS and CPU use (cores busy on average), and exit code."""
     start = time.perf_counter()
     with log.open("w") as out:
-        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)  # not this repository's
         _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
     return {
@@ -75,22 +78,44 @@ def file_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def run_size(size: str, folder: Path, pipeline: str, jobs: int) -> dict:
+def run_size(size: str, folder: Path, pipelines: list[str], jobs: int) -> dict:
     spec = gpt_models.SIZES[size]
     model, calib = folder / f"{spec.name}.onnx", folder / f"{spec.name}_calib.npz"
     if not model.exists():
         gpt_models.build(spec, folder)
         gpt_models.calibration(spec, calib, 32, 128)
-    row = {"size": size, "params": spec.params, "fp32_bytes": file_bytes(model)}
-    ours, theirs = folder / f"{spec.name}.onnxtq.onnx", folder / f"{spec.name}.nbits.onnx"
-    onnxtq = [sys.executable, "-m", "onnxtq.cli", "compress", str(model), "-o", str(ours), "--calib", str(calib)]
-    onnxtq += ["--pipeline", pipeline, "--jobs", str(jobs), "--no-sent"]
-    row["onnxtq"] = measured(onnxtq, folder / f"{spec.name}.onnxtq.log")
+    row = {"size": size, "params": spec.params, "fp32_bytes": file_bytes(model), "onnxtq": {}}
+    theirs = folder / f"{spec.name}.nbits.onnx"
     row["nbits"] = measured([sys.executable, "-c", NBITS, str(model), str(theirs)], folder / f"{spec.name}.nbits.log")
-    for name, path in (("onnxtq", ours), ("nbits", theirs)):
-        if row[name]["exit"] == 0:
-            row[name] |= {"bytes": file_bytes(path), "sqnr_db": sqnr(model, path, calib)}
+    if row["nbits"]["exit"] == 0:
+        row["nbits"] |= {"bytes": file_bytes(theirs), "sqnr_db": sqnr(model, theirs, calib)}
+    for index, pipeline in enumerate(pipelines):
+        ours = folder / f"{spec.name}.onnxtq{index}.onnx"
+        result = measured(onnxtq_argv(model, ours, calib, pipeline, jobs), folder / f"{spec.name}.onnxtq{index}.log")
+        if result["exit"] == 0:
+            result |= {"bytes": file_bytes(ours), "sqnr_db": sqnr(model, ours, calib)}
+        row["onnxtq"][pipeline] = result
     return row
+
+
+def onnxtq_argv(model: Path, out: Path, calib: Path, pipeline: str, jobs: int, *extra: str) -> list[str]:
+    argv = [sys.executable, "-m", "onnxtq.cli", "compress", str(model), "-o", str(out), "--calib", str(calib)]
+    return argv + ["--pipeline", pipeline, "--jobs", str(jobs), "--no-sent", *extra]
+
+
+def cluster_check(size: str, folder: Path, pipeline: str) -> str:
+    """The pipeline's file on a local Dask cluster of two worker processes, against the local run's."""
+    from distributed import LocalCluster
+
+    spec = gpt_models.SIZES[size]
+    model, calib = folder / f"{spec.name}.onnx", folder / f"{spec.name}_calib.npz"
+    local, remote = folder / f"{spec.name}.local.onnx", folder / f"{spec.name}.cluster.onnx"
+    quiet = {"check": True, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": folder}
+    subprocess.run(onnxtq_argv(model, local, calib, pipeline, 0), **quiet)
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster:
+        subprocess.run(onnxtq_argv(model, remote, calib, pipeline, 0, "--cluster", cluster.scheduler_address), **quiet)
+    same = "byte-identical" if local.read_bytes() == remote.read_bytes() else "DIFFERS"
+    return f"{size} `{pipeline}` on a local Dask cluster of 2 worker processes: {same} to the local run's file"
 
 
 def _cell(r: dict) -> str:
@@ -100,28 +125,27 @@ def _cell(r: dict) -> str:
     return f"{cost} | {r['bytes'] / 1e6:.1f} MB | {r['sqnr_db']} dB"
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], pipelines: list[str]) -> str:
     lines = [
-        "| model | fp32 file | onnxtq: time, peak RSS, CPU | bytes | SQNR "
-        "| MatMulNBits 4-bit: time, peak RSS, CPU | bytes | SQNR |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | fp32 file | tool | time, peak RSS, CPU | bytes | logits SQNR |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(
-            f"| {row['size']} ({row['params'] / 1e6:.0f}M) | {row['fp32_bytes'] / 1e6:.0f} MB | {_cell(row['onnxtq'])} "
-            f"| {_cell(row['nbits'])} |"
-        )
+        name = f"{row['size']} ({row['params'] / 1e6:.0f}M) | {row['fp32_bytes'] / 1e6:.0f} MB"
+        for pipeline in pipelines:
+            lines.append(f"| {name} | onnxtq `{pipeline}` | {_cell(row['onnxtq'][pipeline])} |")
+        lines.append(f"| {name} | MatMulNBits 4-bit, blocks of 32 | {_cell(row['nbits'])} |")
     return "\n".join(lines)
 
 
-def exponents(rows: list[dict], tool: str) -> str:
+def exponents(rows: list[dict], tool: str, pick=lambda row, tool: row[tool]) -> str:
     """Slopes of log(time) and log(peak RSS) against log(parameters), over the sizes that finished."""
-    done = [r for r in rows if r[tool]["exit"] == 0]
+    done = [r for r in rows if pick(r, tool)["exit"] == 0]
     if len(done) < 2:
         return f"{tool}: fewer than two sizes finished"
     x = np.log([r["params"] for r in done])
-    k_time = np.polyfit(x, np.log([r[tool]["seconds"] for r in done]), 1)[0]
-    k_mem = np.polyfit(x, np.log([r[tool]["peak_gb"] for r in done]), 1)[0]
+    k_time = np.polyfit(x, np.log([pick(r, tool)["seconds"] for r in done]), 1)[0]
+    k_mem = np.polyfit(x, np.log([pick(r, tool)["peak_gb"] for r in done]), 1)[0]
     return f"{tool}: time ∝ params^{k_time:.2f}, peak RSS ∝ params^{k_mem:.2f} ({len(done)} sizes)"
 
 
@@ -129,22 +153,26 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
     parser.add_argument("--sizes", nargs="+", default=list(gpt_models.SIZES), choices=list(gpt_models.SIZES))
-    parser.add_argument("--pipeline", default="calibrate,rtn{bits=4}")
+    parser.add_argument("--pipelines", nargs="+", default=["calibrate,rtn{bits=4}", "rtn{bits=4}"])
     parser.add_argument("--jobs", type=int, default=0)
+    parser.add_argument("--cluster-check", action="store_true")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
     args.folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for size in args.sizes:
-        rows.append(run_size(size, args.folder, args.pipeline, args.jobs))
+        rows.append(run_size(size, args.folder, args.pipelines, args.jobs))
         print(json.dumps(rows[-1]), flush=True)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
-    print(f"\npipeline: {args.pipeline}, --jobs {args.jobs}\n")
-    print(table(rows))
+    print(f"\n--jobs {args.jobs}\n")
+    print(table(rows, args.pipelines))
     print()
-    for tool in ("onnxtq", "nbits"):
-        print(exponents(rows, tool))
+    for pipeline in args.pipelines:
+        print(exponents(rows, pipeline, lambda row, p: row["onnxtq"][p]))
+    print(exponents(rows, "nbits"))
+    if args.cluster_check:
+        print(cluster_check(args.sizes[0], args.folder, args.pipelines[0]))
 
 
 if __name__ == "__main__":

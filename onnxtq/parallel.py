@@ -1,5 +1,5 @@
 """Where per-layer work runs: on this machine's cores (`--jobs` threads) or on a Dask cluster's worker
-processes (`--cluster ADDRESS`).
+processes (`--cluster ADDRESS`): rtn's clipping searches and crq's reconstructions, one layer a task.
 
 Every task is a pure function of its arguments, so the answers, and the file, are the same wherever the
 work ran. On one machine, threads: numpy releases the GIL in the loops that cost (the clipping search,
@@ -10,6 +10,7 @@ cluster gets whole layers (`task_map`), a bounded number at a time.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -61,6 +62,20 @@ def task_map(fn: Callable, items: Iterable, window: int = 0) -> Iterator:
             yield pending.pop(0).result()
     for future in pending:
         yield future.result()
+
+
+def tasks_of(items: Iterable, task: Callable, fn: Callable) -> Iterator[tuple]:
+    """(item, fn(task(item))) for each item, in order, the calls made by `task_map`: on a cluster the next few
+    items are read and sent while this one is finished here (only their arguments are alive at once)."""
+    pending: deque = deque()
+
+    def arguments():
+        for item in items:
+            pending.append(item)
+            yield task(item)
+
+    for answer in task_map(fn, arguments()):
+        yield pending.popleft(), answer
 
 
 _clients: dict = {}

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from onnxtq import parallel
 from onnxtq.bias import bias_note
 from onnxtq.codec import Layer
-from onnxtq.codecs.crq import CrqCodec
+from onnxtq.codecs.crq import CrqCodec, crq_task
 from onnxtq.finish import finish
 from onnxtq.opsets import Emission
 from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
@@ -74,16 +75,25 @@ class CrqPass(Pass):
         sites = quantizable(discover(ctx.graph), cfg.min_elements, report)
         ends = {sites[0].name, sites[-1].name} if sites else set()
         codecs: dict[int, CrqCodec] = {}
-        with bar(total=len(sites), desc=self.name, unit="weight") as shown:
-            for site, drift in sequential_stages(ctx, sites, cfg.sequential):
-                bits = self._bits_for(site, ends)
-                codec = codecs.setdefault(bits, CrqCodec(bits, cfg.ternary, cfg.block, cfg.method, cfg.scale_bits))
-                layer = Layer.of(ctx.graph, site, ctx.stats)
-                record = finish(ctx.graph, layer, codec.code(layer, drift), self.name, cfg.bias_correct)
-                report.records.append(record)
-                if bits != cfg.bits:
-                    report.kept.append(Kept(site.name, site.kind, bits, record.bytes_after))
-                shown.update()
+
+        def codec_for(site: WeightSite) -> CrqCodec:
+            bits = self._bits_for(site, ends)
+            return codecs.setdefault(bits, CrqCodec(bits, cfg.ternary, cfg.block, cfg.method, cfg.scale_bits))
+
+        if cfg.sequential:  # each layer fitted to the network quantized before it: one after the other, here
+            stages = sequential_stages(ctx, sites, True)
+            steps = ((Layer.of(ctx.graph, site, ctx.stats), drift, None) for site, drift in stages)
+        else:  # independent layers: a task each, on a cluster when there is one (onnxtq.parallel)
+            layers = (Layer.of(ctx.graph, site, ctx.stats) for site in sites)
+            answers = parallel.tasks_of(layers, lambda layer: codec_for(layer.site).task(layer), crq_task)
+            steps = ((layer, None, group_code) for layer, group_code in answers)
+        for layer, drift, group_code in bar(steps, total=len(sites), desc=self.name, unit="weight"):
+            codec = codec_for(layer.site)
+            coded = codec.code(layer, drift, group_code)
+            record = finish(ctx.graph, layer, coded, self.name, cfg.bias_correct)
+            report.records.append(record)
+            if codec.bits != cfg.bits:
+                report.kept.append(Kept(layer.site.name, layer.site.kind, codec.bits, record.bytes_after))
         if report.kept:
             kept = ", ".join(f"{k.name} ({k.kind}, {k.bits} bits, {k.bytes:,d} B)" for k in report.kept)
             report.notes.append(f"kept at higher precision: {kept}")

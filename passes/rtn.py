@@ -10,7 +10,6 @@ logit SQNR at 8 bits.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 from onnxtq import parallel
@@ -69,16 +68,9 @@ class RtnPass(Pass):
         sites = quantizable(discover(ctx.graph), cfg.min_elements, report)
         stats = ctx.stats if ctx.stats_fresh else None
         codec = RtnCodec(cfg.bits, cfg.block, cfg.is_symmetric, cfg.clip, cfg.weighted, cfg.scale_bits)
-        layers: deque[Layer] = deque()  # read, their codes on the way (on a cluster, a few ahead)
-
-        def tasks():
-            for site in sites:
-                layers.append(Layer.of(ctx.graph, site, stats))
-                yield codec.task(layers[-1])
-
-        codes = parallel.task_map(quantize_task, tasks())
-        for group_code in bar(codes, total=len(sites), desc=self.name, unit="weight"):
-            layer = layers.popleft()
+        layers = (Layer.of(ctx.graph, site, stats) for site in sites)
+        answers = parallel.tasks_of(layers, codec.task, quantize_task)
+        for layer, group_code in bar(answers, total=len(sites), desc=self.name, unit="weight"):
             coded = codec.code(layer, group_code)
             report.records.append(finish(ctx.graph, layer, coded, self.name, cfg.bias_correct))
         weighted = stats is not None and cfg.weighted

@@ -8,7 +8,8 @@ from onnxtq import parallel
 from onnxtq.cli import main
 from onnxtq.quantize import SEARCH_ELEMENTS, _clip_search, int_range, quantize_groups
 
-PIPELINE = "calibrate,rtn{bits=4},rtn{bits=2,min_elements=0}"  # 4-bit codes, then 2-bit zero points for the rest
+#: crq codes the big weights, rtn 2-bit zero points the rest: both passes' per-layer tasks
+PIPELINE = "calibrate,crq{bits=4,min_elements=8192},rtn{bits=2,min_elements=0}"
 
 
 @pytest.fixture(autouse=True)
@@ -56,9 +57,10 @@ def test_a_dask_cluster_of_two_workers_writes_the_local_file(tmp_path):
     ):
         with distributed.get_task_stream(client) as stream:
             remote = _compress(tmp_path, "remote", "--cluster", cluster.scheduler_address)
-        ran = [t for t in stream.data if t["key"].startswith("quantize_task")]
+        ran = {name: [t for t in stream.data if t["key"].startswith(name)] for name in ("crq_task", "quantize_task")}
         assert remote == local
-        assert ran and {t["worker"] for t in ran} == set(client.scheduler_info()["workers"])  # both worked
+        assert all(ran.values())  # both passes sent their layers
+        assert {t["worker"] for t in ran["crq_task"] + ran["quantize_task"]} == set(client.scheduler_info()["workers"])
 
 
 def test_an_unreachable_cluster_is_a_usage_error(tmp_path, capsys, monkeypatch):

@@ -25,7 +25,7 @@ from onnxtq.calibration import importance
 from onnxtq.codec import Codec, Coded, Layer, distortion
 from onnxtq.emit import dequantized, emit_dequantize
 from onnxtq.packing import container_bits
-from onnxtq.quantize import blocking_for, int_range, quantize_groups, step_dtype
+from onnxtq.quantize import GroupCode, blocking_for, int_range, quantize_groups, step_dtype
 from onnxtq.rd import Band, Option
 from onnxtq.reconstruct import reconstruct
 from onnxtq.sequential import drift_target, enough
@@ -56,25 +56,44 @@ class CrqCodec(Codec):
 
         return [Option(f"crq {self.bits}-bit", [point], materialize=materialize)]
 
-    def code(self, layer: Layer, drift=None) -> Coded:
-        """The layer coded at this codec's bits; with `drift` (own, cross statistics) fitted to those inputs."""
-        site, w = layer.site, layer.w
+    def code(self, layer: Layer, drift=None, group_code: GroupCode | None = None) -> Coded:
+        """The layer coded at this codec's bits; with `drift` (own, cross statistics) fitted to those inputs;
+        `group_code` is `crq_task(self.task(layer, drift))` where that ran elsewhere."""
+        site = layer.site
         blocking = blocking_for(site, self.block)
-        stats, target, inputs = layer.stats, w, None
-        if drift is not None and enough(drift[0]):
+        group_code = group_code or crq_task(self.task(layer, drift))
+        return Coded(
+            dequantized(blocking, group_code),
+            lambda graph, pass_name: emit_dequantize(graph, site, blocking, group_code, pass_name),
+            inputs=drift[0] if _fits_drift(drift) else None,
+        )
+
+    def task(self, layer: Layer, drift=None) -> tuple:
+        """The arguments of `crq_task`: the costly part, a pure function of plain data that any worker can run
+        (onnxtq.parallel)."""
+        site, w = layer.site, layer.w
+        stats, target = layer.stats, w
+        if _fits_drift(drift):
             inputs, cross = drift
             stats = inputs
             target = site.from_matrix(drift_target(site, site.to_matrix(w), inputs, cross)).astype(w.dtype)
         ternary = self.ternary and self.bits == 2
         symmetric = ternary or self.bits >= 3
         qrange = (-1, 1) if ternary else int_range(self.bits, symmetric)
-        h = None if stats is None else blocking.to_groups(importance(site, stats))
-        scale_dtype = step_dtype(site, self.scale_bits)
-        code = quantize_groups(blocking.to_groups(target), self.bits, symmetric, True, h, scale_dtype, qrange)
-        if self.method != "rtn" and stats is not None and site.to_matrix(w).shape[1] == stats.dim:
-            code = reconstruct(site, target, blocking, code, stats, qrange, scale_dtype, self.method)
-        return Coded(
-            dequantized(blocking, code),
-            lambda graph, pass_name: emit_dequantize(graph, site, blocking, code, pass_name),
-            inputs=inputs,
-        )
+        method = self.method if stats is not None and site.to_matrix(w).shape[1] == stats.dim else "rtn"
+        grid = (self.bits, symmetric, qrange, step_dtype(site, self.scale_bits), method)
+        return site, target, blocking_for(site, self.block), stats, grid
+
+
+def _fits_drift(drift) -> bool:
+    return drift is not None and enough(drift[0])
+
+
+def crq_task(task: tuple) -> GroupCode:
+    """RTN on the output-weighted grid, then (but for method rtn) the reconstruction: one layer's codes."""
+    site, target, blocking, stats, (bits, symmetric, qrange, scale_dtype, method) = task
+    h = None if stats is None else blocking.to_groups(importance(site, stats))
+    code = quantize_groups(blocking.to_groups(target), bits, symmetric, True, h, scale_dtype, qrange)
+    if method != "rtn":
+        code = reconstruct(site, target, blocking, code, stats, qrange, scale_dtype, method)
+    return code
