@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxtq import kernels
 from onnxtq.calibration.stats import LayerStats
 from onnxtq.quantize import GroupCode
 
@@ -151,14 +152,13 @@ def _gptq_in_order(w0: np.ndarray, hessian: np.ndarray, grid: Grid, damp: float)
     w = w0.astype(np.float64, copy=True)
     q = np.empty_like(w)
     d = w.shape[2]
+    fields = (grid.step, grid.zero, grid.lo, grid.hi)
+    grid_arrays = [np.broadcast_to(np.asarray(a, np.float64), w.shape) for a in fields]
+    rows_of_u = np.ascontiguousarray(u)  # the kernel walks U's rows; the BLAS update keeps U as it was
     for i1 in range(0, d, GPTQ_BLOCK):
         i2 = min(i1 + GPTQ_BLOCK, d)
         errors = np.empty(w.shape[:2] + (i2 - i1,))
-        for j in range(i1, i2):
-            q[:, :, j] = grid.codes(w[:, :, j], (slice(None), slice(None), j))
-            err = (w[:, :, j] - grid.values(q[:, :, j], (slice(None), slice(None), j))) / u[:, j, j][:, None]
-            w[:, :, j:i2] -= err[:, :, None] * u[:, None, j, j:i2]
-            errors[:, :, j - i1] = err
+        kernels.gptq_block(w, q, errors, rows_of_u, *grid_arrays, i1, i2)  # the block's columns one by one
         w[:, :, i2:] -= errors @ u[:, i1:i2, i2:]
     return q
 

@@ -6,7 +6,18 @@ import numpy as np
 import pytest
 
 from onnxtq.calibration.stats import MomentAccumulator
-from onnxtq.reconstruct import Grid, Problems, cluster_pull, gptq, refit_steps
+from onnxtq.reconstruct import (
+    DAMP,
+    GPTQ_BLOCK,
+    Grid,
+    Problems,
+    _act_order,
+    _columns,
+    cluster_pull,
+    damped,
+    gptq,
+    refit_steps,
+)
 
 
 def _layer(rng, n=24, d=48, samples=4000, mode="full", block=16, groups=1):
@@ -82,3 +93,36 @@ def test_dead_inputs_do_not_break_gptq(rng):
     w0 = problems.split(w)
     codes = gptq(w0, problems.hessian, _grid(w0))
     assert np.isfinite(codes).all()
+
+
+def _numpy_gptq(w0, hessian, grid):
+    """GPTQ's column loop as numpy operations on whole columns (what onnxtq.kernels compiles), after act order."""
+    order, inverse, h = _act_order(hessian)
+    fields = {f: _columns(getattr(grid, f), order) for f in ("step", "zero", "lo", "hi")}
+    grid = Grid(**fields)
+    u = np.swapaxes(np.linalg.cholesky(np.linalg.inv(damped(h, DAMP))), 1, 2)
+    w = _columns(w0, order).astype(np.float64, copy=True)
+    q = np.empty_like(w)
+    for i1 in range(0, w.shape[2], GPTQ_BLOCK):
+        i2 = min(i1 + GPTQ_BLOCK, w.shape[2])
+        errors = np.empty(w.shape[:2] + (i2 - i1,))
+        for j in range(i1, i2):
+            q[:, :, j] = grid.codes(w[:, :, j], (slice(None), slice(None), j))
+            err = (w[:, :, j] - grid.values(q[:, :, j], (slice(None), slice(None), j))) / u[:, j, j][:, None]
+            w[:, :, j:i2] -= err[:, :, None] * u[:, None, j, j:i2]
+            errors[:, :, j - i1] = err
+        w[:, :, i2:] -= errors @ u[:, i1:i2, i2:]
+    return _columns(q, inverse)
+
+
+@pytest.mark.parametrize("width, mixed", [(7, False), (300, False), (300, True)])
+def test_the_compiled_gptq_is_numpys(rng, width, mixed):
+    problems, rows = 3, 17
+    x = rng.standard_normal((problems, 4 * width, width))
+    hessian = np.swapaxes(x, 1, 2) @ x / x.shape[1]
+    w0 = rng.standard_normal((problems, rows, width))
+    step = np.broadcast_to(rng.uniform(0.05, 0.3, (problems, rows, 1)), w0.shape).copy()
+    zero = np.broadcast_to(rng.integers(0, 3, (problems, rows, 1)).astype(np.float64), w0.shape).copy()
+    lo, hi = (rng.choice([-2, -8], w0.shape), rng.choice([1, 7], w0.shape)) if mixed else (-8, 7)
+    grid = Grid(step, zero, lo, hi)
+    np.testing.assert_array_equal(gptq(w0, hessian, grid), _numpy_gptq(w0, hessian, grid))
