@@ -27,6 +27,7 @@ import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
 
+from onnxtq import kernels
 from onnxtq.emit import replace_initializer
 from onnxtq.graph import Graph, prepend, tag
 from onnxtq.model_io import tensor_nbytes
@@ -64,23 +65,29 @@ def _terms(x: np.ndarray, metric: Metric):
 
 def costs(x: np.ndarray, codebook: np.ndarray, metric: Metric) -> np.ndarray:
     """cost_i(q_j) for every item and codeword, [N, K] (callers chunk N)."""
-    d = x.shape[1]
     mx, xmx = _terms(x, metric)
-    vec = metric.mats.reshape(len(metric.mats), d * d)[metric.index]
-    outer = np.einsum("kd,ke->kde", codebook, codebook).reshape(len(codebook), d * d)
-    quad = xmx[:, None] - 2 * mx @ codebook.T + vec @ outer.T
+    quad = xmx[:, None] - 2 * mx @ codebook.T + _codeword_terms(codebook, metric)[metric.index]
     return metric.weight[:, None] * np.maximum(quad, 0.0)
 
 
+def _codeword_terms(codebook: np.ndarray, metric: Metric) -> np.ndarray:
+    """vec(M_g)·vec(q qᵀ) for every metric and codeword, [G, K]: shared by all the items of a metric."""
+    d = codebook.shape[1]
+    outer = np.einsum("kd,ke->kde", codebook, codebook).reshape(len(codebook), d * d)
+    return metric.mats.reshape(len(metric.mats), d * d) @ outer.T
+
+
 def assign(x: np.ndarray, codebook: np.ndarray, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
-    """Cheapest codeword per item and its cost: (indices [N], costs [N])."""
+    """Cheapest codeword per item and its cost: (indices [N], costs [N]), the [N, K] costs never built whole
+    (onnxtq.kernels.cheapest)."""
     n = len(x)
     step = max(1, CHUNK_FLOATS // max(len(codebook), 1))
     idx, cost = np.empty(n, np.int64), np.empty(n)
+    shared = _codeword_terms(codebook, metric)
     for a in range(0, n, step):
-        c = costs(x[a : a + step], codebook, metric.take(slice(a, a + step)))
-        idx[a : a + step] = c.argmin(axis=1)
-        cost[a : a + step] = c[np.arange(len(c)), idx[a : a + step]]
+        part = metric.take(slice(a, a + step))
+        mx, xmx = _terms(x[a : a + step], part)
+        idx[a : a + step], cost[a : a + step] = kernels.cheapest(xmx, 2 * mx @ codebook.T, shared, part)
     return idx, cost
 
 
@@ -92,10 +99,9 @@ def update(x: np.ndarray, labels: np.ndarray, metric: Metric, codebook: np.ndarr
     step = max(1, CHUNK_FLOATS // (d * d))
     for s in range(0, len(x), step):
         m = metric.take(slice(s, s + step))
-        wm = m.weight[:, None] * m.mats.reshape(len(m.mats), d * d)[m.index]  # [c, d²]
         mx, _ = _terms(x[s : s + step], m)
-        np.add.at(a, labels[s : s + step], wm)
-        np.add.at(b, labels[s : s + step], m.weight[:, None] * mx)
+        kernels.add_weighted(a, labels[s : s + step], m.weight, m.mats.reshape(len(m.mats), d * d), m.index)
+        kernels.add_weighted(b, labels[s : s + step], m.weight, mx, np.arange(len(mx)))
     a = a.reshape(k, d, d)
     used = np.einsum("kdd->k", a) > 0
     out = codebook.copy()

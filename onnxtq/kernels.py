@@ -224,3 +224,36 @@ def gptq_block(w, q, errors, u, step, zero, lo, hi, i1, i2):
                 for k in range(j, i2):
                     w[p, r, k] -= err * u[p, j, k]
                 errors[p, r, j - i1] = err
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _cheapest(xmx, cross, shared, index, weight, idx, cost):
+    for i in range(cross.shape[0]):
+        best, least = 0, np.inf
+        for k in range(cross.shape[1]):
+            c = weight[i] * max((xmx[i] - cross[i, k]) + shared[index[i], k], 0.0)
+            if c < least or k == 0:
+                best, least = k, c
+        idx[i], cost[i] = best, least
+
+
+def cheapest(xmx: np.ndarray, cross: np.ndarray, shared: np.ndarray, metric) -> tuple[np.ndarray, np.ndarray]:
+    """Per item i the codeword k of least w_i·max(x_iᵀM x_i − 2 (M x_i)·q_k + vec(M)·vec(q_k q_kᵀ), 0) (the first
+    on ties, as argmin) and that cost: `cross` [N, K] the middle terms, `shared` [G, K] the last per metric."""
+    idx, cost = np.empty(len(xmx), np.int64), np.empty(len(xmx))
+    _cheapest(xmx, np.ascontiguousarray(cross), shared, metric.index, np.asarray(metric.weight, np.float64), idx, cost)
+    return idx, cost
+
+
+@numba.njit(nogil=True, cache=True)
+def _add_weighted(total, labels, weight, rows, index):
+    for i in range(labels.shape[0]):
+        for e in range(rows.shape[1]):
+            total[labels[i], e] += weight[i] * rows[index[i], e]
+
+
+def add_weighted(total: np.ndarray, labels: np.ndarray, weight: np.ndarray, rows: np.ndarray, index: np.ndarray):
+    """total[labels[i]] += weight[i] · rows[index[i]] for each item i in order: np.add.at's sums, without its
+    [N, width] product array and its element-by-element dispatch."""
+    weight, rows = np.asarray(weight, np.float64), np.ascontiguousarray(rows)
+    _add_weighted(total, np.asarray(labels), weight, rows, np.asarray(index))
