@@ -98,7 +98,7 @@ def _check_external(t: onnx.TensorProto, folder: Path) -> None:
             f"tensor '{t.name}' points at external data '{location}' outside the model's folder",
             "external data must live beside the model; refusing to read it",
         )
-    if not target.is_file():
+    if not (folder / location).is_file():  # as the OS opens it: 'sub/../w' needs 'sub', which resolve() does not
         raise ModelError(f"external data file '{location}' of tensor '{t.name}' is missing")
     offset, length = _count(info, "offset", t) or 0, _count(info, "length", t)
     expected = tensor_nbytes(t)

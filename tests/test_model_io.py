@@ -46,6 +46,20 @@ def test_external_data_cannot_escape_folder(tmp_path, location):
         model_io.load(path)
 
 
+def test_external_data_through_a_missing_folder_is_missing(tmp_path):
+    """'sub/../w.bin' names w.bin only where 'sub' exists: the OS will not open it otherwise, so it is refused
+    as missing rather than failing later (path resolution alone would have called it w.bin)."""
+    path = _save_external(onnx.ModelProto.FromString(conv_model().SerializeToString()), tmp_path, "w.bin")
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        next(e for e in t.external_data if e.key == "location").value = "sub/../w.bin"
+    onnx.save(model, str(path))
+    with pytest.raises(ModelError, match="is missing"):
+        model_io.load(path)
+    (tmp_path / "sub").mkdir()
+    assert len(model_io.load(path).graph.initializer) == len(model.graph.initializer)
+
+
 def test_truncated_external_data_refused(tmp_path):
     model = onnx.ModelProto.FromString(conv_model().SerializeToString())
     path = _save_external(model, tmp_path, "weights.bin")
