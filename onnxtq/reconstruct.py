@@ -108,15 +108,35 @@ def damped(h: np.ndarray, damp: float) -> np.ndarray:
     return h
 
 
-def gptq(w0: np.ndarray, hessian: np.ndarray, grid: Grid, damp: float = DAMP) -> np.ndarray:
+@dataclass(frozen=True)
+class GptqFactor:
+    """What GPTQ derives from H alone, made once for the many gridings of one H: the act order (and its
+    inverse) and the upper Cholesky factor U of the damped, reordered H⁻¹ (H⁻¹ = Uᵀ U), whose rows give the
+    optimal error propagation."""
+
+    order: np.ndarray
+    inverse: np.ndarray
+    u: np.ndarray
+
+
+def gptq_factor(hessian: np.ndarray, damp: float = DAMP) -> GptqFactor:
+    order, inverse, h = _act_order(hessian)
+    return GptqFactor(order, inverse, np.swapaxes(np.linalg.cholesky(np.linalg.inv(damped(h, damp))), 1, 2))
+
+
+def gptq(
+    w0: np.ndarray, hessian: np.ndarray, grid: Grid, damp: float = DAMP, factor: GptqFactor | None = None
+) -> np.ndarray:
     """Error-feedback rounding of w0 [P, r, d] onto `grid`; returns the integer codes.
 
     Columns go in order of decreasing H_jj ("act order"): the inputs that matter most are
-    rounded first, while the most columns remain to absorb their error.
+    rounded first, while the most columns remain to absorb their error. `factor` is `gptq_factor(hessian,
+    damp)` where the caller rounds onto several grids with one H.
     """
-    order, inverse, h = _act_order(hessian)
+    factor = factor or gptq_factor(hessian, damp)
+    order = factor.order
     permuted = dataclasses.replace(grid, **{f: _columns(getattr(grid, f), order) for f in ("step", "zero", "lo", "hi")})
-    return _columns(_gptq_in_order(_columns(w0, order), h, permuted, damp), inverse)
+    return _columns(_gptq_in_order(_columns(w0, order), factor.u, permuted), factor.inverse)
 
 
 def feedback_sensitivity(hessian: np.ndarray, damp: float = DAMP) -> np.ndarray:
@@ -138,17 +158,18 @@ def _act_order(hessian: np.ndarray):
 
 def _columns(a, order: np.ndarray):
     """a [P, r, d] with each problem's columns taken in `order` [P, d] (a scalar stays as it is)."""
-    return a if np.isscalar(a) else np.take_along_axis(a, order[:, None, :], axis=2)
+    if np.isscalar(a):
+        return a
+    if len(order) == 1:  # one order for all (a whole layer): plain indexing, the same copy several times faster
+        return a[:, :, order[0]]
+    return np.take_along_axis(a, order[:, None, :], axis=2)
 
 
 def _at(bound, sl):
     return bound if np.isscalar(bound) else bound[sl]
 
 
-def _gptq_in_order(w0: np.ndarray, hessian: np.ndarray, grid: Grid, damp: float) -> np.ndarray:
-    h = damped(hessian, damp)
-    # upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U): its rows give the optimal error propagation
-    u = np.swapaxes(np.linalg.cholesky(np.linalg.inv(h)), 1, 2)
+def _gptq_in_order(w0: np.ndarray, u: np.ndarray, grid: Grid) -> np.ndarray:
     w = w0.astype(np.float64, copy=True)
     q = np.empty_like(w)
     d = w.shape[2]
@@ -236,8 +257,9 @@ def reconstruct(site, w, blocking, code: GroupCode, layer, qrange, scale_dtype, 
         candidates.append((pulled, start))
         if per_channel:
             grid = Grid(problems.split(layout(refit_steps(problems, w0, pulled, start)), 1.0), start.zero, *qrange)
+    factor = gptq_factor(problems.hessian)
     for _ in range(2):
-        codes = gptq(w0, problems.hessian, grid)
+        codes = gptq(w0, problems.hessian, grid, factor=factor)
         candidates.append((codes, grid))
         if not per_channel:
             break

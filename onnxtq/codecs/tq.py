@@ -31,7 +31,7 @@ from onnxtq.emit import Piece, emit_pieces, emit_transformed
 from onnxtq.packing import container_bits
 from onnxtq.quantize import int_range, quantize_groups, step_dtype
 from onnxtq.rd import Band, Option, gaussian_bound_bits, whitened_spectrum
-from onnxtq.reconstruct import Grid, Problems, gptq
+from onnxtq.reconstruct import Grid, Problems, gptq, gptq_factor
 from onnxtq.sequential import drift_target, enough
 from onnxtq.weights import WeightSite
 
@@ -48,6 +48,7 @@ class Coding:
     bands: list[tuple[int, int]]  # channel ranges [j0, j1)
     per_row: bool = False  # one band whose output channels choose their depths apart (rows are independent)
     weights: np.ndarray | None = None  # [n, K·kk] error weights of the step search when there is no full H
+    factors: dict = field(default_factory=dict)  # band (j0, j1) -> its GPTQ factor, shared by the band's depths
 
 
 @dataclass
@@ -87,6 +88,7 @@ class TqCodec(Codec):
             option.materialize = self._materializer(tq_layer, coding, option)
             options.append(option)
         for coding in tq_layer.codings:
+            coding.factors.clear()
             if coding.transform is not None:
                 coding.hessian = None
         return options
@@ -209,7 +211,8 @@ class TqCodec(Codec):
         if feedback and coding.hessian is not None:
             kk = coding.coeffs.shape[2]
             h = coding.hessian[j0 * kk : j1 * kk, j0 * kk : j1 * kk]
-            q = self._feedback(band, h, q, step, zero, *int_range(bits, code.zero_point is None))
+            factor = coding.factors.get((j0, j1)) or coding.factors.setdefault((j0, j1), gptq_factor(h[None]))
+            q = self._feedback(band, h, q, step, zero, *int_range(bits, code.zero_point is None), factor)
         return step * (q - zero), n * cols * stored_bits + side
 
     def _code(self, site, coding: Coding, j0: int, j1: int, band: np.ndarray, bits: int, rows=slice(None)):
@@ -327,11 +330,11 @@ class TqCodec(Codec):
         return tuple(np.concatenate(p, axis=1) for p in zip(*parts))
 
     @staticmethod
-    def _feedback(w0, hessian, q, step, zero, lo, hi) -> np.ndarray:
+    def _feedback(w0, hessian, q, step, zero, lo, hi, factor=None) -> np.ndarray:
         """GPTQ on the chosen grid; per row, whichever of it and RTN has the smaller output error."""
         lo, hi = (np.broadcast_to(v, step.shape) for v in (lo, hi))
         grid = Grid(step[None], zero[None], lo[None], hi[None])
-        fed = gptq(w0[None], hessian[None], grid)[0]
+        fed = gptq(w0[None], hessian[None], grid, factor=factor)[0]
         err = [(((step * (c - zero) - w0) @ hessian) * (step * (c - zero) - w0)).sum(axis=1) for c in (q, fed)]
         return np.where((err[1] < err[0])[:, None], fed, q)
 
