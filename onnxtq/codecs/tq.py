@@ -48,7 +48,7 @@ class Coding:
     bands: list[tuple[int, int]]  # channel ranges [j0, j1)
     per_row: bool = False  # one band whose output channels choose their depths apart (rows are independent)
     weights: np.ndarray | None = None  # [n, K·kk] error weights of the step search when there is no full H
-    factors: dict = field(default_factory=dict)  # band (j0, j1) -> its GPTQ factor, shared by the band's depths
+    factors: dict = field(default_factory=dict)  # band (j0, j1) -> its GPTQ factor, for every depth of the band
 
 
 @dataclass
@@ -122,11 +122,12 @@ class TqCodec(Codec):
         full = stats is not None and stats.mode == "full" and stats.groups == 1
         h = stats.moment[0] if full else None
         diag = site.to_matrix(importance(site, stats)) if stats is not None and not full else None
-        layer.codings.append(Coding(None, w, h, [(0, channels)], weights=diag))
+        factors: dict = {}  # the codings of the weight as it is share one H, so their bands' GPTQ factors
+        layer.codings.append(Coding(None, w, h, [(0, channels)], weights=diag, factors=factors))
         # per-row depths need a Gather of the rows after the pieces: their int32 order is fixed bits
-        layer.codings.append(Coding(None, w, h, [(0, channels)], per_row=True, weights=diag))
+        layer.codings.append(Coding(None, w, h, [(0, channels)], per_row=True, weights=diag, factors=factors))
         if full and len(self._bands(channels, kk)) > 1:  # bands buy mixed depths for a step per row each
-            layer.codings.append(Coding(None, w, h, self._bands(channels, kk)))
+            layer.codings.append(Coding(None, w, h, self._bands(channels, kk), factors=factors))
         if full and self.transform != "identity" and channels > 1:
             t = transforms.klt(w) if self.transform == "klt" else transforms.elt(w, transforms.tap_average(h, channels))
             coeffs = transforms.coefficients(w, t.analysis)
