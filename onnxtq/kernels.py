@@ -6,7 +6,8 @@ each ratio is eight passes over the row (divide, round, clip, multiply, subtract
 themselves (`codes`) are the same float64 arithmetic numpy does, without its four temporaries, and a MatMul
 weight, whose channels are its columns, is laid out row by row and back in tiles (`rows_of`), not by numpy's
 element-by-element strided copy. GPTQ's column-by-column rounding (onnxtq.reconstruct) runs its inner loop here
-too, in numpy's order of operations, between numpy's own BLAS block updates.
+too, in numpy's order of operations, between numpy's own BLAS block updates, and so do kq's k-means steps
+(the nearest codeword of each kernel without its [N, K] cost matrix, the weighted sums np.add.at made slowly).
 
 The arithmetic is numpy's, operation for operation, in float32: the same correctly rounded divide, round
 half to even, clip, products, and the row sums in numpy's own pairwise order (blocks of 8 partial sums
