@@ -58,16 +58,9 @@ class Metric:
 
 
 def _terms(x: np.ndarray, metric: Metric):
-    """Per item: M x [N, d], vec(M) [N, d²] (a view per chunk is built by the callers), xᵀ M x [N]."""
+    """Per item: M x [N, d] and xᵀ M x [N]."""
     mx = np.einsum("nde,ne->nd", metric.mats[metric.index], x)
     return mx, (mx * x).sum(axis=1)
-
-
-def costs(x: np.ndarray, codebook: np.ndarray, metric: Metric) -> np.ndarray:
-    """cost_i(q_j) for every item and codeword, [N, K] (callers chunk N)."""
-    mx, xmx = _terms(x, metric)
-    quad = xmx[:, None] - 2 * mx @ codebook.T + _codeword_terms(codebook, metric)[metric.index]
-    return metric.weight[:, None] * np.maximum(quad, 0.0)
 
 
 def _codeword_terms(codebook: np.ndarray, metric: Metric) -> np.ndarray:

@@ -8,8 +8,8 @@ import pytest
 from builders import bundled, run
 from onnx import numpy_helper
 
-from onnxtq import compress
-from onnxtq.codebook import Metric, kmeans
+from onnxtq import compress, kernels
+from onnxtq.codebook import Metric, assign, kmeans
 from onnxtq.compress import sweep
 from onnxtq.errors import UsageError
 from onnxtq.graph import provenance
@@ -133,6 +133,29 @@ def test_metric_kmeans_on_a_correlated_synthetic_layer(rng):
     assert sqnr(weighted) > sqnr(plain) + 1.0
     d = x - weighted.codebook[weighted.labels]
     assert np.isclose(weighted.cost, np.einsum("nd,nde,ne->", d, mats[metric.index], d))
+
+
+def test_the_compiled_assignment_and_sums_are_numpys(rng):
+    """k-means' nearest codeword and its closed-form sums (onnxtq.kernels) against the numpy formulation they
+    replaced: the whole [N, K] cost matrix and its argmin, np.add.at."""
+    n, g, d, k = 500, 3, 4, 16
+    a = rng.standard_normal((g, d, d))
+    mats = a @ a.transpose(0, 2, 1)
+    x, codebook = rng.standard_normal((n, d)), rng.standard_normal((k, d))
+    metric = Metric(mats, rng.integers(0, g, n), rng.random(n) + 0.5)
+    mx = np.einsum("nde,ne->nd", mats[metric.index], x)
+    outer = np.einsum("kd,ke->kde", codebook, codebook).reshape(k, d * d)
+    shared = mats.reshape(g, d * d) @ outer.T
+    quad = (mx * x).sum(axis=1)[:, None] - 2 * mx @ codebook.T + shared[metric.index]
+    costs = metric.weight[:, None] * np.maximum(quad, 0.0)
+    idx, cost = assign(x, codebook, metric)
+    np.testing.assert_array_equal(idx, costs.argmin(axis=1))
+    np.testing.assert_array_equal(cost, costs[np.arange(n), idx])
+    rows = mats.reshape(g, d * d)
+    total, expected = np.zeros((k, d * d)), np.zeros((k, d * d))
+    kernels.add_weighted(total, idx, metric.weight, rows, metric.index)
+    np.add.at(expected, idx, metric.weight[:, None] * rows[metric.index])
+    np.testing.assert_array_equal(total, expected)
 
 
 def test_more_index_bits_more_fidelity_and_the_rate_accounted(mnist):
