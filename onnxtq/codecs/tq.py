@@ -212,7 +212,9 @@ class TqCodec(Codec):
         if feedback and coding.hessian is not None:
             kk = coding.coeffs.shape[2]
             h = coding.hessian[j0 * kk : j1 * kk, j0 * kk : j1 * kk]
-            factor = coding.factors.get((j0, j1)) or coding.factors.setdefault((j0, j1), gptq_factor(h[None]))
+            if (j0, j1) not in coding.factors:
+                coding.factors[j0, j1] = gptq_factor(h[None])
+            factor = coding.factors[j0, j1]
             q = self._feedback(band, h, q, step, zero, *int_range(bits, code.zero_point is None), factor)
         return step * (q - zero), n * cols * stored_bits + side
 
