@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from onnxtq import kernels
 from onnxtq.graph import Graph, node_attr, prepend, tag
 from onnxtq.model_io import tensor_nbytes
-from onnxtq.packing import int_tensor
+from onnxtq.packing import PLANES, int_tensor, split_planes
 from onnxtq.quantize import Blocking, GroupCode, int_range
 from onnxtq.weights import WeightSite
 
@@ -37,13 +37,15 @@ def _dequantize_node(
     attrs: dict,
     float_type: int,
     pass_name: str,
+    signed: bool | None = None,
 ) -> tuple[ir.Node, list[onnx.TensorProto]]:
-    """A DequantizeLinear node over new initializers (codes packed, `scale` as stored); not yet in the graph."""
-    signed = zero_point is None
+    """A DequantizeLinear node over new initializers (codes packed, `scale` as stored); not yet in the graph.
+    Codes are signed unless they have a zero point or `signed` says otherwise (a low plane: unsigned, none)."""
+    signed = zero_point is None if signed is None else signed
     q = int_tensor(graph.unique(f"{base}/onnxtq.q"), codes, bits, signed)
     scale_t = numpy_helper.from_array(scale, graph.unique(f"{base}/onnxtq.scale"))
     stored = [q, scale_t]
-    if not signed:
+    if zero_point is not None:
         stored.append(int_tensor(graph.unique(f"{base}/onnxtq.zero_point"), zero_point, bits, False))
     attrs = dict(attrs)
     if scale.dtype != onnx.helper.tensor_dtype_to_np_dtype(float_type):
@@ -172,39 +174,53 @@ class Piece:
     zero_point: np.ndarray | None
     bits: int
     axis: int
+    planes: bool = True  # a depth of PLANES is stored as its two planes (False: in the one container that holds it)
 
 
 def _piece_node(graph: Graph, base: str, node_base: str, piece: Piece, float_type: int, pass_name: str):
-    """DequantizeLinear over one piece (one step per channel along its axis): (node, tensors stored)."""
+    """DequantizeLinear over one piece (one step per channel along its axis): (float output, nodes, tensors
+    stored). A depth between the containers is two DequantizeLinear, of its high plane (steps × 2^low) and of
+    its low plane, and their Add."""
     scale = _scale_values(piece.scale, float_type)
-    return _dequantize_node(
-        graph,
-        base,
-        node_base,
-        piece.q,
-        scale,
-        piece.zero_point,
-        piece.bits,
-        {"axis": piece.axis},
-        float_type,
-        pass_name,
+    attrs = {"axis": piece.axis}
+    if not (piece.planes and piece.bits in PLANES):
+        node, stored = _dequantize_node(
+            graph, base, node_base, piece.q, scale, piece.zero_point, piece.bits, attrs, float_type, pass_name
+        )
+        return node.outputs[0], [node], stored
+    high, low = PLANES[piece.bits]
+    hi, lo = split_planes(piece.q, piece.bits)
+    with np.errstate(over="ignore"):
+        hi_scale = scale * scale.dtype.type(2**low)  # exact: a power of two
+    if not np.all(np.isfinite(hi_scale)):
+        hi_scale = scale.astype(np.float32) * np.float32(2**low)
+    hi_node, hi_stored = _dequantize_node(
+        graph, f"{base}/hi", node_base, hi, hi_scale, None, high, attrs, float_type, pass_name
     )
+    lo_node, lo_stored = _dequantize_node(
+        graph, f"{base}/lo", node_base, lo, scale, None, low, attrs, float_type, pass_name, signed=False
+    )
+    out = graph.unique(f"{base}/onnxtq.planes")
+    name = graph.unique(f"{node_base}/onnxtq.planes")
+    add = tag(graph.node("Add", [hi_node.outputs[0], lo_node.outputs[0]], [out], name), pass_name, "planes")
+    return add.outputs[0], [hi_node, lo_node, add], hi_stored + lo_stored
 
 
 def _pieces_node(
     graph: Graph, base: str, node_base: str, pieces: list[Piece], concat_axis: int, float_type: int, pass_name: str
 ) -> tuple[ir.Value, list[ir.Node], int]:
     """DequantizeLinear per piece, joined by Concat along `concat_axis`: (float output, nodes, bytes stored)."""
-    nodes, stored = [], 0
+    outs, nodes, stored = [], [], 0
     for i, p in enumerate(pieces):
-        node, tensors = _piece_node(graph, f"{base}/band{i}", node_base, p, float_type, pass_name)
-        nodes.append(node)
+        out, piece_nodes, tensors = _piece_node(graph, f"{base}/band{i}", node_base, p, float_type, pass_name)
+        outs.append(out)
+        nodes += piece_nodes
         stored += sum(tensor_nbytes(t) for t in tensors)
-    if len(nodes) == 1:
-        return nodes[0].outputs[0], nodes, stored
+    if len(outs) == 1:
+        return outs[0], nodes, stored
     out = graph.unique(f"{base}/onnxtq.concat")
     name = graph.unique(f"{node_base}/onnxtq.concat")
-    concat = graph.node("Concat", [n.outputs[0] for n in nodes], [out], name, axis=concat_axis)
+    concat = graph.node("Concat", outs, [out], name, axis=concat_axis)
     nodes.append(tag(concat, pass_name, "concat"))
     return concat.outputs[0], nodes, stored
 
@@ -246,13 +262,13 @@ def emit_transformed(
     node = graph.first_reader(graph.initializers[site.name])
     in_axis = 0 if site.transposed else 1
     t_out, t_nodes, stored = _pieces_node(graph, site.name, site.node, pieces, in_axis, ftype, pass_name)
-    b_node, b_tensors = _piece_node(graph, f"{site.name}/basis", site.node, basis, ftype, pass_name)
+    b_out, b_nodes, b_tensors = _piece_node(graph, f"{site.name}/basis", site.node, basis, ftype, pass_name)
     stored += sum(tensor_nbytes(t) for t in b_tensors)
-    new_nodes = [*t_nodes, b_node]
+    new_nodes = [*t_nodes, *b_nodes]
     if factored:
         z = graph.unique(f"{site.node}/onnxtq.basis_out")
         name = graph.unique(f"{site.node}/onnxtq.basis")
-        operands = [node.inputs[0], b_node.outputs[0]]
+        operands = [node.inputs[0], b_out]
         if site.op == "Conv":
             basis_node = graph.node("Conv", operands, [z], name, kernel_shape=[1] * (len(site.shape) - 2))
         elif site.op == "Gemm":
@@ -273,7 +289,7 @@ def emit_transformed(
             equation = f"nk{taps},kc{ones}->nc{taps}"
         else:  # stored [C, n] = Bᵀ[C, K]·T[K, n], or [n, C] = T[n, K]·B[K, C]
             equation = "ck,kn->cn" if site.transposed else "nk,kc->nc"
-        operands = [b_node.outputs[0], t_out] if site.transposed else [t_out, b_node.outputs[0]]
+        operands = [b_out, t_out] if site.transposed else [t_out, b_out]
         name = graph.unique(f"{site.node}/onnxtq.product")
         product = graph.node("Einsum", operands, [product_name], name, equation=equation)
         new_nodes.append(tag(product, pass_name, "product"))

@@ -5,7 +5,7 @@
 | DequantizeLinear over INT8/UINT8 codes, per axis   | 13          |
 | INT4/UINT4 codes, INT16 codes, or blocked steps    | 21          |
 | float16 steps decoded to float32 (`output_dtype`)  | 23          |
-| INT2/UINT2 codes (also lookup indices)             | 25          |
+| INT2/UINT2 codes (lookup indices, 6/10-bit planes) | 25          |
 
 A pass declares an `Emission`; the manager upgrades the model once, to the highest opset any pass of
 the pipeline needs (onnx.version_converter, real op conversion), before the first pass runs.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from onnxtq.packing import container_bits
+from onnxtq.packing import planes
 
 _CODES = {2: 25, 4: 21, 8: 13, 16: 21}  # container width → the DequantizeLinear that first reads it
 
@@ -33,7 +33,7 @@ class Emission:
     @property
     def opset(self) -> int:
         needs = [self.ops, 21 if self.blocked else 0, 23 if self.fp16_steps else 0]
-        needs += [_CODES[container_bits(b)] for b in self.code_bits if b]
+        needs += [_CODES[width] for b in self.code_bits if b for width in planes(b)]
         if self.code_bits:
             needs.append(13)  # per-axis DequantizeLinear
         return max(needs)

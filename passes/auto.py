@@ -1,7 +1,8 @@
 """auto: compress to one target; every codec competes for every layer, checked on held-out inputs.
 
 Each layer's operating points from every codec named in `codecs` (rtn at 2, 4 and 8 bits per channel and in
-blocks of 32 and 128, 3/5/6 bits too for a served-size target; float16; tq's bands and transforms; ecsq's step
+blocks of 32 and 128, 3/5/6 bits too for a served-size target; float16; tq's bands and transforms, at the
+containers' depths and the two-plane ones between them (6, 10, 12 bits: onnxtq.packing.PLANES); ecsq's step
 curve for a served size; the float weight itself) are put in one unit, the network-output error (the layer's
 measured gain × E‖ΔW x‖²), and one Lagrangian allocation (onnxtq.rd) chooses a point per layer. Gains measured
 with noise are only slopes: the first allocation is emitted and each layer's own effect at its chosen point
@@ -43,9 +44,11 @@ from onnxtq.weights import discover, quantizable
 
 CODECS = ("rtn", "fp16", "tq", "ecsq")
 #: Codecs whose points are Options of their own (bands), beside the single band of the others' points.
-BANDED = {"tq": TqCodec, "ecsq": EcsqCodec}
+BANDED = ("tq", "ecsq")
 #: rtn's points: (bits, block); 0: one step per output channel.
 RTN_POINTS = ((8, 0), (8, 128), (8, 32), (4, 0), (4, 128), (4, 32), (2, 0), (2, 128), (2, 32))
+#: tq's depths: the containers' and the two-plane depths between them (6, 10, 12 bits cost what they say).
+TQ_DEPTHS = "planes"
 #: More points where the served size is the target: odd depths cost their entropy there, not a container.
 SERVED_POINTS = ((6, 0), (5, 0), (3, 0), (3, 32))
 #: A layer's measured marginal error may correct its prediction by at most this factor either way.
@@ -114,7 +117,7 @@ class AutoPass(Pass):
         cfg = self.config
         bits = tuple(sorted({b for b, _ in RTN_POINTS + SERVED_POINTS}))
         if "tq" in cfg.codec_names:
-            bits += DEPTHS["container"] + (8,)
+            bits += DEPTHS[TQ_DEPTHS] + (8,)
         if "ecsq" in cfg.codec_names:
             bits += (16,)  # its widest container
         return Emission(code_bits=bits, blocked=True, fp16_steps=cfg.scale_bits == 16)
@@ -215,10 +218,14 @@ class AutoPass(Pass):
     def _banded_options(self, layers: list[Layer], kind: str) -> dict[str, list[Option]]:
         """tq's codings, and ecsq's step curve where the target is the served size (its rate is the codes'
         entropy, which brotli approaches, not the bytes of their containers); each Option named by its codec."""
-        names = [n for n in self.config.codec_names if n in BANDED and (n != "ecsq" or kind == "served_size")]
+        cfg = self.config
+        names = [n for n in cfg.codec_names if n in BANDED and (n != "ecsq" or kind == "served_size")]
         options: dict[str, list[Option]] = {}
         for name in names:
-            codec = BANDED[name](scale_bits=self.config.scale_bits)
+            if name == "tq":
+                codec = TqCodec(depths=TQ_DEPTHS, scale_bits=cfg.scale_bits)
+            else:
+                codec = EcsqCodec(scale_bits=cfg.scale_bits)
             for layer in bar(layers, desc=f"auto {name} curves", unit="weight"):
                 if layer.stats is None:
                     continue

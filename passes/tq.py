@@ -48,7 +48,11 @@ class TqConfig(PassConfig):
     transform: str = option("elt", "elt | klt | identity")
     bands: int = option(16, "most bands per layer")
     band_columns: int = option(64, "fewest coefficient columns per band (a band stores one step per row)")
-    depths: str = option("container", "container: 0/2/4/8-bit bands | nominal: 0, 2..8 (3,5,6,7 in wider types)")
+    depths: str = option(
+        "container",
+        "container: 0/2/4/8-bit bands | planes: also 6, 10, 12 (two planes each) | "
+        "nominal: 0, 2..8 (3,5,6,7 in wider types)",
+    )
     basis_bits: int = option(8, "bits of the transform's basis, 4 or 8")
     runtime: str = option("auto", "auto (factored where it saves multiply-adds) | factored | folded")
     gptq: bool = option(True, "finish the chosen codes by error feedback")
@@ -68,7 +72,7 @@ class TqConfig(PassConfig):
         if self.transform not in ("elt", "klt", "identity"):
             raise ValueError(f"transform must be elt, klt or identity, not '{self.transform}'")
         if self.depths not in DEPTHS:
-            raise ValueError(f"depths must be container or nominal, not '{self.depths}'")
+            raise ValueError(f"depths must be container, planes or nominal, not '{self.depths}'")
         if self.runtime not in ("auto", "factored", "folded"):
             raise ValueError(f"runtime must be auto, factored or folded, not '{self.runtime}'")
         if self.basis_bits not in (4, 8) or self.scale_bits not in (16, 32):

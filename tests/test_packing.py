@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 
 from onnxtq.model_io import tensor_nbytes
-from onnxtq.packing import container_bits, int_tensor, min_opset
+from onnxtq.packing import PLANES, container_bits, int_tensor, min_opset, split_planes, stored_bits
 from onnxtq.quantize import int_range
 
 
@@ -31,3 +31,15 @@ def test_opsets_and_limits():
     assert (min_opset(2), min_opset(4), min_opset(8)) == (25, 21, 13)
     with pytest.raises(ValueError):
         container_bits(17)
+
+
+@pytest.mark.parametrize("bits", sorted(PLANES))
+def test_two_planes_hold_every_code(bits):
+    """Every signed code of a two-plane depth is hi·2^low + lo, hi in its signed container, lo unsigned."""
+    high, low = PLANES[bits]
+    q = np.arange(*np.add(int_range(bits, True), (0, 1)))
+    hi, lo = split_planes(q, bits)
+    assert np.array_equal(hi * 2**low + lo, q)
+    assert hi.min() >= int_range(high, True)[0] and hi.max() <= int_range(high, True)[1]
+    assert lo.min() == 0 and lo.max() == 2**low - 1
+    assert stored_bits(bits) == bits < container_bits(bits)

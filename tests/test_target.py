@@ -65,7 +65,9 @@ def test_held_out_inputs_are_every_fourth_and_never_calibrated_on():
 def test_size_target_is_met_on_disk_and_spent(tmp_path, name):
     original, _, out, auto = _compress(tmp_path, name, "--size", "40kB" if name == "mnist_cnn" else "70kB")
     budget = 40_000 if name == "mnist_cnn" else 70_000
-    assert budget * 0.97 <= out.stat().st_size <= budget  # met, and most of the budget used
+    # met, and most of the budget used: on these small models one layer's step between depths is up to 6% of
+    # the file (mnist_cnn at 40 kB: 38,592 B at 42.6 dB held-out, where without 6-bit depths 39,611 B gave 41.0)
+    assert budget * 0.95 <= out.stat().st_size <= budget
     assert auto["target"]["met"] and auto["target"]["kind"] == "size"
     feeds = _held_out(name)  # and the report says what fidelity the size left, on the held-out inputs
     measured = _sqnr(run(original, feeds)[0], run(model_io.load(out), feeds)[0])

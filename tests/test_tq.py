@@ -158,6 +158,42 @@ def test_rows_at_their_own_depths_are_put_back_in_order(rng):
     np.testing.assert_allclose(run(graph.proto(), feeds)[0], run(reference, feeds)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_two_plane_depths_decode_to_their_codes(rng):
+    """Rows at 6 and 12 bits (each two planes: DequantizeLinear of the high plane at 2^low × the step, of the
+    low plane, and their Add) beside 4-bit rows, float16 steps: onnxruntime computes q·step exactly."""
+    from onnxtq.emit import emit_pieces
+    from onnxtq.packing import planes
+    from onnxtq.quantize import int_range
+
+    model = conv_model(c_in=4, c_out=6, bn=False)
+    graph = Graph(onnx.version_converter.convert_version(model, 25))
+    site = next(s for s in discover(graph).sites if s.op == "Conv")
+    groups = {6: np.array([0, 3]), 12: np.array([5]), 4: np.array([1, 2, 4])}
+    steps = rng.uniform(0.001, 0.1, 6).astype(np.float16)
+    q = np.zeros(site.shape, np.int64)
+    for bits, rows in groups.items():
+        lo, hi = int_range(bits, True)
+        q[rows] = rng.integers(lo, hi + 1, (len(rows), *site.shape[1:]))
+        q[rows[0], 0, 0, 0], q[rows[-1], 0, 0, 1] = lo, hi  # the range's ends
+    w = q * steps.astype(np.float32)[:, None, None, None]
+    pieces = [Piece(q[rows], steps[rows], None, bits, 0) for bits, rows in groups.items()]
+    reference = _with_weight(graph.proto(), onnx.numpy_helper.from_array(w.astype(np.float32), site.name))
+    stored = emit_pieces(graph, site, pieces, 0, "tq", order=np.concatenate(list(groups.values())))
+    proto = graph.proto()
+    onnx.checker.check_model(proto, full_check=True)
+    assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == 5
+    codes = [t for t in proto.graph.initializer if t.name.endswith("onnxtq.q")]
+    per_row = int(np.prod(site.shape[1:]))
+    widths = [(len(rows), w) for bits, rows in groups.items() for w in planes(bits)]
+    assert sorted(t.data_type for t in codes) == sorted(
+        [TensorProto.INT4, TensorProto.UINT2, TensorProto.INT8, TensorProto.UINT4, TensorProto.INT4]
+    )
+    assert sum(len(t.raw_data) for t in codes) == sum(-(-n * per_row * w // 8) for n, w in widths)
+    assert stored < q.size  # fewer bytes than 8-bit codes, steps included
+    feeds = {"x": rng.standard_normal((2, 4, 10, 10)).astype(np.float32)}
+    np.testing.assert_allclose(run(proto, feeds)[0], run(reference, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_size_and_fidelity_targets(tmp_path):
     """`size` bounds the file, `sqnr` the predicted output SQNR (the prediction is pessimistic: measured ≥)."""
     path, calib = bundled("mnist_cnn")

@@ -6,7 +6,8 @@ After Young et al. (TQ, TPAMI 2022), post-training:
    learned transform from the weight covariance and the calibration input autocorrelation), `klt`
    or `identity`; grouped/depthwise convs and layers without full statistics stay in identity.
 2. Coefficient channels are cut into bands. Per band and bit depth (0, 2, 4, 8 — the depths an
-   ONNX container holds without waste — or every depth 2..8 with `depths=nominal`), per-row steps
+   ONNX container holds without waste —, those and 6, 10, 12 stored as two planes with `depths=planes`,
+   or every depth 2..8 at its nominal rate with `depths=nominal`), per-row steps
    minimise the layer-output error, and the band's point is (bits stored, output distortion ×
    the layer's network gain). A band's share of the basis is part of its bits; 0 bits drops it.
    Untransformed layers may also let each output channel (row) choose its own depth: rows are
@@ -28,14 +29,18 @@ from onnxtq import transforms
 from onnxtq.calibration import importance
 from onnxtq.codec import Codec, Coded, Layer, LayerView, output_error
 from onnxtq.emit import Piece, emit_pieces, emit_transformed
-from onnxtq.packing import container_bits
+from onnxtq.packing import PLANE_BYTES, PLANES, container_bits, stored_bits
 from onnxtq.quantize import int_range, quantize_groups, step_dtype
 from onnxtq.rd import Band, Option, gaussian_bound_bits, whitened_spectrum
 from onnxtq.reconstruct import Grid, Problems, gptq, gptq_factor
 from onnxtq.sequential import drift_target, enough
 from onnxtq.weights import WeightSite
 
-DEPTHS = {"container": (2, 4, 8), "nominal": (2, 3, 4, 5, 6, 7, 8)}
+#: Bit depths a band may take: those a container holds without waste; those plus the two-plane depths
+#: (onnxtq.packing.PLANES: 6 = 4 + 2, 10 = 8 + 2, 12 = 8 + 4 bits stored); or every depth, at its nominal rate.
+DEPTHS = {"container": (2, 4, 8), "planes": (2, 4, 6, 8, 10, 12), "nominal": (2, 3, 4, 5, 6, 7, 8)}
+#: A two-plane depth is offered where its codes take this many times a plane's own bytes (PLANE_BYTES).
+PLANE_SHARE = 16
 
 
 @dataclass
@@ -155,8 +160,9 @@ class TqCodec(Codec):
             if layer.rows is None:
                 layer.rows = self._row_points(layer, coding)
             depth, bits, dist = layer.rows
-            if coding.per_row:
-                return Option("identity per row", [Band(depth, bits, dist)], fixed_bits=32.0 * n)
+            if coding.per_row:  # a plane's bytes are fixed: a row pays a share as if its group were 1/PLANE_SHARE
+                planes = np.isin(depth, list(PLANES)) * (PLANE_SHARE - 1) * 8.0 * PLANE_BYTES / n
+                return Option("identity per row", [Band(depth, bits + planes, dist)], fixed_bits=32.0 * n)
             return Option("identity", [Band(depth, bits.sum(axis=0), dist.sum(axis=0))])
         basis_row = self.basis_bits * layer.w.shape[1] + self._scale_bits(site)
         bands = []
@@ -169,7 +175,7 @@ class TqCodec(Codec):
                 depth.append(0)
                 bits.append(0.0)
                 dist.append(self._distortion(layer, coding, j0, j1, -band))
-            for b in DEPTHS[self.depths]:
+            for b in self._depths(band.size):
                 deq, stored = self._quantize(site, coding, j0, j1, band, b, self.gptq)
                 depth.append(b)
                 extra = (j1 - j0) * basis_row if coding.transform is not None else 0
@@ -178,12 +184,20 @@ class TqCodec(Codec):
             bands.append(Band(np.array(depth), np.array(bits), layer.gain * np.array(dist)))
         return Option(coding.transform.kind if coding.transform else "identity", bands)
 
+    def _depths(self, codes: int) -> tuple[int, ...]:
+        """The depths offered to `codes` codes: two-plane depths only where the codes outweigh a plane's own
+        bytes PLANE_SHARE times (rows that choose depths apart, or a band, would not pay a plane's nodes)."""
+        depths = DEPTHS[self.depths]
+        if self.depths != "planes":
+            return depths
+        return tuple(b for b in depths if b not in PLANES or codes * b >= 8 * PLANE_BYTES * PLANE_SHARE)
+
     def _row_points(self, layer: TqLayer, coding: Coding):
         """Depths [P] and, per output channel, bits and gain-weighted distortion [n, P] of the whole weight."""
         n = coding.coeffs.shape[0]
         m = coding.coeffs.reshape(n, -1)
         channels = coding.coeffs.shape[1]
-        depths = DEPTHS[self.depths]
+        depths = self._depths(m.size)
         bits, dist = np.empty((n, len(depths))), np.empty((n, len(depths)))
         for i, b in enumerate(depths):
             deq, stored = self._quantize(layer.site, coding, 0, channels, m, b, self.gptq)
@@ -204,8 +218,10 @@ class TqCodec(Codec):
         """Per-row steps of one band at `bits` (RTN, or GPTQ within the band): (dequantized band, bits stored)."""
         code = self._code(site, coding, j0, j1, band, bits)
         n, cols = band.shape
-        stored_bits = container_bits(bits) if self.depths == "container" else bits
         side = n * self._scale_bits(site) + (n * container_bits(bits) if code.zero_point is not None else 0)
+        per_code = bits if self.depths == "nominal" else stored_bits(bits)
+        if self.depths != "nominal" and bits in PLANES:  # a second plane: its steps and its nodes
+            side += n * self._scale_bits(site) + 8 * PLANE_BYTES
         step = np.repeat(code.scale.astype(np.float64)[:, None], cols, 1)
         zero = np.zeros_like(step) if code.zero_point is None else np.repeat(code.zero_point[:, None], cols, 1)
         q = code.q.astype(np.float64)
@@ -216,7 +232,7 @@ class TqCodec(Codec):
                 coding.factors[j0, j1] = gptq_factor(h[None])
             factor = coding.factors[j0, j1]
             q = self._feedback(band, h, q, step, zero, *int_range(bits, code.zero_point is None), factor)
-        return step * (q - zero), n * cols * stored_bits + side
+        return step * (q - zero), n * cols * per_code + side
 
     def _code(self, site, coding: Coding, j0: int, j1: int, band: np.ndarray, bits: int, rows=slice(None)):
         """Per-row steps and codes of `band` (the given rows of coefficient channels j0..j1) at `bits`."""
@@ -360,7 +376,8 @@ class TqCodec(Codec):
             cols = slice(a * kk, b * kk)
             codes = q[rows, cols].reshape(-1, b - a, kk)
             zp = None if bits >= 3 else zero[rows, a * kk].astype(np.int32)
-            return Piece(stored(codes).astype(np.int32), step[rows, a * kk].astype(dtype), zp, bits, out_axis)
+            scale = step[rows, a * kk].astype(dtype)
+            return Piece(stored(codes).astype(np.int32), scale, zp, bits, out_axis, self.depths != "nominal")
 
         per_row = np.ndim(kept[0][2]) > 0 and len(np.unique(kept[0][2])) > 1
         if not per_row:
