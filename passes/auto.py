@@ -135,7 +135,7 @@ class AutoPass(Pass):
             fit, held_source = split_holdout(ctx.data)
             report.notes.append("the run gave no held-out split: every fourth input was held out, but calibrated on")
         model = ctx.graph.proto()
-        held = HeldOut(model, held_source)
+        held = HeldOut(model, held_source, margins=fit)
         if kind == "agreement" and not held.classes:
             raise UsageError(
                 "an agreement target needs an output of class scores ([samples, classes]); this model has none",
