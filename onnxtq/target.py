@@ -146,7 +146,8 @@ def agreement_chances(relative: np.ndarray, tops: np.ndarray) -> np.ndarray:
     only the held-out ones: 64 inputs hold too few near ties. A model the zoo measures at 98.55% was
     expected at 99.5% from its held-out inputs alone, whose errors are as large as the zoo's (rms 0.038 and
     0.039), and at 98.9% with the margins of all 256 calibration inputs (95.3% for one the zoo measures at
-    95.3%). Errors are taken relative to each input's scores: large scores come with large errors.
+    95.3%). Errors are taken relative to each input's scores: large scores come with large errors. The flips
+    of the competitors are summed (capped at 1): right where they are rare, as near an agreement target.
     """
     margins = tops[:, :1] - tops[:, 1:]  # [inputs, K-1], ≥ 0
     scale = relative[:, None, None] * tops.std(axis=1)[None, :, None] * np.sqrt(2)

@@ -13,7 +13,7 @@ from builders import bundled, matmul_model, run
 from onnxtq import model_io, report_page
 from onnxtq.calibration.data import open_source, split_holdout
 from onnxtq.cli import main
-from onnxtq.target import parse_bytes
+from onnxtq.target import agreement_chances, parse_bytes, relative_errors, top_scores
 
 
 def _npz(path) -> dict:
@@ -159,3 +159,25 @@ def test_a_sweep_puts_the_target_run_beside_single_methods(tmp_path):
     data = report_page.figures(runs)
     curves = {s["label"]: len(s["points"]) for s in data["figures"][0]["series"]}
     assert curves == {"auto": 2, "rtn": 1}
+
+
+@pytest.mark.parametrize("relative", [0.02, 0.05, 0.2])
+def test_expected_agreement_is_the_share_that_agrees(rng, relative):
+    """Where errors are what the model assumes (Gaussian, of a size relative to each input's top scores'
+    spread), the expectation over 4,000 inputs is the share of them whose top class stays on top (98-90%
+    here; the sum over competitors is pessimistic far below: 63% expected where 74% agree)."""
+    reference = rng.standard_normal((4000, 50)) * rng.uniform(0.5, 4, (4000, 1))
+    spread = top_scores(reference).std(axis=1, keepdims=True)
+    out = reference + relative * spread * rng.standard_normal(reference.shape)
+    counted = np.mean(reference.argmax(axis=1) == out.argmax(axis=1))
+    chances = agreement_chances(relative_errors(reference, out)[:200], top_scores(reference))
+    assert chances.shape == (200, 4000)
+    assert chances.mean() == pytest.approx(counted, abs=0.01)
+
+
+def test_expected_agreement_ends():
+    reference = np.array([[3.0, 1.0, 0.0], [0.5, 0.4, 0.0]])
+    assert np.all(agreement_chances(relative_errors(reference, reference), top_scores(reference)) == 1)
+    broken = reference.copy()
+    broken[0, 1] = np.nan
+    assert np.all(agreement_chances(relative_errors(reference, broken)[:1], top_scores(reference)) == 0)
