@@ -87,7 +87,9 @@ class HeldOut:
         self.feeds = [feed for _, feed in source.batches(8)]
         self.reference = self._run(model, self.feeds)
         self.classes = [i for i, r in enumerate(self.reference) if _class_scores(r)]
-        more = self._run(model, [feed for _, feed in margins.batches(8)]) if margins and self.classes else None
+        more = None
+        if margins is not None and self.classes:
+            more = self._run(model, [feed for _, feed in margins.batches(8)])
         self.tops = {
             i: top_scores(self.reference[i] if more is None else np.concatenate([self.reference[i], more[i]]))
             for i in self.classes
