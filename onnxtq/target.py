@@ -152,10 +152,10 @@ def agreement_chances(relative: np.ndarray, tops: np.ndarray) -> np.ndarray:
     of the competitors are summed (capped at 1): right where they are rare, as near an agreement target.
     """
     margins = tops[:, :1] - tops[:, 1:]  # [inputs, K-1], ≥ 0
-    scale = relative[:, None, None] * tops.std(axis=1)[None, :, None] * np.sqrt(2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        z = np.where(scale > 0, -margins[None] / np.maximum(scale, 1e-300), -np.inf)
-    flips = scipy.stats.norm.cdf(np.nan_to_num(z, nan=0.0)).sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):  # no error: −∞ (0/0 too); a NaN output: scale NaN
+        scale = relative[:, None, None] * tops.std(axis=1)[None, :, None] * np.sqrt(2)
+        z = np.nan_to_num(-margins[None] / scale, nan=-np.inf)
+    flips = scipy.stats.norm.cdf(z).sum(axis=-1)
     return 1 - np.minimum(flips, 1.0)
 
 

@@ -184,6 +184,11 @@ class TqCodec(Codec):
             bands.append(Band(np.array(depth), np.array(bits), layer.gain * np.array(dist)))
         return Option(coding.transform.kind if coding.transform else "identity", bands)
 
+    @property
+    def _file_rate(self) -> bool:
+        """Whether codes cost what the file stores (containers, planes), not their nominal depth."""
+        return self.depths != "nominal"
+
     def _depths(self, codes: int) -> tuple[int, ...]:
         """The depths offered to `codes` codes: two-plane depths only where the codes outweigh a plane's own
         bytes PLANE_SHARE times (rows that choose depths apart, or a band, would not pay a plane's nodes)."""
@@ -219,8 +224,8 @@ class TqCodec(Codec):
         code = self._code(site, coding, j0, j1, band, bits)
         n, cols = band.shape
         side = n * self._scale_bits(site) + (n * container_bits(bits) if code.zero_point is not None else 0)
-        per_code = bits if self.depths == "nominal" else stored_bits(bits)
-        if self.depths != "nominal" and bits in PLANES:  # a second plane: its steps and its nodes
+        per_code = stored_bits(bits) if self._file_rate else bits
+        if self._file_rate and bits in PLANES:  # a second plane: its steps and its nodes
             side += n * self._scale_bits(site) + 8 * PLANE_BYTES
         step = np.repeat(code.scale.astype(np.float64)[:, None], cols, 1)
         zero = np.zeros_like(step) if code.zero_point is None else np.repeat(code.zero_point[:, None], cols, 1)
@@ -377,7 +382,7 @@ class TqCodec(Codec):
             codes = q[rows, cols].reshape(-1, b - a, kk)
             zp = None if bits >= 3 else zero[rows, a * kk].astype(np.int32)
             scale = step[rows, a * kk].astype(dtype)
-            return Piece(stored(codes).astype(np.int32), scale, zp, bits, out_axis, self.depths != "nominal")
+            return Piece(stored(codes).astype(np.int32), scale, zp, bits, out_axis, self._file_rate)
 
         per_row = np.ndim(kept[0][2]) > 0 and len(np.unique(kept[0][2])) > 1
         if not per_row:
