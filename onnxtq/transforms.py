@@ -28,7 +28,7 @@ DAMP = 1e-3
 @dataclass
 class Transform:
     kind: str  # identity | klt | elt
-    analysis: np.ndarray  # U [C, K]
+    analysis: np.ndarray | None  # U [C, K]; None once the coefficients it gave are coded
     synthesis: np.ndarray  # B [K, C]
     energy: np.ndarray  # [K] coefficient variance per channel (what bands are sorted by)
 

@@ -15,7 +15,9 @@ layer the codec and bits chosen and its share of the predicted error.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -102,7 +104,7 @@ class Point:
     detail: str
     bits: float  # what it costs under the target's rate (file bits, or entropy bits for a served size)
     distortion: float  # network-output error, gain × E‖ΔW x‖²
-    coded: Coded | None  # None: the float weight, kept
+    make: Callable[[], Coded] | None  # codes it again when chosen (cheaply, the same bytes); None: the float weight
 
 
 class AutoPass(Pass):
@@ -159,8 +161,8 @@ class AutoPass(Pass):
         self._materialized: dict = {}
         self._lowers = ctx.profile.lowers  # sizes are the file's as written: lowered under the portable target
 
-        def emit(aim: float) -> Emitted:
-            return self._emit(pristine, layers, points, banded, kind, aim)
+        def emit(aim: float, weights_kept: bool = False) -> Emitted:
+            return self._emit(pristine, layers, points, banded, kind, aim, weights_kept)
 
         def bits_for_error(error: float) -> float:
             return allocate(self._options(layers, points, banded), max_distortion=error).bits
@@ -168,7 +170,7 @@ class AutoPass(Pass):
         if kind not in SIZE_KINDS:
             first_aim = bits_for_error(first_aim)
         if cfg.correct:
-            search.result.corrected = self._correct(probe, model, layers, points, banded, emit(first_aim))
+            search.result.corrected = self._correct(probe, model, layers, points, banded, emit(first_aim, True))
             if kind not in SIZE_KINDS:
                 first_aim = bits_for_error(self._first_aim(kind, value, energy, others, 0))
         chosen = search.run(first_aim, emit, bits_for_error)
@@ -198,22 +200,35 @@ class AutoPass(Pass):
         if "fp16" in cfg.codec_names:
             for option in Fp16Codec().options(layer):
                 band = option.bands[0]
-                points.append(Point("fp16", "float16", band.bits[0], band.distortion[0], option.materialize([0])))
+                points.append(
+                    Point("fp16", "float16", band.bits[0], band.distortion[0], partial(option.materialize, [0]))
+                )
         if "rtn" in cfg.codec_names:
             for bits, block in RTN_POINTS + (SERVED_POINTS if served else ()):
                 if blocking_for(layer.site, block).block != block:
                     continue  # a layer too short for the block (or depthwise) is coded per channel already
-                coded, _, code = RtnCodec(bits, block, bits >= 3, scale_bits=cfg.scale_bits).code_groups(layer)
+                codec = RtnCodec(bits, block, bits >= 3, scale_bits=cfg.scale_bits)
+                coded, _, code = codec.code_groups(layer)
                 rate = (entropy_bits(code.q) if served else layer.size * container_bits(bits)) + side_bits(code)
                 if coded.output_error is not None:  # rtn measured it already
                     error = layer.gain * coded.output_error
                 else:
                     error = distortion(layer, layer.w.astype(np.float64) - coded.w_hat)
                 detail = f"rtn {bits}-bit " + (f"block {block}" if block else "per channel")
-                coded.detail = detail
-                coded.nominal_bits = float(bits)
-                points.append(Point("rtn", detail, float(rate), float(error), coded))
+                points.append(Point("rtn", detail, float(rate), float(error), self._rtn_maker(codec, layer, detail)))
         return points
+
+    @staticmethod
+    def _rtn_maker(codec: RtnCodec, layer: Layer, detail: str) -> Callable[[], Coded]:
+        """rtn's point coded again when chosen: its clipping search is quick, and every layer's points held at once
+        would be nine copies of the model."""
+
+        def make() -> Coded:
+            coded = codec.code(layer)
+            coded.detail, coded.nominal_bits = detail, float(codec.bits)
+            return coded
+
+        return make
 
     def _banded_options(self, layers: list[Layer], kind: str) -> dict[str, list[Option]]:
         """tq's codings, and ecsq's step curve where the target is the served size (its rate is the codes'
@@ -229,7 +244,7 @@ class AutoPass(Pass):
             for layer in bar(layers, desc=f"auto {name} curves", unit="weight"):
                 if layer.stats is None:
                     continue
-                for coding in codec.options(codec.layer(layer) if name == "tq" else layer):
+                for coding in codec.options(layer):  # tq's makes the layer's transforms
                     coding.name = name
                     options.setdefault(layer.site.name, []).append(coding)
         return options
@@ -250,26 +265,29 @@ class AutoPass(Pass):
 
     # ---- one allocation, emitted ----
 
-    def _emit(self, pristine, layers, points, banded, kind: str, aim: float) -> Emitted:
+    def _emit(self, pristine, layers, points, banded, kind: str, aim: float, weights_kept: bool = False) -> Emitted:
+        """The model at bit budget `aim`; with `weights_kept`, each coded layer's weight as onnxruntime computes it
+        (what the marginal errors are measured with)."""
         options = self._options(layers, points, banded)
         allocation = allocate(options, max_bits=aim)
         graph = Graph(copy_model(pristine))
         records, predicted, weight_bits = [], 0.0, 0.0
         weights, w_hat = 0, {}
+        kept: dict = {}  # tq's materialised layers (GPTQ) for the next round: only this round's, or they pile up
         for layer in layers:
             name = layer.site.name
             index, picks = allocation.choice[name]
             weights += layer.size
             if index == 0:
                 point = points[name][int(picks[0])]
-                coded, codec = point.coded, point.codec
-                distortion = point.distortion
+                coded = None if point.make is None else point.make()
+                codec, distortion = point.codec, point.distortion
             else:
                 option = options[name][index]
                 key = (name, index, tuple(np.asarray(p).tobytes() for p in picks))
-                if key not in self._materialized:  # tq's materialising (GPTQ) is worth keeping across rounds
-                    self._materialized[key] = option.materialize(picks)
-                coded, codec = self._materialized[key], option.name
+                coded = self._materialized.get(key) or option.materialize(picks)
+                kept[key] = coded
+                codec = option.name
                 distortion = sum(b.totals(p)[1] for b, p in zip(option.bands, picks))
             predicted += distortion
             if coded is None:
@@ -286,9 +304,11 @@ class AutoPass(Pass):
                 continue
             record = finish(graph, layer, coded, self.name, self.config.bias_correct)
             record.codec, record.share = codec, distortion
-            w_hat[name] = coded.w_hat
+            if weights_kept:
+                w_hat[name] = coded.w_hat
             weight_bits += 8.0 * record.bytes_after
             records.append(record)
+        self._materialized = kept
         for record in records:
             record.share = record.share / predicted if predicted > 0 else 0.0
         graph.remove_dead()

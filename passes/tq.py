@@ -112,14 +112,18 @@ class TqPass(Pass):
             cfg.scale_bits,
         )
         clock = [time.perf_counter()]
-        layers = [codec.layer(Layer.of(ctx.graph, s, ctx.stats)) for s in bar(sites, desc="tq transforms")]
+        plain = [Layer.of(ctx.graph, s, ctx.stats) for s in sites]
         model = ctx.graph.proto()
         probe = Probe(model, ctx.data, cfg.gain_samples) if cfg.gains else None
         if probe is not None:
             gains = probe.gains(model, sites, lambda s, e: output_error(s, ctx.stats.get(s), e))
-            for layer in layers:
-                layer.layer.gain = gains[layer.site.name]
-        options = {layer.site.name: codec.options(layer) for layer in bar(layers, desc="tq curves")}
+            for layer in plain:
+                layer.gain = gains[layer.site.name]
+
+        layers, options = [], {}
+        for layer in bar(plain, desc="tq transforms and curves"):  # what only the curves need goes before the next
+            layers.append(codec.layer(layer))
+            options[layer.site.name] = codec.options(layers[-1])
         weights = sum(int(np.prod(s.shape)) for s in sites)
         target = self._target(ctx, sites, weights, probe)
         chosen = allocate(options, **target)

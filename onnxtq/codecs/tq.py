@@ -48,7 +48,7 @@ class Coding:
     """One way to code a layer: coefficients [n, K, kk], the metric H̃ over their columns, bands."""
 
     transform: transforms.Transform | None  # None: identity, weight coded as it is
-    coeffs: np.ndarray
+    coeffs: np.ndarray | None  # None once its curves are made: materialising refits what it codes
     hessian: np.ndarray | None  # [K·kk, K·kk] for a single problem; None: the layer's own statistics
     bands: list[tuple[int, int]]  # channel ranges [j0, j1)
     per_row: bool = False  # one band whose output channels choose their depths apart (rows are independent)
@@ -58,12 +58,18 @@ class Coding:
 
 @dataclass
 class TqLayer(LayerView):
-    """A layer as tq codes it: its weight as [n, C, kk] float64 and the ways to code it."""
+    """A layer as tq codes it: its weight's shape [n, C, kk] and the ways to code it."""
 
     layer: Layer
-    w: np.ndarray  # [n, C, kk] float64
+    shape: tuple[int, int, int]  # [n, C, kk]
     codings: list[Coding] = field(default_factory=list)
     rows: tuple | None = None  # per-row points of the identity coding, shared by its uniform and per-row options
+
+    @property
+    def w(self) -> np.ndarray:
+        """The weight as [n, C, kk] float64, made when read: a layer waiting for its allocation holds only the
+        stored weight, so every layer's curves can wait at once."""
+        return self.site.to_matrix(self.layer.w).astype(np.float64).reshape(self.shape)
 
 
 class TqCodec(Codec):
@@ -92,10 +98,12 @@ class TqCodec(Codec):
             option = self._option(tq_layer, coding)
             option.materialize = self._materializer(tq_layer, coding, option)
             options.append(option)
-        for coding in tq_layer.codings:
+        for coding in tq_layer.codings:  # what the curves needed and materialising does not
             coding.factors.clear()
+            coding.coeffs = None
             if coding.transform is not None:
                 coding.hessian = None
+                coding.transform.analysis = None
         return options
 
     def _materializer(self, layer: TqLayer, coding: Coding, option: Option):
@@ -114,7 +122,7 @@ class TqCodec(Codec):
         w = problems.split(layer.w.reshape(site.rows, -1))
         mu = whitened_spectrum(w, problems.hessian)
         bits = gaussian_bound_bits(mu, problems.rows, distortion)
-        return bits / layer.w.size
+        return bits / layer.layer.size
 
     def layer(self, plain: Layer) -> TqLayer:
         """The site's weight as [n, C, kk] and its codings: identity, and a transform where one applies."""
@@ -123,7 +131,7 @@ class TqCodec(Codec):
         kk = int(np.prod(site.conv.kernel)) if site.conv else 1
         channels = m.shape[1] // kk
         w = m.reshape(m.shape[0], channels, kk)
-        layer = TqLayer(plain, w)
+        layer = TqLayer(plain, w.shape)
         full = stats is not None and stats.mode == "full" and stats.groups == 1
         h = stats.moment[0] if full else None
         diag = site.to_matrix(importance(site, stats)) if stats is not None and not full else None
@@ -164,7 +172,7 @@ class TqCodec(Codec):
                 planes = np.isin(depth, list(PLANES)) * (PLANE_SHARE - 1) * 8.0 * PLANE_BYTES / n
                 return Option("identity per row", [Band(depth, bits + planes, dist)], fixed_bits=32.0 * n)
             return Option("identity", [Band(depth, bits.sum(axis=0), dist.sum(axis=0))])
-        basis_row = self.basis_bits * layer.w.shape[1] + self._scale_bits(site)
+        basis_row = self.basis_bits * layer.shape[1] + self._scale_bits(site)
         bands = []
         for j0, j1 in coding.bands:
             band = coding.coeffs[:, j0:j1].reshape(n, -1)
@@ -267,13 +275,13 @@ class TqCodec(Codec):
         moment with the original inputs) the codes are fitted to the weight that restores the original
         outputs from those inputs.
         """
-        site = layer.site
-        n, channels, kk = layer.w.shape
+        site, w = layer.site, layer.w
+        n, channels, kk = w.shape
         kept = [(j0, j1, b) for (j0, j1), b in zip(coding.bands, depths) if np.all(b > 0)]
-        stats, target, inputs = layer.stats, layer.w, None
+        stats, target, inputs = layer.stats, w, None
         if drift is not None and enough(drift[0]) and drift[0].mode == getattr(layer.stats, "mode", None):
             stats, cross = drift
-            target = drift_target(site, layer.w.reshape(n, -1), stats, cross).reshape(layer.w.shape)
+            target = drift_target(site, w.reshape(n, -1), stats, cross).reshape(w.shape)
             inputs = stats
         basis_piece = None
         coeffs, hessian = target, (stats.moment[0] if coding.hessian is not None else None)
@@ -297,7 +305,7 @@ class TqCodec(Codec):
             q = self._feedback(coeffs.reshape(n, -1), hessian, q, step, zero, lo, hi)
         hat = (step * (q - zero)).reshape(coeffs.shape)
         w_hat = hat if coding.transform is None else np.einsum("nkt,kc->nct", hat, basis_hat)
-        delta = site.from_matrix((w_hat - layer.w).reshape(n, -1))
+        delta = site.from_matrix((w_hat - w).reshape(n, -1))
         pieces, axis, order = self._pieces(site, q, step, zero, kept, coeffs.shape)
         used = sum(b - a for a, b, _ in kept)
         if basis_piece is None:
