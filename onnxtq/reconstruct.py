@@ -41,8 +41,8 @@ class Grid:
     lo and hi are one range for all weights, or arrays of the weights' shape (mixed bit depths).
     """
 
-    step: np.ndarray  # same shape as the weights
-    zero: np.ndarray  # same shape, integer-valued
+    step: np.ndarray  # same shape as the weights, or one column (a step per row)
+    zero: np.ndarray  # the same shape as step, integer-valued
     lo: int | np.ndarray
     hi: int | np.ndarray
 
@@ -157,8 +157,9 @@ def _act_order(hessian: np.ndarray):
 
 
 def _columns(a, order: np.ndarray):
-    """a [P, r, d] with each problem's columns taken in `order` [P, d] (a scalar stays as it is)."""
-    if np.isscalar(a):
+    """a [P, r, d] with each problem's columns taken in `order` [P, d] (a scalar, or one column that rows
+    broadcast, stays as it is)."""
+    if np.isscalar(a) or a.shape[-1] == 1:
         return a
     if len(order) == 1:  # one order for all (a whole layer): np.take, contiguous as the kernel wants, 3x faster
         return np.take(a, order[0], axis=2)

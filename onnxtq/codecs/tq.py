@@ -184,11 +184,13 @@ class TqCodec(Codec):
                 bits.append(0.0)
                 dist.append(self._distortion(layer, coding, j0, j1, -band))
             for b in self._depths(band.size):
-                deq, stored = self._quantize(site, coding, j0, j1, band, b, self.gptq)
+                deq, stored, terms = self._quantize(site, coding, j0, j1, band, b, self.gptq)
                 depth.append(b)
                 extra = (j1 - j0) * basis_row if coding.transform is not None else 0
                 bits.append(float(stored + extra))
-                dist.append(self._distortion(layer, coding, j0, j1, deq - band))
+                if terms is None:
+                    terms = self._distortion(layer, coding, j0, j1, deq - band)
+                dist.append(float(np.sum(terms)))
             bands.append(Band(np.array(depth), np.array(bits), layer.gain * np.array(dist)))
         return Option(coding.transform.kind if coding.transform else "identity", bands)
 
@@ -213,9 +215,10 @@ class TqCodec(Codec):
         depths = self._depths(m.size)
         bits, dist = np.empty((n, len(depths))), np.empty((n, len(depths)))
         for i, b in enumerate(depths):
-            deq, stored = self._quantize(layer.site, coding, 0, channels, m, b, self.gptq)
+            deq, stored, terms = self._quantize(layer.site, coding, 0, channels, m, b, self.gptq)
             bits[:, i] = stored / n
-            dist[:, i] = layer.gain * self._row_errors(layer, coding, deq - m)
+            rows = terms.sum(axis=1) if terms is not None else self._row_errors(layer, coding, deq - m)
+            dist[:, i] = layer.gain * rows
         return np.array(depths), bits, dist
 
     def _row_errors(self, layer: TqLayer, coding: Coding, delta: np.ndarray) -> np.ndarray:
@@ -228,24 +231,25 @@ class TqCodec(Codec):
         return (delta**2).sum(axis=1)
 
     def _quantize(self, site, coding: Coding, j0: int, j1: int, band: np.ndarray, bits: int, feedback: bool):
-        """Per-row steps of one band at `bits` (RTN, or GPTQ within the band): (dequantized band, bits stored)."""
+        """Per-row steps of one band at `bits` (RTN, or GPTQ within the band): (dequantized band, bits stored, and
+        from GPTQ the terms of its output error, (Δ H) ∘ Δ, or None)."""
         code = self._code(site, coding, j0, j1, band, bits)
         n, cols = band.shape
         side = n * self._scale_bits(site) + (n * container_bits(bits) if code.zero_point is not None else 0)
         per_code = stored_bits(bits) if self._file_rate else bits
         if self._file_rate and bits in PLANES:  # a second plane: its steps and its nodes
             side += n * self._scale_bits(site) + 8 * PLANE_BYTES
-        step = np.repeat(code.scale.astype(np.float64)[:, None], cols, 1)
-        zero = np.zeros_like(step) if code.zero_point is None else np.repeat(code.zero_point[:, None], cols, 1)
-        q = code.q.astype(np.float64)
+        step = code.scale.astype(np.float64)[:, None]  # a step and a zero point per row: GPTQ takes them as columns
+        zero = np.zeros_like(step) if code.zero_point is None else code.zero_point[:, None]
+        q, terms = code.q.astype(np.float64), None
         if feedback and coding.hessian is not None:
             kk = coding.coeffs.shape[2]
             h = coding.hessian[j0 * kk : j1 * kk, j0 * kk : j1 * kk]
             if (j0, j1) not in coding.factors:
                 coding.factors[j0, j1] = gptq_factor(h[None])
             factor = coding.factors[j0, j1]
-            q = self._feedback(band, h, q, step, zero, *int_range(bits, code.zero_point is None), factor)
-        return step * (q - zero), n * cols * per_code + side
+            q, terms = self._feedback(band, h, q, step, zero, *int_range(bits, code.zero_point is None), factor)
+        return step * (q - zero), n * cols * per_code + side, terms
 
     def _code(self, site, coding: Coding, j0: int, j1: int, band: np.ndarray, bits: int, rows=slice(None)):
         """Per-row steps and codes of `band` (the given rows of coefficient channels j0..j1) at `bits`."""
@@ -302,7 +306,7 @@ class TqCodec(Codec):
         refit = Coding(coding.transform, coeffs, hessian, [(a, b) for a, b, _ in kept], weights=coding.weights)
         q, step, zero, lo, hi = self._codes(site, refit, kept)
         if self.gptq and hessian is not None:
-            q = self._feedback(coeffs.reshape(n, -1), hessian, q, step, zero, lo, hi)
+            q = self._feedback(coeffs.reshape(n, -1), hessian, q, step, zero, lo, hi)[0]
         hat = (step * (q - zero)).reshape(coeffs.shape)
         w_hat = hat if coding.transform is None else np.einsum("nkt,kc->nct", hat, basis_hat)
         delta = site.from_matrix((w_hat - w).reshape(n, -1))
@@ -362,13 +366,16 @@ class TqCodec(Codec):
         return tuple(np.concatenate(p, axis=1) for p in zip(*parts))
 
     @staticmethod
-    def _feedback(w0, hessian, q, step, zero, lo, hi, factor=None) -> np.ndarray:
-        """GPTQ on the chosen grid; per row, whichever of it and RTN has the smaller output error."""
+    def _feedback(w0, hessian, q, step, zero, lo, hi, factor=None) -> tuple[np.ndarray, np.ndarray]:
+        """GPTQ on the chosen grid; per row, whichever of it and RTN has the smaller output error: (codes, the
+        terms (Δ H) ∘ Δ of that error, which the caller sums rather than computing them a third time)."""
         lo, hi = (np.broadcast_to(v, step.shape) for v in (lo, hi))
         grid = Grid(step[None], zero[None], lo[None], hi[None])
         fed = gptq(w0[None], hessian[None], grid, factor=factor)[0]
-        err = [(((step * (c - zero) - w0) @ hessian) * (step * (c - zero) - w0)).sum(axis=1) for c in (q, fed)]
-        return np.where((err[1] < err[0])[:, None], fed, q)
+        deltas = [step * (c - zero) - w0 for c in (q, fed)]
+        terms = [(delta @ hessian) * delta for delta in deltas]
+        fed_better = (terms[1].sum(axis=1) < terms[0].sum(axis=1))[:, None]
+        return np.where(fed_better, fed, q), np.where(fed_better, terms[1], terms[0])
 
     def _pieces(self, site, q, step, zero, kept, shape):
         """DequantizeLinear pieces in the stored layout: (pieces, axis they join on, row order or None).
