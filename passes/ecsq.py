@@ -103,7 +103,8 @@ class EcsqPass(Pass):
         aim = cfg.rate
         for _attempt in range(ATTEMPTS):
             deltas = self._deltas(codec, layers, curves, aim * weights)
-            codes = [codec.codes(*a) for a in bar(list(zip(layers, deltas)), desc="ecsq")]
+            # every layer's codes wait for the rate: as int16 (they are within ±MAX_CODE), a quarter of float64
+            codes = [codec.codes(*a).astype(np.int16) for a in bar(list(zip(layers, deltas)), desc="ecsq")]
             rate = (sum(entropy_bits(q) + codec.side_bits(layer) for q, layer in zip(codes, layers))) / weights
             tries.append((aim, rate))
             if best is None or abs(rate - cfg.rate) < abs(best[0] - cfg.rate):

@@ -103,7 +103,7 @@ class KqPass(Pass):
             cfg.iterations,
             cfg.seed,
         )
-        jobs: dict[tuple, list[Layer]] = {}
+        jobs: dict[tuple, list[WeightSite]] = {}  # sites by codebook; a group's weights are read when it is coded
         for site in quantizable(discover(ctx.graph), cfg.min_elements, report):
             kk = int(np.prod(site.conv.kernel)) if site.conv is not None else 1
             why = self._why_not(site, kk)
@@ -112,10 +112,10 @@ class KqPass(Pass):
                 continue
             shared = cfg.share == "all" or (cfg.share == "depthwise" and site.kind == "depthwise" and kk > 1)
             key = (cfg.share, kk if kk > 1 else cfg.pq, kk == 1) if shared else (site.name,)
-            jobs.setdefault(key, []).append(Layer.of(ctx.graph, site, stats))
+            jobs.setdefault(key, []).append(site)
         records = []
-        for layers in bar(list(jobs.values()), desc=self.name, unit="codebook"):
-            group = codec.code_group(layers)
+        for sites in bar(list(jobs.values()), desc=self.name, unit="codebook"):
+            group = codec.code_group([Layer.of(ctx.graph, site, stats) for site in sites])
             if group.prepare is not None:
                 group.prepare(ctx.graph, self.name)
             for layer, coded in zip(group.layers, group.coded):
