@@ -53,6 +53,8 @@ RTN_POINTS = ((8, 0), (8, 128), (8, 32), (4, 0), (4, 128), (4, 32), (2, 0), (2, 
 TQ_DEPTHS = "planes"
 #: More points where the served size is the target: odd depths cost their entropy there, not a container.
 SERVED_POINTS = ((6, 0), (5, 0), (3, 0), (3, 32))
+#: Bytes of materialised tq layers (GPTQ's work) kept from one round for the next; past it they are made again.
+KEPT_BYTES = 1 << 30
 #: A layer's measured marginal error may correct its prediction by at most this factor either way.
 MAX_CORRECTION = 16.0
 
@@ -273,7 +275,8 @@ class AutoPass(Pass):
         graph = Graph(copy_model(pristine))
         records, predicted, weight_bits = [], 0.0, 0.0
         weights, w_hat = 0, {}
-        kept: dict = {}  # tq's materialised layers (GPTQ) for the next round: only this round's, or they pile up
+        kept: dict = {}  # tq's materialised layers (GPTQ) for the next round: this round's, within KEPT_BYTES
+        kept_bytes = 0
         for layer in layers:
             name = layer.site.name
             index, picks = allocation.choice[name]
@@ -286,7 +289,9 @@ class AutoPass(Pass):
                 option = options[name][index]
                 key = (name, index, tuple(np.asarray(p).tobytes() for p in picks))
                 coded = self._materialized.get(key) or option.materialize(picks)
-                kept[key] = coded
+                size = coded.w_hat.nbytes + (0 if coded.error is None else coded.error.nbytes)
+                if kept_bytes + size <= KEPT_BYTES:
+                    kept[key], kept_bytes = coded, kept_bytes + size
                 codec = option.name
                 distortion = sum(b.totals(p)[1] for b, p in zip(option.bands, picks))
             predicted += distortion
@@ -304,8 +309,8 @@ class AutoPass(Pass):
                 continue
             record = finish(graph, layer, coded, self.name, self.config.bias_correct)
             record.codec, record.share = codec, distortion
-            if weights_kept:
-                w_hat[name] = coded.w_hat
+            if weights_kept:  # in the stored type, as onnxruntime will be given it (not float64 copies)
+                w_hat[name] = np.asarray(coded.w_hat, layer.w.dtype)
             weight_bits += 8.0 * record.bytes_after
             records.append(record)
         self._materialized = kept
