@@ -22,6 +22,8 @@ class CalibrateConfig(CalibrationConfig):
     def __post_init__(self):
         if self.mode not in ("auto", "full", "blocked", "diag"):
             raise ValueError(f"mode must be auto, full, blocked or diag, not '{self.mode}'")
+        if self.products not in ("auto", "float64", "float32"):
+            raise ValueError(f"products must be auto, float64 or float32, not '{self.products}'")
         if self.batch < 1 or self.block < 1 or self.memory_mb < 1 or self.max_positions < 0:
             raise ValueError("batch, block and memory_mb must be positive, max_positions >= 0")
 

@@ -56,6 +56,7 @@ class CalibrationConfig:
     seed: int = _option(0, "seed of the position sampling")
     threads: int = _option(0, "onnxruntime intra-op threads (0: all cores)")
     shrink: bool = _option(True, "shrink each H's covariance toward its diagonal by its sampling noise")
+    products: str = _option("auto", "x·xᵀ products in float64 | float32 | auto (float32 for a model run in pieces)")
 
 
 class StatsStore:
@@ -101,10 +102,12 @@ def _key(site: WeightSite):
     return (site.activations, site.conv, site.trans_a, site.recurrence, site.scope)
 
 
-def _accumulator(site: WeightSite, config: CalibrationConfig) -> MomentAccumulator:
+def _accumulator(site: WeightSite, config: CalibrationConfig, big: bool = False) -> MomentAccumulator:
     groups = site.groups
     dim = site.cols
-    return MomentAccumulator(groups, dim, choose_mode(dim, config.max_full_dim, config.mode), config.block)
+    mode = choose_mode(dim, config.max_full_dim, config.mode)
+    products = config.products if config.products != "auto" else "float32" if big else "float64"
+    return MomentAccumulator(groups, dim, mode, config.block, products)
 
 
 def _chunks(site: WeightSite, name: str, x: np.ndarray, config: CalibrationConfig, rng: np.random.Generator):
@@ -314,14 +317,14 @@ def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, con
         return StatsStore({}, 0, source.description)
     model = name_hidden_outputs(model, targets)
     inputs = {vi.name for vi in model.graph.input}
+    big = pieces.needed(model)
     by_key: dict = {}
     for site in targets:
-        by_key.setdefault(_key(site), (site, _accumulator(site, config)))
+        by_key.setdefault(_key(site), (site, _accumulator(site, config, big)))
     tensors = sorted({a for key in by_key for a in key[0] if a not in inputs})
     first, batch = _first_batch(source, config)
     limit = config.samples or source.num_samples
     rngs = {key: np.random.default_rng([config.seed, i]) for i, key in enumerate(by_key)}
-    big = pieces.needed(model)
     store = StatsStore({}, min(limit, source.num_samples), source.description, spill=big)
     if big and not has_branches(model):
         stream = _in_pieces(model, tensors, inputs, source, batch, limit, config)
