@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxtq import model_io
+from onnxtq.calibration.data import open_source
+from onnxtq.compress import prepare
+from onnxtq.graph import Graph
+from onnxtq.pass_infra import Context
+from onnxtq.pipeline import parse
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -63,6 +70,20 @@ def bundled(name: str) -> tuple[Path, Path]:
     """Path of a shipped model and of its calibration data."""
     folder = MODELS / name
     return folder / f"{name}.onnx", folder / "calib.npz"
+
+
+@contextlib.contextmanager
+def calibrated_context(name: str, samples: int = 32) -> Iterator:
+    """A shipped model folded and calibrated on its first `samples` inputs, as the Context a pass is given."""
+    path, calib = bundled(name)
+    model = model_io.load(path)
+    source = open_source(calib, model, limit=samples)
+    ctx = Context(Graph(prepare(model)[0]), source)
+    parse("fold-bn,calibrate").run(ctx)
+    try:
+        yield ctx
+    finally:
+        source.close()
 
 
 def matmul_model(d=64, n=48, seed=0) -> onnx.ModelProto:

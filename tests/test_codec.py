@@ -4,11 +4,10 @@ written it, and a single-point codec's predicted distortion is the layer-output 
 
 import numpy as np
 import pytest
-from builders import bundled
+from builders import calibrated_context
 
 from onnxtq import model_io
 from onnxtq.calibration.collect import _with_outputs
-from onnxtq.calibration.data import open_source
 from onnxtq.codec import Layer
 from onnxtq.codecs.crq import CrqCodec
 from onnxtq.codecs.ecsq import EcsqCodec
@@ -16,11 +15,8 @@ from onnxtq.codecs.fp16 import Fp16Codec
 from onnxtq.codecs.kq import KqCodec
 from onnxtq.codecs.rtn import RtnCodec
 from onnxtq.codecs.tq import TqCodec
-from onnxtq.compress import prepare
 from onnxtq.finish import finish
 from onnxtq.graph import Graph, upgrade_opset
-from onnxtq.pass_infra import Context
-from onnxtq.pipeline import parse
 from onnxtq.weights import discover
 
 CODECS = {
@@ -36,14 +32,8 @@ SINGLE_POINT = {"rtn", "crq", "kq", "fp16"}
 
 @pytest.fixture(scope="module")
 def calibrated():
-    path, calib = bundled("mnist_cnn")
-    model = model_io.load(path)
-    source = open_source(calib, model, limit=32)
-    work, _ = prepare(model)
-    ctx = Context(Graph(work), source)
-    parse("fold-bn,calibrate").run(ctx)
-    yield ctx.graph.proto(), ctx.stats, source
-    source.close()
+    with calibrated_context("mnist_cnn") as ctx:
+        yield ctx.graph.proto(), ctx.stats, ctx.data
 
 
 @pytest.mark.parametrize("name", sorted(CODECS))

@@ -8,17 +8,13 @@ import brotli
 import numpy as np
 import onnx
 import pytest
-from builders import bundled, matmul_model, run
+from builders import bundled, calibrated_context, matmul_model, run
 from onnxtq.passes.auto import AutoPass
 
 from onnxtq import model_io, report_page
 from onnxtq.calibration.data import open_source, split_holdout
 from onnxtq.cli import main
 from onnxtq.codec import Layer, distortion
-from onnxtq.compress import prepare
-from onnxtq.graph import Graph
-from onnxtq.pass_infra import Context
-from onnxtq.pipeline import parse
 from onnxtq.target import agreement_chances, parse_bytes, relative_errors, top_scores
 from onnxtq.weights import discover
 
@@ -193,22 +189,15 @@ def test_expected_agreement_ends():
 def test_a_chosen_point_is_coded_again_as_it_was_measured():
     """auto keeps each candidate's figures, not its weight (nine rtn points would be nine copies of the model): a
     point coded again when chosen must be the weight whose error the allocation weighed."""
-    path, calib = bundled("mnist_cnn")
-    model = model_io.load(path)
-    source = open_source(calib, model, limit=32)
-    work, _ = prepare(model)
-    ctx = Context(Graph(work), source)
-    parse("fold-bn,calibrate").run(ctx)
-    auto = AutoPass()
-    checked = 0
-    for site in discover(ctx.graph).sites:
-        layer = Layer.of(ctx.graph, site, ctx.stats)
-        for point in auto._points(layer, served=False):
-            if point.make is None:
-                continue
-            coded = point.make()
-            assert distortion(layer, layer.w.astype(np.float64) - coded.w_hat) == pytest.approx(point.distortion)
-            assert coded.detail == point.detail
-            checked += 1
-    source.close()
+    auto, checked = AutoPass(), 0
+    with calibrated_context("mnist_cnn") as ctx:
+        for site in discover(ctx.graph).sites:
+            layer = Layer.of(ctx.graph, site, ctx.stats)
+            for point in auto._points(layer, served=False):
+                if point.make is None:
+                    continue
+                coded = point.make()
+                assert distortion(layer, layer.w.astype(np.float64) - coded.w_hat) == pytest.approx(point.distortion)
+                assert coded.detail == point.detail
+                checked += 1
     assert checked >= 4 * 10  # fp16 and rtn's points on every weight
