@@ -15,9 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from onnxtq.packing import planes
-
-_CODES = {2: 25, 4: 21, 8: 13, 16: 21}  # container width → the DequantizeLinear that first reads it
+from onnxtq.packing import min_opset, planes
 
 
 @dataclass(frozen=True)
@@ -33,7 +31,7 @@ class Emission:
     @property
     def opset(self) -> int:
         needs = [self.ops, 21 if self.blocked else 0, 23 if self.fp16_steps else 0]
-        needs += [_CODES[width] for b in self.code_bits if b for width in planes(b)]
+        needs += [min_opset(width) for b in self.code_bits if b for width in planes(b)]
         if self.code_bits:
             needs.append(13)  # per-axis DequantizeLinear
         return max(needs)
