@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxtq import model_io
+from onnxtq import model_io, positions
 from onnxtq.calibration.collect import INPUT_BATCH_BYTES
 from onnxtq.calibration.data import Source
 from onnxtq.graph import copy_model
@@ -39,7 +39,9 @@ class Probe:
                 break
         self.threads = threads
         self.reference = self._run(model_io.session(model, threads, fold_dequantize=True))
-        self.energy = sum(float((r.astype(np.float64) ** 2).sum()) for r in self.reference) / max(self.samples, 1)
+        count = len(self.reference) // max(len(self.feeds), 1)  # outputs per run
+        self.counted = [positions.counted(self.feeds[i // count], r) for i, r in enumerate(self.reference)]
+        self.energy = sum(positions.squares(r, w) for r, w in zip(self.reference, self.counted)) / max(self.samples, 1)
 
     def _run(self, sess, overrides: dict | None = None) -> list[np.ndarray]:
         names = [o.name for o in sess.get_outputs()]
@@ -49,8 +51,8 @@ class Probe:
         return outs
 
     def _error(self, outs: list[np.ndarray]) -> float:
-        """Squared output error per sample, summed over every output."""
-        total = sum(float(((o.astype(np.float64) - r) ** 2).sum()) for o, r in zip(outs, self.reference))
+        """Squared output error per sample, summed over every output (at the positions that count)."""
+        total = sum(positions.squares(o, w, minus=r) for o, r, w in zip(outs, self.reference, self.counted))
         return total / max(self.samples, 1)
 
     def error(self, model: onnx.ModelProto) -> float:

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import scipy.stats
 
-from onnxtq import model_io
+from onnxtq import model_io, positions
 from onnxtq.calibration.data import Source
 from onnxtq.finish import db
 from onnxtq.report import Attempt, TargetResult
@@ -86,6 +86,9 @@ class HeldOut:
         self.threads = threads
         self.feeds = [feed for _, feed in source.batches(8)]
         self.reference = self._run(model, self.feeds)
+        masks = [feed.get(positions.MASK_INPUT) for feed in self.feeds]
+        joined = {positions.MASK_INPUT: np.concatenate(masks)} if masks and all(m is not None for m in masks) else {}
+        self.counted = [positions.counted(joined, r) for r in self.reference]
         self.classes = [i for i, r in enumerate(self.reference) if _class_scores(r)]
         more = None
         if margins is not None and self.classes:
@@ -103,7 +106,7 @@ class HeldOut:
 
     def measure(self, model: onnx.ModelProto) -> Measured:
         outs = self._run(model, self.feeds)
-        sqnr = min(_sqnr(r, o) for r, o in zip(self.reference, outs))
+        sqnr = min(_sqnr(r, o, w) for r, o, w in zip(self.reference, outs, self.counted))
         if not self.classes:
             return Measured(sqnr, None, None)
         chances = np.mean(
@@ -167,10 +170,11 @@ def _standard_error(chances: np.ndarray) -> float:
     return float(np.sqrt(by_error + by_input))
 
 
-def _sqnr(reference: np.ndarray, out: np.ndarray) -> float:
+def _sqnr(reference: np.ndarray, out: np.ndarray, counted: np.ndarray | None = None) -> float:
+    """Over the positions that count (onnxtq.positions); a non-finite value anywhere is -inf."""
     if not np.all(np.isfinite(out)):
         return float("-inf")
-    return db(max(float((reference**2).sum()), 1e-300), float(((reference - out) ** 2).sum()))
+    return db(max(positions.squares(reference, counted), 1e-300), positions.squares(reference, counted, minus=out))
 
 
 @dataclass

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx.external_data_helper import uses_external_data
 
-from onnxtq import model_io, pieces
+from onnxtq import model_io, pieces, positions
 from onnxtq.calibration.data import Source
 from onnxtq.errors import ModelError, VerificationError
 from onnxtq.finite import nonfinite
@@ -37,22 +37,25 @@ def _first(source: Source, samples: int):
 def compare(
     reference: onnx.ModelProto, candidate: onnx.ModelProto, source: Source, samples: int = 8, threads: int = 0
 ) -> dict:
-    """Per output: SQNR in dB (10·log10 Σref² / Σ(ref − out)²), max |err|, and how many of its values are
-    NaN/Inf in the candidate and in the reference, over up to `samples` inputs."""
+    """Per output: SQNR in dB (10·log10 Σref² / Σ(ref − out)², over the positions that count: onnxtq.positions),
+    max |err|, and how many of its values are NaN/Inf in the candidate and in the reference, over up to
+    `samples` inputs."""
     names = [o.name for o in reference.graph.output]
     keys = ("signal", "noise", "max_abs_err", "values", "nonfinite", "reference_nonfinite")
     sums = {name: dict.fromkeys(keys, 0.0) for name in names}
     seen = 0
-    pairs = zip(*(outputs(model, _first(source, samples), threads) for model in (reference, candidate)))
+    feeds = [feed for _, feed in _first(source, samples)]  # a few single inputs: where their tokens are
+    pairs = zip(*(outputs(model, ((1, feed) for feed in feeds), threads) for model in (reference, candidate)))
     with bar(total=samples, desc="verify", unit="sample") as shown:
-        for ours, theirs in pairs:
+        for feed, (ours, theirs) in zip(feeds, pairs):
             for name, a, b in zip(names, ours, theirs):
                 a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
                 finite = np.isfinite(a) & np.isfinite(b)
                 error = np.abs(a - b)
+                counted = positions.counted(feed, a)
                 s = sums[name]
-                s["signal"] += float((a**2).sum())
-                s["noise"] += float((error**2).sum())
+                s["signal"] += positions.squares(a, counted)
+                s["noise"] += positions.squares(error, counted)
                 s["max_abs_err"] = max(s["max_abs_err"], float(error[finite].max(initial=0.0)))
                 s["values"] += b.size
                 s["nonfinite"] += int((~np.isfinite(b)).sum())

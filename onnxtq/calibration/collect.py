@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxtq import model_io, pieces
+from onnxtq import model_io, pieces, positions
 from onnxtq.calibration.branches import BranchRunner, has_branches
 from onnxtq.calibration.data import Source, check_finite
 from onnxtq.calibration.stats import (
@@ -110,14 +110,17 @@ def _accumulator(site: WeightSite, config: CalibrationConfig, big: bool = False)
     return MomentAccumulator(groups, dim, mode, config.block, products)
 
 
-def _chunks(site: WeightSite, name: str, x: np.ndarray, config: CalibrationConfig, rng: np.random.Generator):
-    """The rows of `site`'s statistics in `x`, the tensor `name` it reads."""
+def _chunks(site: WeightSite, name: str, x: np.ndarray, config: CalibrationConfig, rng: np.random.Generator, mask=None):
+    """The rows of `site`'s statistics in `x`, the tensor `name` it reads (of a MatMul over tokens, the real
+    tokens' only, where the batch's attention `mask` is given: onnxtq.positions)."""
     if name in site.initial:
         return initial_rows(x, site.recurrence)
     if site.conv is not None:
         return conv_patches(x, site.conv, config.max_positions, rng)
     if site.recurrence is not None and site.recurrence.role == "R":
         return hidden_rows(x, site.recurrence)
+    if mask is not None and not site.trans_a:
+        x = positions.real_rows(x, mask)
     return dense_rows(x, site.trans_a)
 
 
@@ -276,7 +279,7 @@ def _in_groups(model, tensors, inputs, source, first, batch, limit, config) -> I
             for n, feed in _limited(source, batch, limit):
                 outputs, ran = read(feed)
                 _check_finite(outputs, seen)
-                outputs.update({k: v for k, v in feed.items() if k in wanted})
+                outputs.update({k: v for k, v in feed.items() if k in wanted or k == positions.MASK_INPUT})
                 yield outputs, ran, None
                 seen += n
                 shown.update(n)
@@ -289,7 +292,8 @@ def _in_pieces(model, tensors, inputs, source, batch, limit, config) -> Iterator
     session: every tensor of a piece is complete when the piece is."""
     runner = pieces.PieceRunner(model, set(tensors) | inputs, threads=config.threads)
     count = max(len(runner.pieces), 1)
-    current, seen = 0, 0
+    current, seen, batch_index = 0, 0, 0
+    masks = []  # each batch's attention mask, a graph input the first piece hands on, for the later pieces
 
     def complete(k: int) -> set[str]:
         return set(runner.pieces[k].computes if runner.pieces else ()) | inputs
@@ -298,10 +302,15 @@ def _in_pieces(model, tensors, inputs, source, batch, limit, config) -> Iterator
         for k, n, values in runner.run(_limited(source, batch, limit)):
             if k != current:
                 yield None, None, complete(current)
-                current, seen = k, 0
+                current, seen, batch_index = k, 0, 0
+            if k == 0:
+                masks.append(values.get(positions.MASK_INPUT))
+            elif masks[batch_index] is not None:
+                values[positions.MASK_INPUT] = masks[batch_index]
             _check_finite(values, seen)
             yield values, None, None
             seen += n
+            batch_index += 1
             shown.update(n)
     yield None, None, complete(current)
 
@@ -346,10 +355,11 @@ def collect(model: onnx.ModelProto, sites: list[WeightSite], source: Source, con
             done |= complete
             finalize([key for key in by_key if done.issuperset(key[0])])
             continue
+        mask = outputs.get(positions.MASK_INPUT)
         for site, acc in by_key.values():
             used = site.activations if _read_here(site, ran) else ()
             for name in (a for a in used if a in outputs):
-                for chunk in _chunks(site, name, outputs[name], config, rngs[_key(site)]):
+                for chunk in _chunks(site, name, outputs[name], config, rngs[_key(site)], mask):
                     acc.update(chunk)
         del outputs
     finalize(list(by_key))
@@ -397,8 +407,9 @@ def collect_drift(
             used = site.activations if _read_here(site, ran) else ()
             for name in (a for a in used if a in ref and a in cur):
                 seed = int(rng.integers(2**63))  # the same patch positions in both models
-                x_ref = _chunks(site, name, ref[name], config, np.random.default_rng(seed))
-                x_cur = _chunks(site, name, cur[name], config, np.random.default_rng(seed))
+                mask = feed.get(positions.MASK_INPUT)
+                x_ref = _chunks(site, name, ref[name], config, np.random.default_rng(seed), mask)
+                x_cur = _chunks(site, name, cur[name], config, np.random.default_rng(seed), mask)
                 for a, b in zip(x_cur, x_ref):
                     own.update(a)
                     cross.update(a, b)
