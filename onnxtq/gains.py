@@ -5,18 +5,24 @@ measure it (finite-difference Gauss–Newton through onnxruntime): add Gaussian 
 weight, run a few calibration inputs, and divide the network-output squared error by the
 layer-output error tr(E H Eᵀ) the noise makes by calibration. Then D_net ≈ Σ_l g_l·D_l, an
 additivity assumption the `Probe` also checks afterwards on the finished model.
+
+A model too large for one session (onnxtq.pieces) is measured a piece at a time, each weight's variant run
+from its own piece on (onnxtq.variants), with noise seeded per weight.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import onnx
 
-from onnxtq import model_io, positions
+from onnxtq import model_io, pieces, positions
 from onnxtq.calibration.collect import INPUT_BATCH_BYTES
 from onnxtq.calibration.data import Source
 from onnxtq.graph import copy_model
 from onnxtq.progress import bar
+from onnxtq.variants import Variants
 from onnxtq.weights import WeightSite
 
 #: Noise rms relative to the weight's rms: small enough to stay near-linear, large enough to beat float noise.
@@ -38,7 +44,11 @@ class Probe:
             if self.samples >= samples:
                 break
         self.threads = threads
-        self.reference = self._run(model_io.session(model, threads, fold_dequantize=True))
+        self.variants = Variants(model, self.feeds, threads) if pieces.needed(model) else None
+        if self.variants is not None:
+            self.reference = self.variants.reference
+        else:
+            self.reference = self._run(model_io.session(model, threads, fold_dequantize=True))
         count = len(self.reference) // max(len(self.feeds), 1)  # outputs per run
         self.counted = [positions.counted(self.feeds[i // count], r) for i, r in enumerate(self.reference)]
         self.energy = sum(positions.squares(r, w) for r, w in zip(self.reference, self.counted)) / max(self.samples, 1)
@@ -56,6 +66,9 @@ class Probe:
         return total / max(self.samples, 1)
 
     def error(self, model: onnx.ModelProto) -> float:
+        if pieces.needed(model):
+            runs = pieces.outputs(model, ((1, feed) for feed in self.feeds), self.threads)
+            return self._error([out for outs in runs for out in outs])
         return self._error(self._run(model_io.session(model, self.threads, fold_dequantize=True)))
 
     def _exposed(self, model: onnx.ModelProto, names) -> tuple:
@@ -72,22 +85,41 @@ class Probe:
 
     def gains(self, model: onnx.ModelProto, sites: list[WeightSite], layer_error, seed: int = 0) -> dict[str, float]:
         """g per site: output error per unit of `layer_error(site, E)` for a random weight error E."""
+        if self.variants is not None:
+            return self._gains_in_pieces(model, sites, layer_error, seed)
         sess, inits = self._exposed(model, [s.name for s in sites])
         rng = np.random.default_rng(seed)
         gains = {}
         for site in bar(sites, desc="network gains", unit="weight"):
             w = model_io.initializer_array(inits[site.name])
-            rms = float(np.sqrt((w.astype(np.float64) ** 2).mean())) or 1.0
-            noise = rng.normal(0.0, NOISE * rms, w.shape)
-            noisy = (w + noise).astype(w.dtype)
+            noisy = _noisy(w, rng)
             made = layer_error(site, noisy.astype(np.float64) - w)
             out = self._error(self._run(sess, {site.name: noisy}))
             gains[site.name] = out / made if made > 0 else 0.0
         return gains
 
+    def _gains_in_pieces(self, model, sites: list[WeightSite], layer_error, seed: int) -> dict[str, float]:
+        inits = {t.name: t for t in model.graph.initializer}
+        made: dict[str, float] = {}
+
+        def noisy(index: int, site: WeightSite) -> np.ndarray:
+            w = model_io.initializer_array(inits[site.name])
+            noisy = _noisy(w, np.random.default_rng([seed, index]))
+            made[site.name] = layer_error(site, noisy.astype(np.float64) - w)
+            return noisy
+
+        variants = [(site.name, partial(noisy, index, site)) for index, site in enumerate(sites)]
+        gains = {}
+        for index, outs in bar(self.variants.run(variants), total=len(sites), desc="network gains", unit="weight"):
+            name = sites[index].name
+            gains[name] = self._error(outs) / made[name] if made[name] > 0 else 0.0
+        return gains
+
     def marginal(self, model: onnx.ModelProto, replacements: dict[str, np.ndarray]) -> dict[str, float]:
         """Network-output error per sample with one weight at a time replaced (the rest as in `model`): each
         layer's own effect at a chosen operating point, where the noise-measured gain is only a slope."""
+        if self.variants is not None:
+            return self._marginal_in_pieces(model, replacements)
         sess, inits = self._exposed(model, list(replacements))
         errors = {}
         for name, w_hat in bar(replacements.items(), desc="marginal errors", unit="weight"):
@@ -95,3 +127,21 @@ class Probe:
             shaped = np.asarray(w_hat, dtype).reshape(tuple(inits[name].dims))  # recurrent: the op's layout
             errors[name] = self._error(self._run(sess, {name: shaped}))
         return errors
+
+    def _marginal_in_pieces(self, model: onnx.ModelProto, replacements: dict[str, np.ndarray]) -> dict[str, float]:
+        inits = {t.name: t for t in model.graph.initializer}
+
+        def shaped(name: str) -> np.ndarray:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(inits[name].data_type)
+            return np.asarray(replacements[name], dtype).reshape(tuple(inits[name].dims))
+
+        names = list(replacements)
+        runs = self.variants.run([(name, partial(shaped, name)) for name in names])
+        shown = bar(runs, total=len(names), desc="marginal errors", unit="weight")
+        return {names[index]: self._error(outs) for index, outs in shown}
+
+
+def _noisy(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`w` plus Gaussian noise of NOISE times its rms, in its dtype."""
+    rms = float(np.sqrt((w.astype(np.float64) ** 2).mean())) or 1.0
+    return (w + rng.normal(0.0, NOISE * rms, w.shape)).astype(w.dtype)

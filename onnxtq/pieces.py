@@ -154,7 +154,7 @@ def _inferred_types(model: onnx.ModelProto) -> dict[str, np.dtype]:
     return types
 
 
-class _Boundary:
+class Boundary:
     """The values waiting between pieces, one .npy file per batch and value, in a temporary folder."""
 
     def __init__(self, folder: str):
@@ -173,6 +173,9 @@ class _Boundary:
                     "onnxtq runs a model this large in pieces, which pass tensors only",
                 )
             np.save(self._path(batch, name), value, allow_pickle=False)
+
+    def holds(self, batch: int, name: str) -> bool:
+        return name in self.names and self._path(batch, name).exists()
 
     def get(self, batch: int, names: Iterable[str]) -> dict[str, np.ndarray]:
         return {name: np.load(self._path(batch, name), allow_pickle=False) for name in names}
@@ -206,7 +209,7 @@ class PieceRunner:
             return
         later = {name for p in self.pieces[1:] for name in p.reads} | self.kept  # read after the first piece
         with tempfile.TemporaryDirectory(prefix="onnxtq-pieces-") as folder:
-            boundary, counts = _Boundary(folder), []
+            boundary, counts = Boundary(folder), []
             for k, piece in enumerate(self.pieces):
                 outputs = sorted(set(piece.keeps) | (self.wanted & piece.computes))
                 stream = batches if k == 0 else ((n, boundary.get(b, piece.reads)) for b, n in enumerate(counts))

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import scipy.stats
 
-from onnxtq import model_io, positions
+from onnxtq import model_io, pieces, positions
 from onnxtq.calibration.data import Source
 from onnxtq.finish import db
 from onnxtq.report import Attempt, TargetResult
@@ -99,10 +99,13 @@ class HeldOut:
         }
 
     def _run(self, model: onnx.ModelProto, feeds: list[dict]) -> list[np.ndarray]:
-        sess = model_io.session(model, self.threads, fold_dequantize=True)
-        names = [o.name for o in sess.get_outputs()]
-        runs = [sess.run(names, feed) for feed in feeds]
-        return [np.concatenate([np.asarray(r[i], np.float64) for r in runs]) for i in range(len(names))]
+        if pieces.needed(model):  # a piece at a time (onnxtq.pieces)
+            runs = list(pieces.outputs(model, ((1, feed) for feed in feeds), self.threads))
+        else:
+            sess = model_io.session(model, self.threads, fold_dequantize=True)
+            names = [o.name for o in sess.get_outputs()]
+            runs = [sess.run(names, feed) for feed in feeds]
+        return [np.concatenate([np.asarray(r[i], np.float64) for r in runs]) for i in range(len(model.graph.output))]
 
     def measure(self, model: onnx.ModelProto) -> Measured:
         outs = self._run(model, self.feeds)

@@ -11,12 +11,15 @@ import pytest
 from builders import bundled, make_model, run
 
 from onnxtq import compress, model_io, pieces
+from onnxtq import gains as gains_module
 from onnxtq import graph as graph_module
 from onnxtq.calibration import CalibrationConfig, collect
 from onnxtq.calibration.data import open_source
-from onnxtq.compress import sweep, sweep_output
+from onnxtq.compress import prepare, sweep, sweep_output
 from onnxtq.errors import ModelError
+from onnxtq.gains import Probe
 from onnxtq.graph import Graph, external_data_from, scratch_space
+from onnxtq.target import HeldOut
 from onnxtq.verify import check_runs
 from onnxtq.weights import discover
 
@@ -214,3 +217,60 @@ def test_one_file_written_a_tensor_at_a_time_is_the_serialized_model(name, tmp_p
         model_io.write_whole(proto, out)
         assert out.getvalue() == model_io.serialize(proto)
         assert scratch.path.stat().st_size == 1_200_000
+
+
+@pytest.mark.parametrize("name", ["mnist_transformer", "mnist_cnn"])
+def test_gains_and_marginal_errors_in_pieces_are_those_of_one_session(name, monkeypatch):
+    """A weight's variant runs from its own piece on (onnxtq.variants): the output errors are those of the
+    whole model with the same weight replaced."""
+    path, calib = bundled(name)
+    model, _ = prepare(model_io.load(path))
+    sites = discover(Graph(model)).sites
+    source = open_source(calib, model, limit=8)
+    whole = Probe(model, source, samples=8)
+    monkeypatch.setattr(pieces, "PIECE_BYTES", SMALL)
+    split = Probe(model, source, samples=8)
+    assert split.variants is not None and len(split.variants.pieces) > 2
+    np.testing.assert_allclose(split.energy, whole.energy, rtol=1e-5)
+
+    rng = np.random.default_rng(3)
+    inits = {t.name: model_io.initializer_array(t) for t in model.graph.initializer}
+    replaced = {s.name: inits[s.name] * (1 + 0.05 * rng.normal(size=inits[s.name].shape)) for s in sites}
+    expected = whole.marginal(model, replaced)
+    got = split.marginal(model, replaced)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-3)
+
+    # noise seeded per weight in pieces; the same noise through one session gives the same gains
+    gains = split.gains(model, sites, lambda s, e: float((e**2).sum()), seed=5)
+    noisy = {s.name: gains_module._noisy(inits[s.name], np.random.default_rng([5, i])) for i, s in enumerate(sites)}
+    errors = whole.marginal(model, noisy)
+    for s in sites:
+        made = float(((noisy[s.name].astype(np.float64) - inits[s.name]) ** 2).sum())
+        np.testing.assert_allclose(gains[s.name], errors[s.name] / made, rtol=1e-3)
+
+    coded = model_io.load(path)  # any other model: the probe's error of it, in pieces and whole
+    for t in coded.graph.initializer:
+        if t.name in replaced:
+            t.CopyFrom(onnx.numpy_helper.from_array(replaced[t.name].astype(np.float32), t.name))
+    coded, _ = prepare(coded)
+    np.testing.assert_allclose(split.error(coded), whole.error(coded), rtol=1e-4)
+
+
+def test_held_out_measure_in_pieces_is_that_of_one_session(monkeypatch):
+    path, calib = bundled("mnist_cnn")
+    model, _ = prepare(model_io.load(path))
+    source = open_source(calib, model, limit=16)
+    whole = HeldOut(model, source)
+    other = model_io.load(path)
+    for t in other.graph.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) > 1:
+            w = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.numpy_helper.from_array((w * 1.01).astype(np.float32), t.name))
+    expected = whole.measure(other)
+    monkeypatch.setattr(pieces, "PIECE_BYTES", SMALL)
+    split = HeldOut(model, source)
+    got = split.measure(other)
+    np.testing.assert_allclose(got.sqnr_db, expected.sqnr_db, rtol=1e-4)
+    np.testing.assert_allclose(got.agreement, expected.agreement, rtol=1e-4)
