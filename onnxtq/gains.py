@@ -110,7 +110,7 @@ class Probe:
 
         variants = [(site.name, partial(noisy, index, site)) for index, site in enumerate(sites)]
         gains = {}
-        for index, outs in bar(self.variants.run(variants), total=len(sites), desc="network gains", unit="weight"):
+        for index, outs in self.variants.run(variants, "network gains"):
             name = sites[index].name
             gains[name] = self._error(outs) / made[name] if made[name] > 0 else 0.0
         return gains
@@ -136,9 +136,8 @@ class Probe:
             return np.asarray(replacements[name], dtype).reshape(tuple(inits[name].dims))
 
         names = list(replacements)
-        runs = self.variants.run([(name, partial(shaped, name)) for name in names])
-        shown = bar(runs, total=len(names), desc="marginal errors", unit="weight")
-        return {names[index]: self._error(outs) for index, outs in shown}
+        runs = self.variants.run([(name, partial(shaped, name)) for name in names], "marginal errors")
+        return {names[index]: self._error(outs) for index, outs in runs}
 
 
 def _noisy(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from onnxtq.pieces import Boundary, Piece, piece_model, plan
+from onnxtq.progress import bar
 
 #: A variant: the weight it replaces, and what makes the replacement when the weight's piece runs.
 Variant = tuple[str, Callable[[], np.ndarray]]
@@ -67,8 +68,10 @@ class Variants:
             part.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
         return part
 
-    def run(self, variants: list[Variant]) -> Iterator[tuple[int, list[np.ndarray]]]:
-        """(index, outputs as `reference` lays them out) for each variant, as its last piece computes them."""
+    def run(self, variants: list[Variant], desc: str = "variants") -> Iterator[tuple[int, list[np.ndarray]]]:
+        """(index, outputs as `reference` lays them out) for each variant, as its last piece computes them;
+        progress counts a variant's run through one piece (every variant ends in the last piece, so counting
+        variants done would show nothing until then)."""
         from onnxtq.model_io import session
 
         starting: dict[int, list[int]] = {}
@@ -79,7 +82,11 @@ class Variants:
                 yield index, list(self.reference)
         last = len(self.pieces) - 1
         active: list[int] = []
-        with tempfile.TemporaryDirectory(prefix="onnxtq-variants-", dir=self._folder.name) as folder:
+        runs = sum((last + 1 - k) * len(indices) for k, indices in starting.items())
+        with (
+            tempfile.TemporaryDirectory(prefix="onnxtq-variants-", dir=self._folder.name) as folder,
+            bar(total=runs, desc=desc, unit="piece run") as shown,
+        ):
             own: dict[int, Boundary] = {}
             for k, piece in enumerate(self.pieces):
                 new = starting.get(k, [])
@@ -99,6 +106,7 @@ class Variants:
                         else:
                             finals += [computed[n] if n in computed else self._value(values, b, n) for n in self.names]
                     del replaced
+                    shown.update(1)
                     if k == last:
                         values.drop(len(self.feeds), list(values.names))
                         yield index, finals

@@ -272,6 +272,8 @@ class AutoPass(Pass):
         (what the marginal errors are measured with)."""
         options = self._options(layers, points, banded)
         allocation = allocate(options, max_bits=aim)
+        chosen = {self._key(name, *allocation.choice[name]) for name in allocation.choice}
+        self._materialized = {k: v for k, v in self._materialized.items() if k in chosen}  # the rest goes now
         graph = Graph(copy_model(pristine))
         records, predicted, weight_bits = [], 0.0, 0.0
         weights, w_hat = 0, {}
@@ -287,7 +289,7 @@ class AutoPass(Pass):
                 codec, distortion = point.codec, point.distortion
             else:
                 option = options[name][index]
-                key = (name, index, tuple(np.asarray(p).tobytes() for p in picks))
+                key = self._key(name, index, picks)
                 coded = self._materialized.get(key) or option.materialize(picks)
                 size = coded.w_hat.nbytes + (0 if coded.error is None else coded.error.nbytes)
                 if kept_bytes + size <= KEPT_BYTES:
@@ -325,6 +327,11 @@ class AutoPass(Pass):
         else:
             data = serialize(proto)
         return Emitted(proto, data, records, predicted, weight_bits, weights, w_hat)
+
+    @staticmethod
+    def _key(name: str, index: int, picks) -> tuple:
+        """A materialised coding's key: the layer, its option and the depth picked per band."""
+        return (name, index, tuple(np.asarray(p).tobytes() for p in picks))
 
     def _first_aim(self, kind: str, value: float, energy: float, others: int, weights: int) -> float:
         if kind == "size":
