@@ -244,7 +244,7 @@ class AutoPass(Pass):
             else:
                 codec = EcsqCodec(scale_bits=cfg.scale_bits)
             for layer in bar(layers, desc=f"auto {name} curves", unit="weight"):
-                if layer.stats is None:
+                if layer.stats is None and name == "tq":  # ecsq codes a table (Gather) in plain squared error
                     continue
                 for coding in codec.options(layer):  # tq's makes the layer's transforms
                     coding.name = name

@@ -8,13 +8,14 @@ import brotli
 import numpy as np
 import onnx
 import pytest
-from builders import bundled, calibrated_context, matmul_model, run
+from builders import bundled, calibrated_context, make_model, matmul_model, run
 from onnxtq.passes.auto import AutoPass
 
 from onnxtq import model_io, report_page
 from onnxtq.calibration.data import open_source, split_holdout
 from onnxtq.cli import main
 from onnxtq.codec import Layer, distortion
+from onnxtq.graph import Graph
 from onnxtq.target import agreement_chances, parse_bytes, relative_errors, top_scores
 from onnxtq.weights import discover
 
@@ -201,3 +202,23 @@ def test_a_chosen_point_is_coded_again_as_it_was_measured():
                 assert coded.detail == point.detail
                 checked += 1
     assert checked >= 4 * 10  # fp16 and rtn's points on every weight
+
+
+def test_a_table_without_statistics_competes_with_ecsq_for_a_served_size():
+    """An embedding table (Gather) has no input statistics; ecsq codes it in plain squared error, and for a
+    served size its entropy-coded steps compete with rtn's points (MiniLM's word embedding is half the model)."""
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(512, 32)).astype(np.float32)
+    nodes = [onnx.helper.make_node("Gather", ["table", "ids"], ["y"])]
+    model = make_model(
+        nodes,
+        [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 32])],
+        {"table": table},
+    )
+    graph = Graph(model)
+    (site,) = discover(graph).sites
+    layer = Layer.of(graph, site, None)
+    served = AutoPass(served_size=10_000)._banded_options([layer], "served_size")
+    assert [o.name for o in served["table"]] == ["ecsq"]
+    assert not AutoPass(size=10_000)._banded_options([layer], "size")  # ecsq competes for a served size only
