@@ -25,7 +25,7 @@ from onnxtq.pipeline import registry
 from onnxtq.profiles import PROFILES, min_onnxruntime
 from onnxtq.report import output_line
 from onnxtq.served import MEASURED_UP_TO, SENT, transfer_sizes
-from onnxtq.target import DEFAULT_CODECS, KINDS, parse_bytes
+from onnxtq.target import DEFAULT_CODECS, KINDS, SERVED_CODECS, parse_bytes
 from onnxtq.verify import check_fidelity, compare, validate
 from onnxtq.weights import discover
 
@@ -155,7 +155,8 @@ def _parser() -> argparse.ArgumentParser:
         "--agreement", type=float, metavar="P", help="top-1 agreement with the original on the held-out inputs"
     )
     goal.add_argument(
-        "--codecs", default=DEFAULT_CODECS, help=f"the codecs that compete, joined by + (default: {DEFAULT_CODECS})"
+        "--codecs",
+        help=f"the codecs that compete, joined by + (default: {DEFAULT_CODECS}; {SERVED_CODECS} for --served-size)",
     )
     _add_data_options(c)
     c.add_argument("--report", metavar="JSON", help="write the full run report as JSON")
@@ -258,7 +259,7 @@ def _pipeline(args) -> str:
         )
     if targets:
         ((kind, value),) = targets.items()
-        codecs = "" if args.codecs == DEFAULT_CODECS else f",codecs={args.codecs}"
+        codecs = "" if args.codecs is None else f",codecs={args.codecs}"
         return f"fold-bn,calibrate,auto{{{kind}={value!r}{codecs}}}"  # repr: floats exactly
     return args.pipeline or DEFAULT_PIPELINE
 

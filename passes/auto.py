@@ -41,7 +41,7 @@ from onnxtq.progress import bar
 from onnxtq.quantize import blocking_for
 from onnxtq.rd import Band, Option, allocate
 from onnxtq.report import PassReport, Rate, WeightRecord
-from onnxtq.target import DEFAULT_CODECS, KINDS, SIZE_KINDS, SIZE_MARGIN, Emitted, HeldOut, Search
+from onnxtq.target import DEFAULT_CODECS, KINDS, SERVED_CODECS, SIZE_KINDS, SIZE_MARGIN, Emitted, HeldOut, Search
 from onnxtq.weights import discover, quantizable
 
 CODECS = ("rtn", "fp16", "tq", "ecsq")
@@ -66,7 +66,9 @@ class AutoConfig(PassConfig):
     bits: float = option(0.0, "target average stored bits per weight")
     sqnr: float = option(0.0, "target worst output SQNR in dB on the held-out inputs (30 if no target is given)")
     agreement: float = option(0.0, "target top-1 agreement with the original on the held-out inputs (class scores)")
-    codecs: str = option(DEFAULT_CODECS, "the codecs that compete, joined by + (ecsq for a served size only)")
+    codecs: str = option(
+        "", f"the codecs that compete, joined by + (default {DEFAULT_CODECS}; {SERVED_CODECS} for a served size)"
+    )
     rounds: int = option(10, "most emit-and-measure rounds")
     gain_samples: int = option(16, "calibration inputs the gains and marginal errors are measured on")
     correct: bool = option(True, "correct each layer's predicted error by its measured marginal effect")
@@ -88,7 +90,8 @@ class AutoConfig(PassConfig):
 
     @property
     def codec_names(self) -> list[str]:
-        return [c.strip() for c in self.codecs.split("+") if c.strip()]
+        codecs = self.codecs or (SERVED_CODECS if self.served_size else DEFAULT_CODECS)
+        return [c.strip() for c in codecs.split("+") if c.strip()]
 
     @property
     def target(self) -> tuple[str, float]:

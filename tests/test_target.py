@@ -222,3 +222,10 @@ def test_a_table_without_statistics_competes_with_ecsq_for_a_served_size():
     served = AutoPass(served_size=10_000)._banded_options([layer], "served_size")
     assert [o.name for o in served["table"]] == ["ecsq"]
     assert not AutoPass(size=10_000)._banded_options([layer], "size")  # ecsq competes for a served size only
+
+
+def test_a_served_size_lets_ecsq_compete_in_place_of_tq_unless_told():
+    """tq's codings cost their containers' bits; beside points costing their entropy they would be misjudged."""
+    assert AutoPass(served_size=10_000).config.codec_names == ["rtn", "fp16", "ecsq"]
+    assert "tq" in AutoPass(size=10_000).config.codec_names
+    assert AutoPass(served_size=10_000, codecs="rtn+tq+ecsq").config.codec_names == ["rtn", "tq", "ecsq"]
