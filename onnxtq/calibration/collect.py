@@ -110,7 +110,14 @@ def _accumulator(site: WeightSite, config: CalibrationConfig, big: bool = False)
     return MomentAccumulator(groups, dim, mode, config.block, products)
 
 
-def _chunks(site: WeightSite, name: str, x: np.ndarray, config: CalibrationConfig, rng: np.random.Generator, mask=None):
+def _chunks(
+    site: WeightSite,
+    name: str,
+    x: np.ndarray,
+    config: CalibrationConfig,
+    rng: np.random.Generator,
+    mask: np.ndarray | None = None,
+):
     """The rows of `site`'s statistics in `x`, the tensor `name` it reads (of a MatMul over tokens, the real
     tokens' only, where the batch's attention `mask` is given: onnxtq.positions)."""
     if name in site.initial:
