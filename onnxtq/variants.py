@@ -5,9 +5,10 @@ its marginal error) runs the model once per layer. A model too large for one ses
 and replacing a weight changes nothing before its own piece. So the reference run keeps on disk what every
 piece reads (a transformer's residual stream: a few MB a batch), and a variant runs only from its weight's
 piece on. One sweep over the pieces serves every variant: a piece's session is made once, with the weights
-of the variants that start there fed as inputs; it runs those variants and the ones that reached it from
-earlier pieces, and is gone before the next piece's. Memory holds one piece's weights, one replaced weight
-and a batch's values; a variant's outputs are handed over as its last piece computes them.
+its variants replace declared as inputs; it runs the variants that start there and the ones that reached it
+from earlier pieces, and is gone before the next piece's. A weight read in several pieces (tied embeddings)
+is replaced in each. Memory holds one piece's weights, one replaced weight (and any a later piece reads
+again) and a batch's values; a variant's outputs are handed over as its last piece computes them.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ class Variants:
         self.model, self.feeds, self.threads = model, feeds, threads
         self.names = [o.name for o in model.graph.output]
         self.pieces = plan(model, set(self.names), set(self.names))
-        self.piece_of = {name: k for k, piece in enumerate(self.pieces) for name in piece.weights}
+        self.first_piece: dict[str, int] = {}  # a weight read in several pieces (tied embeddings): the first
+        for k, piece in enumerate(self.pieces):
+            for name in piece.weights:
+                self.first_piece.setdefault(name, k)
         self._folder = tempfile.TemporaryDirectory(prefix="onnxtq-variants-")
         self._stored = Boundary(str(Path(self._folder.name) / "reference"))
         self._stored.folder.mkdir()
@@ -76,8 +80,8 @@ class Variants:
 
         starting: dict[int, list[int]] = {}
         for index, (name, _) in enumerate(variants):
-            if name in self.piece_of:
-                starting.setdefault(self.piece_of[name], []).append(index)
+            if name in self.first_piece:
+                starting.setdefault(self.first_piece[name], []).append(index)
             else:  # a weight no output needs
                 yield index, list(self.reference)
         last = len(self.pieces) - 1
@@ -88,17 +92,23 @@ class Variants:
             bar(total=runs, desc=desc, unit="piece run") as shown,
         ):
             own: dict[int, Boundary] = {}
+            made: dict[int, np.ndarray] = {}  # replacements a later piece reads again (tied weights)
             for k, piece in enumerate(self.pieces):
                 new = starting.get(k, [])
+                fed = sorted({variants[i][0] for i in active + new} & set(piece.weights))
                 sess = None
                 for index in active + new:
                     values = own.setdefault(index, Boundary(tempfile.mkdtemp(dir=folder)))
-                    replaced = {variants[index][0]: variants[index][1]()} if index in new else {}
+                    name = variants[index][0]
+                    replaced = {}
+                    if name in piece.weights:
+                        replaced[name] = made.pop(index) if index in made else variants[index][1]()
+                        if any(name in p.weights for p in self.pieces[k + 1 :]):
+                            made[index] = replaced[name]
                     finals: list[np.ndarray] = []
                     for b in range(len(self.feeds)):
-                        inputs = {name: self._value(values, b, name) for name in piece.reads}
+                        inputs = {n: self._value(values, b, n) for n in piece.reads}
                         if sess is None:
-                            fed = [variants[i][0] for i in new]
                             sess = session(self._piece_model(piece, inputs, fed), self.threads, fold_dequantize=True)
                         computed = dict(zip(piece.keeps, sess.run(list(piece.keeps), {**inputs, **replaced})))
                         if k < last:

@@ -20,6 +20,7 @@ from onnxtq.errors import ModelError
 from onnxtq.gains import Probe
 from onnxtq.graph import Graph, external_data_from, scratch_space
 from onnxtq.target import HeldOut
+from onnxtq.variants import Variants
 from onnxtq.verify import check_runs
 from onnxtq.weights import discover
 
@@ -274,3 +275,28 @@ def test_held_out_measure_in_pieces_is_that_of_one_session(monkeypatch):
     got = split.measure(other)
     np.testing.assert_allclose(got.sqnr_db, expected.sqnr_db, rtol=1e-4)
     np.testing.assert_allclose(got.agreement, expected.agreement, rtol=1e-4)
+
+
+def test_a_weight_read_in_two_pieces_is_replaced_in_both(tmp_path, monkeypatch):
+    """Tied weights (an embedding read again by the logits): a variant replaces the weight wherever it is read."""
+    d = 4
+    rng = np.random.default_rng(2)
+    ws = {"w0": rng.normal(size=(d, d)).astype(np.float32), "w1": rng.normal(size=(d, d)).astype(np.float32)}
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "w0"], ["a"]),
+        onnx.helper.make_node("MatMul", ["a", "w1"], ["b"]),
+        onnx.helper.make_node("MatMul", ["b", "w0"], ["y"]),
+    ]
+    value = onnx.helper.make_tensor_value_info
+    model = make_model(
+        nodes, [value("x", onnx.TensorProto.FLOAT, ["N", d])], [value("y", onnx.TensorProto.FLOAT, ["N", d])], ws
+    )
+    monkeypatch.setattr(pieces, "PIECE_BYTES", 4 * d * d)  # a piece per MatMul: w0 in the first and the last
+    feeds = [{"x": rng.normal(size=(3, d)).astype(np.float32)}]
+    runner = Variants(model, feeds)
+    assert [p.weights for p in runner.pieces] == [("w0",), ("w1",), ("w0",)]
+    other = (ws["w0"] * 1.5).astype(np.float32)
+    ((index, outs),) = list(runner.run([("w0", lambda: other)]))
+    x = feeds[0]["x"].astype(np.float64)
+    np.testing.assert_allclose(outs[0], x @ other @ ws["w1"] @ other, rtol=1e-5)
+    np.testing.assert_allclose(runner.reference[0], x @ ws["w0"] @ ws["w1"] @ ws["w0"], rtol=1e-5)
