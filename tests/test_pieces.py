@@ -240,8 +240,8 @@ def test_gains_and_marginal_errors_in_pieces_are_those_of_one_session(name, monk
     expected = whole.marginal(model, replaced)
     got = split.marginal(model, replaced)
     assert got.keys() == expected.keys()
-    for name in expected:
-        np.testing.assert_allclose(got[name], expected[name], rtol=1e-3)
+    for weight in expected:
+        np.testing.assert_allclose(got[weight], expected[weight], rtol=1e-3)
 
     # noise seeded per weight in pieces; the same noise through one session gives the same gains
     gains = split.gains(model, sites, lambda s, e: float((e**2).sum()), seed=5)
@@ -277,7 +277,7 @@ def test_held_out_measure_in_pieces_is_that_of_one_session(monkeypatch):
     np.testing.assert_allclose(got.agreement, expected.agreement, rtol=1e-4)
 
 
-def test_a_weight_read_in_two_pieces_is_replaced_in_both(tmp_path, monkeypatch):
+def test_a_weight_read_in_two_pieces_is_replaced_in_both(monkeypatch):
     """Tied weights (an embedding read again by the logits): a variant replaces the weight wherever it is read."""
     d = 4
     rng = np.random.default_rng(2)
@@ -296,7 +296,7 @@ def test_a_weight_read_in_two_pieces_is_replaced_in_both(tmp_path, monkeypatch):
     runner = Variants(model, feeds)
     assert [p.weights for p in runner.pieces] == [("w0",), ("w1",), ("w0",)]
     other = (ws["w0"] * 1.5).astype(np.float32)
-    ((index, outs),) = list(runner.run([("w0", lambda: other)]))
+    ((_, outs),) = list(runner.run([("w0", lambda: other)]))
     x = feeds[0]["x"].astype(np.float64)
     np.testing.assert_allclose(outs[0], x @ other @ ws["w1"] @ other, rtol=1e-5)
     np.testing.assert_allclose(runner.reference[0], x @ ws["w0"] @ ws["w1"] @ ws["w0"], rtol=1e-5)
