@@ -5,7 +5,7 @@ entropy coding is within 0.255 bit of the rate–distortion bound at any rate, s
 need to be few: what matters is the step, and how the rounding trades error against code length.
 
 * `entropy_bits`, `histogram_bits`: n·H of a code stream (or its histogram), the size an ideal per-tensor
-  entropy coder reaches (`onnxtq pack` comes within 1% of it).
+  entropy coder reaches (`onnxtq pack` comes within 1% of it); `row_entropy_bits`, each row's share of it.
 * `code_lengths`: −log₂ p per code from a histogram, what the rate term of a rounding decision charges.
 * `RateGrid`: a uniform grid whose rounding minimises (t − q)² + κ·ℓ(q) in step units (rate–distortion
   optimised rounding; κ = 0 is plain rounding). Used inside GPTQ, the error feedback stays exact.
@@ -39,6 +39,15 @@ def histogram_bits(counts: np.ndarray) -> float:
     c = counts[counts > 0].astype(np.float64)
     n = c.sum()
     return float(n * np.log2(n) - (c * np.log2(c)).sum()) if n else 0.0
+
+
+def row_entropy_bits(codes: np.ndarray) -> np.ndarray:
+    """Each row's share of n·H(codes) [rows]: its codes' lengths −log₂ p under the whole stream's histogram
+    (the rows add up to `entropy_bits`)."""
+    shifted = codes - codes.min()
+    counts = np.bincount(shifted.ravel())
+    lengths = np.log2(codes.size) - np.log2(np.maximum(counts, 1))
+    return lengths[shifted].sum(axis=1)
 
 
 def code_lengths(codes: np.ndarray, lo: int, hi: int) -> np.ndarray:

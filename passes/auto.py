@@ -124,7 +124,7 @@ class AutoPass(Pass):
         cfg = self.config
         bits = tuple(sorted({b for b, _ in RTN_POINTS + SERVED_POINTS}))
         if "tq" in cfg.codec_names:
-            bits += DEPTHS[TQ_DEPTHS] + (8,)
+            bits += DEPTHS["nominal"] if cfg.served_size else DEPTHS[TQ_DEPTHS] + (8,)
         if "ecsq" in cfg.codec_names:
             bits += (16,)  # its widest container
         return Emission(code_bits=bits, blocked=True, fp16_steps=cfg.scale_bits == 16)
@@ -242,7 +242,9 @@ class AutoPass(Pass):
         names = [n for n in cfg.codec_names if n in BANDED and (n != "ecsq" or kind == "served_size")]
         options: dict[str, list[Option]] = {}
         for name in names:
-            if name == "tq":
+            if name == "tq" and kind == "served_size":  # every depth, each at its codes' entropy
+                codec = TqCodec(depths="nominal", scale_bits=cfg.scale_bits, entropy=True)
+            elif name == "tq":
                 codec = TqCodec(depths=TQ_DEPTHS, scale_bits=cfg.scale_bits)
             else:
                 codec = EcsqCodec(scale_bits=cfg.scale_bits)

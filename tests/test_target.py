@@ -15,6 +15,7 @@ from onnxtq import model_io, report_page
 from onnxtq.calibration.data import open_source, split_holdout
 from onnxtq.cli import main
 from onnxtq.codec import Layer, distortion
+from onnxtq.codecs.tq import TqCodec
 from onnxtq.graph import Graph
 from onnxtq.target import agreement_chances, parse_bytes, relative_errors, top_scores
 from onnxtq.weights import discover
@@ -85,8 +86,9 @@ def test_a_portable_size_target_counts_the_file_as_written(tmp_path):
     assert "DequantizeLinear" not in {n.op_type for n in compressed.graph.node}
 
 
-def test_served_size_target_is_what_brotli_sends(tmp_path):
-    _, _, out, auto = _compress(tmp_path, "mnist_cnn", "--served-size", "20kB")
+@pytest.mark.parametrize("codecs", [(), ("--codecs", "rtn+fp16+tq+ecsq")])
+def test_served_size_target_is_what_brotli_sends(tmp_path, codecs):
+    _, _, out, auto = _compress(tmp_path, "mnist_cnn", "--served-size", "20kB", *codecs)
     served = len(brotli.compress(out.read_bytes(), quality=11, lgwin=24))
     assert served <= 20_000 and auto["target"]["served_bytes"] >= 0.97 * 20_000
 
@@ -222,6 +224,25 @@ def test_a_table_without_statistics_competes_with_ecsq_for_a_served_size():
     served = AutoPass(served_size=10_000)._banded_options([layer], "served_size")
     assert [o.name for o in served["table"]] == ["ecsq"]
     assert not AutoPass(size=10_000)._banded_options([layer], "size")  # ecsq competes for a served size only
+
+
+def test_tq_points_cost_their_codes_entropy_for_a_served_size():
+    """For a served size tq's points cost their codes' entropy, what brotli approaches, shared out by row: the
+    same codes as at their nominal depth (the same distortion), never more bits than that depth."""
+    checked = 0
+    with calibrated_context("mnist_cnn") as ctx:
+        for site in discover(ctx.graph).sites:
+            layer = Layer.of(ctx.graph, site, ctx.stats)
+            nominal = TqCodec(depths="nominal").options(layer)
+            entropy = TqCodec(depths="nominal", entropy=True).options(layer)
+            assert [o.name for o in entropy] == [o.name for o in nominal]
+            for a, b in zip((b for o in nominal for b in o.bands), (b for o in entropy for b in o.bands)):
+                np.testing.assert_array_equal(b.depth, a.depth)
+                np.testing.assert_allclose(b.distortion, a.distortion)
+                totals = [band.bits.reshape(-1, len(band.depth)).sum(axis=0) for band in (a, b)]
+                assert np.all(totals[1] <= totals[0] + 1e-6) and np.any(totals[1] < totals[0])
+                checked += 1
+    assert checked >= 4
 
 
 def test_a_served_size_lets_ecsq_compete_in_place_of_tq_unless_told():

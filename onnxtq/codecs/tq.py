@@ -9,7 +9,8 @@ After Young et al. (TQ, TPAMI 2022), post-training:
    ONNX container holds without waste —, those and 6, 10, 12 stored as two planes with `depths=planes`,
    or every depth 2..8 at its nominal rate with `depths=nominal`), per-row steps
    minimise the layer-output error, and the band's point is (bits stored, output distortion ×
-   the layer's network gain). A band's share of the basis is part of its bits; 0 bits drops it.
+   the layer's network gain); with `entropy` (a served-size target), the bits are the codes' entropy,
+   what brotli sends. A band's share of the basis is part of its bits; 0 bits drops it.
    Untransformed layers may also let each output channel (row) choose its own depth: rows are
    independent in the layer-output error, and a Gather (int32 row order, paid for) restores their order.
    Each coding of a layer (identity, per-row identity, banded identity, transformed) is one Option.
@@ -29,6 +30,7 @@ from onnxtq import transforms
 from onnxtq.calibration import importance
 from onnxtq.codec import Codec, Coded, Layer, LayerView, output_error
 from onnxtq.emit import Piece, emit_pieces, emit_transformed
+from onnxtq.entropy import row_entropy_bits
 from onnxtq.packing import PLANE_BYTES, PLANES, container_bits, stored_bits
 from onnxtq.quantize import int_range, quantize_groups, step_dtype
 from onnxtq.rd import Band, Option, gaussian_bound_bits, whitened_spectrum
@@ -85,9 +87,11 @@ class TqCodec(Codec):
         runtime: str = "auto",
         gptq: bool = True,
         scale_bits: int = 16,
+        entropy: bool = False,
     ):
         self.transform, self.bands, self.band_columns, self.depths = transform, bands, band_columns, depths
         self.basis_bits, self.runtime, self.gptq, self.scale_bits = basis_bits, runtime, gptq, scale_bits
+        self.entropy = entropy  # codes cost their entropy (what brotli approaches), not their containers
 
     def options(self, layer: Layer | TqLayer) -> list[Option]:
         """One Option per coding of the layer; materialising one takes a depth per band from its picks (and
@@ -170,6 +174,7 @@ class TqCodec(Codec):
             depth, bits, dist = layer.rows
             if coding.per_row:  # a plane's bytes are fixed: a row pays a share as if its group were 1/PLANE_SHARE
                 planes = np.isin(depth, list(PLANES)) * (PLANE_SHARE - 1) * 8.0 * PLANE_BYTES / n
+                planes = 0.0 if self.entropy else planes  # an entropy coder sends the codes, whatever holds them
                 return Option("identity per row", [Band(depth, bits + planes, dist)], fixed_bits=32.0 * n)
             return Option("identity", [Band(depth, bits.sum(axis=0), dist.sum(axis=0))])
         basis_row = self.basis_bits * layer.shape[1] + self._scale_bits(site)
@@ -187,7 +192,7 @@ class TqCodec(Codec):
                 deq, stored, terms = self._quantize(site, coding, j0, j1, band, b, self.gptq)
                 depth.append(b)
                 extra = (j1 - j0) * basis_row if coding.transform is not None else 0
-                bits.append(float(stored + extra))
+                bits.append(float(np.sum(stored) + extra))
                 if terms is None:
                     terms = self._distortion(layer, coding, j0, j1, deq - band)
                 dist.append(float(np.sum(terms)))
@@ -216,7 +221,7 @@ class TqCodec(Codec):
         bits, dist = np.empty((n, len(depths))), np.empty((n, len(depths)))
         for i, b in enumerate(depths):
             deq, stored, terms = self._quantize(layer.site, coding, 0, channels, m, b, self.gptq)
-            bits[:, i] = stored / n
+            bits[:, i] = stored if np.ndim(stored) else stored / n
             rows = terms.sum(axis=1) if terms is not None else self._row_errors(layer, coding, deq - m)
             dist[:, i] = layer.gain * rows
         return np.array(depths), bits, dist
@@ -232,7 +237,8 @@ class TqCodec(Codec):
 
     def _quantize(self, site, coding: Coding, j0: int, j1: int, band: np.ndarray, bits: int, feedback: bool):
         """Per-row steps of one band at `bits` (RTN, or GPTQ within the band): (dequantized band, bits stored, and
-        from GPTQ the terms of its output error, (Δ H) ∘ Δ, or None)."""
+        from GPTQ the terms of its output error, (Δ H) ∘ Δ, or None). With `entropy`, the bits are each row's:
+        its codes' lengths under the band's histogram, and its step."""
         code = self._code(site, coding, j0, j1, band, bits)
         n, cols = band.shape
         side = n * self._scale_bits(site) + (n * container_bits(bits) if code.zero_point is not None else 0)
@@ -249,6 +255,8 @@ class TqCodec(Codec):
                 coding.factors[j0, j1] = gptq_factor(h[None])
             factor = coding.factors[j0, j1]
             q, terms = self._feedback(band, h, q, step, zero, *int_range(bits, code.zero_point is None), factor)
+        if self.entropy:
+            return step * (q - zero), row_entropy_bits(q.astype(np.int64)) + side / n, terms
         return step * (q - zero), n * cols * per_code + side, terms
 
     def _code(self, site, coding: Coding, j0: int, j1: int, band: np.ndarray, bits: int, rows=slice(None)):
