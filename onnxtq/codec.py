@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
 
+from onnxtq.calibration.collect import StatsStore
 from onnxtq.calibration.stats import LayerStats
 from onnxtq.graph import Graph
 from onnxtq.rd import Option
@@ -29,17 +30,32 @@ from onnxtq.weights import WeightSite
 
 @dataclass
 class Layer:
-    """One weight site as a codec reads it: the weight as stored, its input statistics and its gain."""
+    """One weight site as a codec reads it: the weight as stored, its input statistics and its gain.
+
+    Statistics a store has written to disk (a model run in pieces) are read each time they are asked for, so
+    that a pass holding every layer (auto, tq) holds the statistics of the layers it is working on, not all.
+    """
 
     site: WeightSite
     w: np.ndarray  # the stored weight, in its stored layout (`site.shape`) and type
-    stats: LayerStats | None
+    held: LayerStats | None  # the statistics, where they are held in memory
     gain: float = 1.0  # network-output error per unit of layer-output error (onnxtq.gains)
+    source: StatsStore | None = None  # the store that spilled this layer's statistics, read when asked for
 
     @classmethod
-    def of(cls, graph: Graph, site: WeightSite, stats, gain: float = 1.0) -> Layer:
+    def of(cls, graph: Graph, site: WeightSite, stats: StatsStore | None, gain: float = 1.0) -> Layer:
         w = graph.array(site.name).reshape(site.shape)  # recurrent weights: their 2-D view
+        if stats is not None and stats.spilled(site):
+            return cls(site, w, None, gain, source=stats)
         return cls(site, w, None if stats is None else stats.get(site), gain)
+
+    @property
+    def stats(self) -> LayerStats | None:
+        return self.held if self.source is None else self.source.get(self.site)
+
+    def loaded(self) -> Layer:
+        """This layer with its statistics in memory: for work that reads them many times."""
+        return self if self.source is None else replace(self, held=self.stats, source=None)
 
     @property
     def size(self) -> int:

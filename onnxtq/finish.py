@@ -36,8 +36,9 @@ def finish(
     """
     site = layer.site
     w = layer.w.astype(np.float64)
-    stats = coded.inputs or layer.stats
-    reference = layer.stats if coded.inputs is not None else None
+    own = layer.stats  # read once: statistics written to disk are read back whole on each ask
+    stats = coded.inputs or own
+    reference = own if coded.inputs is not None else None
     before = graph.nbytes(site.name) if site.name in graph.initializers else None
     why_not = ""
     if bias_correct and stats is None:

@@ -209,16 +209,17 @@ class AutoPass(Pass):
                     Point("fp16", "float16", band.bits[0], band.distortion[0], partial(option.materialize, [0]))
                 )
         if "rtn" in cfg.codec_names:
+            loaded = layer.loaded()  # read once for every point; each maker reads them again when chosen
             for bits, block in RTN_POINTS + (SERVED_POINTS if served else ()):
                 if blocking_for(layer.site, block).block != block:
                     continue  # a layer too short for the block (or depthwise) is coded per channel already
                 codec = RtnCodec(bits, block, bits >= 3, scale_bits=cfg.scale_bits)
-                coded, _, code = codec.code_groups(layer)
+                coded, _, code = codec.code_groups(loaded)
                 rate = (entropy_bits(code.q) if served else layer.size * container_bits(bits)) + side_bits(code)
                 if coded.output_error is not None:  # rtn measured it already
                     error = layer.gain * coded.output_error
                 else:
-                    error = distortion(layer, layer.w.astype(np.float64) - coded.w_hat)
+                    error = distortion(loaded, layer.w.astype(np.float64) - coded.w_hat)
                 detail = f"rtn {bits}-bit " + (f"block {block}" if block else "per channel")
                 points.append(Point("rtn", detail, float(rate), float(error), self._rtn_maker(codec, layer, detail)))
         return points

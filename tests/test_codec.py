@@ -7,7 +7,7 @@ import pytest
 from builders import calibrated_context
 
 from onnxtq import model_io
-from onnxtq.calibration.collect import _with_outputs
+from onnxtq.calibration.collect import StatsStore, _with_outputs
 from onnxtq.codec import Layer
 from onnxtq.codecs.crq import CrqCodec
 from onnxtq.codecs.ecsq import EcsqCodec
@@ -56,3 +56,29 @@ def test_materialised_weight_is_what_onnxruntime_computes(calibrated, name):
     if name in SINGLE_POINT:  # the point's distortion is the layer-output error it is written with
         predicted = option.bands[0].distortion[int(picks[0])]
         assert predicted == pytest.approx(layer.gain * record.output_error, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tq", "ecsq", "rtn"])
+def test_statistics_written_to_disk_are_read_when_asked_for(calibrated, name):
+    """A store that spilled its statistics (a model run in pieces) gives layers that read them when asked,
+    not hold them: their points and materialised weights are those of layers that hold them."""
+    proto, stats, _ = calibrated
+    graph = Graph(upgrade_opset(proto, 25))
+    spilled = StatsStore({}, stats.samples, stats.description, spill=True)
+    compared = 0
+    for site in discover(graph).sites:
+        if stats.get(site) is None:
+            continue
+        spilled.by_site[site.name] = spilled.keep(stats.get(site))
+        held, lazy = Layer.of(graph, site, stats), Layer.of(graph, site, spilled)
+        assert lazy.held is None and lazy.source is spilled and spilled.spilled(site)
+        np.testing.assert_array_equal(lazy.stats.moment, held.stats.moment)
+        assert lazy.loaded().held is not None and lazy.loaded().source is None
+        for a, b in zip(CODECS[name]().options(held), CODECS[name]().options(lazy), strict=True):
+            for x, y in zip(a.bands, b.bands, strict=True):
+                np.testing.assert_array_equal(y.bits, x.bits)
+                np.testing.assert_array_equal(y.distortion, x.distortion)
+            picks = [np.full(np.shape(band.bits)[:-1], len(band.depth) // 2) for band in a.bands]
+            np.testing.assert_array_equal(b.materialize(picks).w_hat, a.materialize(picks).w_hat)
+            compared += 1
+    assert compared >= 3

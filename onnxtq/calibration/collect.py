@@ -82,6 +82,10 @@ class StatsStore:
         stats.save(path)
         return path
 
+    def spilled(self, site: WeightSite) -> bool:
+        """Whether `site`'s statistics wait on disk (read back whole by each `get`)."""
+        return isinstance(self.by_site.get(site.name), Path)
+
     def get(self, site: WeightSite) -> LayerStats | None:
         stats = self.by_site.get(site.name)
         return LayerStats.load(stats) if isinstance(stats, Path) else stats

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import numpy_helper
 
+from onnxtq.calibration.stats import LayerStats
 from onnxtq.codebook import Emitted, emit_lookup, index_bits
 from onnxtq.codec import Codec, Coded, Group, Layer, LayerView, output_error
 from onnxtq.emit import dequantized, emit_dequantize, escapes, narrowest_container
@@ -81,9 +82,9 @@ def column_blocking(site) -> Blocking:
     return Blocking(site.shape, 1, block=site.shape[0], block_axis=0)
 
 
-def layer_error(layer: Columns, error_columns: np.ndarray) -> float:
-    """E‖ΔW x‖² for a weight error given by step groups."""
-    return output_error(layer.site, layer.stats, layer.blocking.from_groups(error_columns))
+def layer_error(layer: Columns, error_columns: np.ndarray, stats: LayerStats | None) -> float:
+    """E‖ΔW x‖² for a weight error given by step groups (`stats`: the layer's, read once for many errors)."""
+    return output_error(layer.site, stats, layer.blocking.from_groups(error_columns))
 
 
 def steps_pay(column_cost: np.ndarray, weights: int, step_bits: int) -> bool:
@@ -154,12 +155,12 @@ class EcsqCodec(Codec):
             return None, None
         scaled = layer.columns / self.factor(layer)[:, None]
         deltas = float(np.sqrt((scaled**2).mean()) or 1.0) * STEP_OCTAVES
-        bits, distortion = [], []
+        bits, distortion, stats = [], [], layer.stats
         for delta in deltas:
             steps = self.steps(layer, delta)
             q = _rounded(layer.columns, steps)
             bits.append(entropy_bits(q) + self.side_bits(layer))
-            distortion.append(layer.gain * layer_error(layer, q * steps[:, None] - layer.columns))
+            distortion.append(layer.gain * layer_error(layer, q * steps[:, None] - layer.columns, stats))
         return Band(np.arange(len(deltas)), np.array(bits), np.array(distortion)), deltas
 
     def codes(self, layer: Columns, delta: float) -> np.ndarray:

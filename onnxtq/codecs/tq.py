@@ -51,7 +51,7 @@ class Coding:
 
     transform: transforms.Transform | None  # None: identity, weight coded as it is
     coeffs: np.ndarray | None  # None once its curves are made: materialising refits what it codes
-    hessian: np.ndarray | None  # [K·kk, K·kk] for a single problem; None: the layer's own statistics
+    hessian: np.ndarray | None  # [K·kk, K·kk] (one problem) for the curves; None: the layer's own statistics
     bands: list[tuple[int, int]]  # channel ranges [j0, j1)
     per_row: bool = False  # one band whose output channels choose their depths apart (rows are independent)
     weights: np.ndarray | None = None  # [n, K·kk] error weights of the step search when there is no full H
@@ -96,7 +96,8 @@ class TqCodec(Codec):
     def options(self, layer: Layer | TqLayer) -> list[Option]:
         """One Option per coding of the layer; materialising one takes a depth per band from its picks (and
         rebuilds H̃ for the quantized basis)."""
-        tq_layer = layer if isinstance(layer, TqLayer) else self.layer(layer)
+        plain = layer.layer if isinstance(layer, TqLayer) else layer
+        tq_layer = layer if isinstance(layer, TqLayer) else self.layer(plain.loaded())  # the curves read H often
         options = []
         for coding in tq_layer.codings:
             option = self._option(tq_layer, coding)
@@ -105,9 +106,10 @@ class TqCodec(Codec):
         for coding in tq_layer.codings:  # what the curves needed and materialising does not
             coding.factors.clear()
             coding.coeffs = None
+            coding.hessian = None  # materialising reads the layer's statistics again
             if coding.transform is not None:
-                coding.hessian = None
                 coding.transform.analysis = None
+        tq_layer.layer = plain  # statistics written to disk are read again when materialised, not held
         return options
 
     def _materializer(self, layer: TqLayer, coding: Coding, option: Option):
@@ -291,12 +293,13 @@ class TqCodec(Codec):
         n, channels, kk = w.shape
         kept = [(j0, j1, b) for (j0, j1), b in zip(coding.bands, depths) if np.all(b > 0)]
         stats, target, inputs = layer.stats, w, None
+        full = stats is not None and stats.mode == "full" and stats.groups == 1  # GPTQ on the whole H
         if drift is not None and enough(drift[0]) and drift[0].mode == getattr(layer.stats, "mode", None):
             stats, cross = drift
             target = drift_target(site, w.reshape(n, -1), stats, cross).reshape(w.shape)
             inputs = stats
         basis_piece = None
-        coeffs, hessian = target, (stats.moment[0] if coding.hessian is not None else None)
+        coeffs, hessian = target, (stats.moment[0] if full else None)
         if coding.transform is not None:
             rows = np.concatenate([np.arange(j0, j1) for j0, j1, _ in kept])
             basis = coding.transform.synthesis[rows]
