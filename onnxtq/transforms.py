@@ -18,6 +18,7 @@ Rows of B are scaled to unit norm (T rescaled to match) so the basis quantizes o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -29,7 +30,7 @@ DAMP = 1e-3
 class Transform:
     kind: str  # identity | klt | elt
     analysis: np.ndarray | None  # U [C, K]; None once the coefficients it gave are coded
-    synthesis: np.ndarray  # B [K, C]
+    synthesis: np.ndarray | Path  # B [K, C]; for a model run in pieces, the file it waits in after the curves
     energy: np.ndarray  # [K] coefficient variance per channel (what bands are sorted by)
 
 

@@ -82,6 +82,16 @@ class StatsStore:
         stats.save(path)
         return path
 
+    def keep_array(self, array: np.ndarray) -> np.ndarray | Path:
+        """`array` itself, or where this store spills, the file it was written to (read back by `np.load`): what a
+        pass derives from a layer's statistics for later (tq's bases) waits on disk beside them."""
+        if self._folder is None:
+            return array
+        path = Path(self._folder.name) / f"{self._written}.npy"
+        self._written += 1
+        np.save(path, array)
+        return path
+
     def spilled(self, site: WeightSite) -> bool:
         """Whether `site`'s statistics wait on disk (read back whole by each `get`)."""
         return isinstance(self.by_site.get(site.name), Path)

@@ -23,6 +23,7 @@ After Young et al. (TQ, TPAMI 2022), post-training:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -109,6 +110,8 @@ class TqCodec(Codec):
             coding.hessian = None  # materialising reads the layer's statistics again
             if coding.transform is not None:
                 coding.transform.analysis = None
+                if plain.source is not None:  # a model run in pieces: the basis waits on disk until materialised
+                    coding.transform.synthesis = plain.source.keep_array(coding.transform.synthesis)
         tq_layer.layer = plain  # statistics written to disk are read again when materialised, not held
         return options
 
@@ -302,7 +305,8 @@ class TqCodec(Codec):
         coeffs, hessian = target, (stats.moment[0] if full else None)
         if coding.transform is not None:
             rows = np.concatenate([np.arange(j0, j1) for j0, j1, _ in kept])
-            basis = coding.transform.synthesis[rows]
+            synthesis = coding.transform.synthesis
+            basis = (np.load(synthesis) if isinstance(synthesis, Path) else synthesis)[rows]
             code = quantize_groups(basis, self.basis_bits, True, True, None, self._step_dtype(site))
             basis_hat = code.dequantize().astype(np.float64)
             gbar = transforms.tap_average(stats.moment[0], channels)
