@@ -246,7 +246,8 @@ def test_tq_points_cost_their_codes_entropy_for_a_served_size():
 
 
 def test_a_served_size_lets_ecsq_compete_in_place_of_tq_unless_told():
-    """tq's codings cost their containers' bits; beside points costing their entropy they would be misjudged."""
+    """For a served size tq's codings (at their entropy) measured no better than ecsq's steps: they compete when
+    named."""
     assert AutoPass(served_size=10_000).config.codec_names == ["rtn", "fp16", "ecsq"]
     assert "tq" in AutoPass(size=10_000).config.codec_names
     assert AutoPass(served_size=10_000, codecs="rtn+tq+ecsq").config.codec_names == ["rtn", "tq", "ecsq"]
