@@ -13,6 +13,7 @@ from its own piece on (onnxtq.variants), with noise seeded per weight.
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -115,29 +116,34 @@ class Probe:
             gains[name] = self._error(outs) / made[name] if made[name] > 0 else 0.0
         return gains
 
-    def marginal(self, model: onnx.ModelProto, replacements: dict[str, np.ndarray]) -> dict[str, float]:
-        """Network-output error per sample with one weight at a time replaced (the rest as in `model`): each
-        layer's own effect at a chosen operating point, where the noise-measured gain is only a slope."""
+    def marginal(self, model: onnx.ModelProto, replacements: dict[str, np.ndarray | Path]) -> dict[str, float]:
+        """Network-output error per sample with one weight at a time replaced (the rest as in `model`; a
+        replacement may wait in a .npy file): each layer's own effect at a chosen operating point, where the
+        noise-measured gain is only a slope."""
         if self.variants is not None:
             return self._marginal_in_pieces(model, replacements)
         sess, inits = self._exposed(model, list(replacements))
         errors = {}
         for name, w_hat in bar(replacements.items(), desc="marginal errors", unit="weight"):
             dtype = onnx.helper.tensor_dtype_to_np_dtype(inits[name].data_type)
-            shaped = np.asarray(w_hat, dtype).reshape(tuple(inits[name].dims))  # recurrent: the op's layout
+            shaped = np.asarray(_read(w_hat), dtype).reshape(tuple(inits[name].dims))  # recurrent: the op's layout
             errors[name] = self._error(self._run(sess, {name: shaped}))
         return errors
 
-    def _marginal_in_pieces(self, model: onnx.ModelProto, replacements: dict[str, np.ndarray]) -> dict[str, float]:
+    def _marginal_in_pieces(self, model: onnx.ModelProto, replacements: dict) -> dict[str, float]:
         inits = {t.name: t for t in model.graph.initializer}
 
         def shaped(name: str) -> np.ndarray:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(inits[name].data_type)
-            return np.asarray(replacements[name], dtype).reshape(tuple(inits[name].dims))
+            return np.asarray(_read(replacements[name]), dtype).reshape(tuple(inits[name].dims))
 
         names = list(replacements)
         runs = self.variants.run([(name, partial(shaped, name)) for name in names], "marginal errors")
         return {names[index]: self._error(outs) for index, outs in runs}
+
+
+def _read(value: np.ndarray | Path) -> np.ndarray:
+    return np.load(value) if isinstance(value, Path) else value
 
 
 def _noisy(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -194,7 +194,7 @@ class Emitted:
     predicted_error: float  # Σ gain·layer error of the allocation
     weight_bits: float  # bits the quantizable weights take (float ones at their width)
     weights: int
-    w_hat: dict  # the weight onnxruntime computes, by site, for the layers coded
+    w_hat: dict  # the weight onnxruntime computes, by site, for the layers coded (a .npy file for a model in pieces)
 
     @property
     def file_bytes(self) -> int:

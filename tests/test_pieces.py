@@ -14,6 +14,7 @@ from onnxtq import compress, model_io, pieces
 from onnxtq import gains as gains_module
 from onnxtq import graph as graph_module
 from onnxtq.calibration import CalibrationConfig, collect
+from onnxtq.calibration.collect import StatsStore
 from onnxtq.calibration.data import open_source
 from onnxtq.compress import prepare, sweep, sweep_output
 from onnxtq.errors import ModelError
@@ -221,7 +222,7 @@ def test_one_file_written_a_tensor_at_a_time_is_the_serialized_model(name, tmp_p
 
 
 @pytest.mark.parametrize("name", ["mnist_transformer", "mnist_cnn"])
-def test_gains_and_marginal_errors_in_pieces_are_those_of_one_session(name, monkeypatch):
+def test_gains_and_marginal_errors_in_pieces_are_those_of_one_session(name, monkeypatch, tmp_path):
     """A weight's variant runs from its own piece on (onnxtq.variants): the output errors are those of the
     whole model with the same weight replaced."""
     path, calib = bundled(name)
@@ -242,6 +243,11 @@ def test_gains_and_marginal_errors_in_pieces_are_those_of_one_session(name, monk
     assert got.keys() == expected.keys()
     for weight in expected:
         np.testing.assert_allclose(got[weight], expected[weight], rtol=1e-3)
+    waiting = {}  # replacements that wait on disk (auto's, for a model in pieces) are read as their piece runs
+    for weight, value in replaced.items():
+        waiting[weight] = tmp_path / f"{len(waiting)}.npy"
+        np.save(waiting[weight], value)
+    assert split.marginal(model, waiting) == got
 
     # noise seeded per weight in pieces; the same noise through one session gives the same gains
     gains = split.gains(model, sites, lambda s, e: float((e**2).sum()), seed=5)
@@ -300,3 +306,21 @@ def test_a_weight_read_in_two_pieces_is_replaced_in_both(monkeypatch):
     x = feeds[0]["x"].astype(np.float64)
     np.testing.assert_allclose(outs[0], x @ other @ ws["w1"] @ other, rtol=1e-5)
     np.testing.assert_allclose(runner.reference[0], x @ ws["w0"] @ ws["w1"] @ ws["w0"], rtol=1e-5)
+
+
+def test_auto_in_pieces_reads_what_it_set_aside_from_disk(tmp_path, monkeypatch):
+    """auto on a model run in pieces: its layers read their statistics from the store when asked, and tq's bases
+    and the weights its marginal errors replace wait on disk beside them; the file meets its target."""
+    path, calib = bundled("mnist_transformer")
+    monkeypatch.setattr(pieces, "PIECE_BYTES", SMALL)
+    kept, original = [], StatsStore.keep_array
+
+    def keep_array(store, array):
+        kept.append(original(store, array))
+        return kept[-1]
+
+    monkeypatch.setattr(StatsStore, "keep_array", keep_array)
+    result = compress(path, tmp_path / "out.onnx", "calibrate,auto{bits=4}", calib=calib)
+    assert kept and all(isinstance(p, Path) and p.suffix == ".npy" for p in kept)
+    auto = next(r for r in result.passes if r.pass_name == "auto")
+    assert auto.rate.stored <= 4.0
