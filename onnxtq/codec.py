@@ -33,33 +33,47 @@ class Layer:
     """One weight site as a codec reads it: the weight as stored, its input statistics and its gain.
 
     Statistics a store has written to disk (a model run in pieces) are read each time they are asked for, so
-    that a pass holding every layer (auto, tq) holds the statistics of the layers it is working on, not all.
+    that a pass holding every layer (auto, tq) holds the statistics of the layers it is working on, not all;
+    a pass that leaves its graph as it is until the end (auto) may have the weights read so too (`lazy`).
     """
 
     site: WeightSite
-    w: np.ndarray  # the stored weight, in its stored layout (`site.shape`) and type
-    held: LayerStats | None  # the statistics, where they are held in memory
+    weight: np.ndarray | None  # the stored weight (layout `site.shape`, its type), where held in memory
+    held: LayerStats | None  # the statistics, where held in memory
     gain: float = 1.0  # network-output error per unit of layer-output error (onnxtq.gains)
     source: StatsStore | None = None  # the store that spilled this layer's statistics, read when asked for
+    graph: Graph | None = None  # the graph the weight is read from when asked for
 
     @classmethod
-    def of(cls, graph: Graph, site: WeightSite, stats: StatsStore | None, gain: float = 1.0) -> Layer:
-        w = graph.array(site.name).reshape(site.shape)  # recurrent weights: their 2-D view
+    def of(cls, graph: Graph, site: WeightSite, stats: StatsStore | None, gain: float = 1.0, lazy=False) -> Layer:
+        """The site's layer; with `lazy`, a layer of a model run in pieces reads its weight when asked for too."""
         if stats is not None and stats.spilled(site):
-            return cls(site, w, None, gain, source=stats)
-        return cls(site, w, None if stats is None else stats.get(site), gain)
+            if lazy:
+                return cls(site, None, None, gain, source=stats, graph=graph)
+            return cls(site, cls._read(graph, site), None, gain, source=stats)
+        return cls(site, cls._read(graph, site), None if stats is None else stats.get(site), gain)
+
+    @staticmethod
+    def _read(graph: Graph, site: WeightSite) -> np.ndarray:
+        return graph.array(site.name).reshape(site.shape)  # recurrent weights: their 2-D view
+
+    @property
+    def w(self) -> np.ndarray:
+        return self.weight if self.graph is None else self._read(self.graph, self.site)
 
     @property
     def stats(self) -> LayerStats | None:
         return self.held if self.source is None else self.source.get(self.site)
 
-    def loaded(self) -> Layer:
-        """This layer with its statistics in memory: for work that reads them many times."""
-        return self if self.source is None else replace(self, held=self.stats, source=None)
-
     @property
     def size(self) -> int:
-        return int(self.w.size)
+        return int(np.prod(self.site.shape))
+
+    def loaded(self) -> Layer:
+        """This layer with its weight and statistics in memory: for work that reads them many times."""
+        if self.source is None and self.graph is None:
+            return self
+        return replace(self, weight=self.w, held=self.stats, source=None, graph=None)
 
 
 class LayerView:

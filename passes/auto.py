@@ -148,7 +148,7 @@ class AutoPass(Pass):
                 "an agreement target needs an output of class scores ([samples, classes]); this model has none",
                 "give --sqnr DB instead: the worst output's SQNR on the held-out inputs",
             )
-        layers = [Layer.of(ctx.graph, s, ctx.stats) for s in sites]
+        layers = [Layer.of(ctx.graph, s, ctx.stats, lazy=True) for s in sites]  # ctx.graph stays as it is
         probe = Probe(model, fit, cfg.gain_samples)
         gains = probe.gains(model, sites, lambda s, e: output_error(s, ctx.stats.get(s), e))
         for layer in layers:

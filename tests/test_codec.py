@@ -62,8 +62,8 @@ def test_materialised_weight_is_what_onnxruntime_computes(calibrated, name):
 
 @pytest.mark.parametrize("name", ["tq", "ecsq", "rtn"])
 def test_statistics_written_to_disk_are_read_when_asked_for(calibrated, name):
-    """A store that spilled its statistics (a model run in pieces) gives layers that read them when asked,
-    not hold them: their points and materialised weights are those of layers that hold them."""
+    """A store that spilled its statistics (a model run in pieces) gives layers that read them (and, lazy, their
+    weights) when asked, not hold them: their points and materialised weights are those of layers that hold them."""
     proto, stats, _ = calibrated
     graph = Graph(upgrade_opset(proto, 25))
     spilled = StatsStore({}, stats.samples, stats.description, spill=True)
@@ -72,10 +72,13 @@ def test_statistics_written_to_disk_are_read_when_asked_for(calibrated, name):
         if stats.get(site) is None:
             continue
         spilled.by_site[site.name] = spilled.keep(stats.get(site))
-        held, lazy = Layer.of(graph, site, stats), Layer.of(graph, site, spilled)
+        held, lazy = Layer.of(graph, site, stats), Layer.of(graph, site, spilled, lazy=True)
         assert lazy.held is None and lazy.source is spilled and spilled.spilled(site)
+        assert lazy.weight is None and lazy.size == held.size  # read from the graph when asked for (auto)
+        np.testing.assert_array_equal(lazy.w, held.w)
         np.testing.assert_array_equal(lazy.stats.moment, held.stats.moment)
-        assert lazy.loaded().held is not None and lazy.loaded().source is None
+        loaded = lazy.loaded()
+        assert loaded.held is not None and loaded.weight is not None and (loaded.source, loaded.graph) == (None, None)
         for a, b in zip(CODECS[name]().options(held), CODECS[name]().options(lazy), strict=True):
             for x, y in zip(a.bands, b.bands, strict=True):
                 np.testing.assert_array_equal(y.bits, x.bits)
