@@ -45,7 +45,9 @@ class Layer:
     graph: Graph | None = None  # the graph the weight is read from when asked for
 
     @classmethod
-    def of(cls, graph: Graph, site: WeightSite, stats: StatsStore | None, gain: float = 1.0, lazy=False) -> Layer:
+    def of(
+        cls, graph: Graph, site: WeightSite, stats: StatsStore | None, gain: float = 1.0, lazy: bool = False
+    ) -> Layer:
         """The site's layer; with `lazy`, a layer of a model run in pieces reads its weight when asked for too."""
         if stats is not None and stats.spilled(site):
             if lazy:

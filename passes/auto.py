@@ -219,7 +219,7 @@ class AutoPass(Pass):
                 if coded.output_error is not None:  # rtn measured it already
                     error = layer.gain * coded.output_error
                 else:
-                    error = distortion(loaded, layer.w.astype(np.float64) - coded.w_hat)
+                    error = distortion(loaded, loaded.w.astype(np.float64) - coded.w_hat)
                 detail = f"rtn {bits}-bit " + (f"block {block}" if block else "per channel")
                 points.append(Point("rtn", detail, float(rate), float(error), self._rtn_maker(codec, layer, detail)))
         return points
