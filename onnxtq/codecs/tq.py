@@ -362,14 +362,16 @@ class TqCodec(Codec):
         )
 
     def _codes(self, site, coding: Coding, kept):
-        """RTN codes and their grid, per element, for the kept bands: q, step, zero, lo, hi [n, K·kk]."""
+        """RTN codes and their grid for the kept bands: q [n, K·kk], and step, zero, lo, hi per element, or per row
+        ([n, 1]) where one band is kept (an output layer's grid would be four more float64 copies of it)."""
         n, _, kk = coding.coeffs.shape
         cols = [(a * kk, b * kk) for a, b, _ in kept]
         parts = []
         for (a, b, bits), (c0, c1) in zip(kept, cols):
             band = coding.coeffs[:, a:b].reshape(n, -1)
             per_row = np.broadcast_to(bits, (n,))
-            part = [np.zeros((n, c1 - c0)) for _ in range(5)]  # q, step, zero, lo, hi
+            grid_cols = 1 if len(kept) == 1 else c1 - c0
+            part = [np.zeros((n, c1 - c0))] + [np.zeros((n, grid_cols)) for _ in range(4)]  # q; step, zero, lo, hi
             for depth in np.unique(per_row):
                 rows = per_row == depth
                 code = self._code(site, coding, a, b, band[rows], int(depth), rows)
@@ -380,7 +382,7 @@ class TqCodec(Codec):
                 part[2][rows] = zero
                 part[3][rows], part[4][rows] = lo, hi
             parts.append(part)
-        return tuple(np.concatenate(p, axis=1) for p in zip(*parts))
+        return tuple(parts[0]) if len(parts) == 1 else tuple(np.concatenate(p, axis=1) for p in zip(*parts))
 
     @staticmethod
     def _feedback(w0, hessian, q, step, zero, lo, hi, factor=None, terms=True) -> tuple[np.ndarray, np.ndarray]:
