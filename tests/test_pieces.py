@@ -309,8 +309,8 @@ def test_a_weight_read_in_two_pieces_is_replaced_in_both(monkeypatch):
 
 
 def test_auto_in_pieces_reads_what_it_set_aside_from_disk(tmp_path, monkeypatch):
-    """auto on a model run in pieces: its layers read their statistics from the store when asked, and tq's bases
-    and the weights its marginal errors replace wait on disk beside them; the file meets its target."""
+    """auto on a model run in pieces sets aside what it reads later (tq's bases, the weights its marginal errors
+    replace) in .npy files beside the spilled statistics, and its file meets the target."""
     path, calib = bundled("mnist_transformer")
     monkeypatch.setattr(pieces, "PIECE_BYTES", SMALL)
     kept, original = [], StatsStore.keep_array
