@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from onnxtq import model_io, pieces, positions
-from onnxtq.calibration.collect import INPUT_BATCH_BYTES
+from onnxtq.calibration.collect import INPUT_BATCH_BYTES, StatsStore
 from onnxtq.calibration.data import Source
 from onnxtq.graph import copy_model
 from onnxtq.progress import bar
@@ -125,25 +125,21 @@ class Probe:
         sess, inits = self._exposed(model, list(replacements))
         errors = {}
         for name, w_hat in bar(replacements.items(), desc="marginal errors", unit="weight"):
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(inits[name].data_type)
-            shaped = np.asarray(_read(w_hat), dtype).reshape(tuple(inits[name].dims))  # recurrent: the op's layout
-            errors[name] = self._error(self._run(sess, {name: shaped}))
+            errors[name] = self._error(self._run(sess, {name: _as_stored(inits[name], w_hat)}))
         return errors
 
     def _marginal_in_pieces(self, model: onnx.ModelProto, replacements: dict) -> dict[str, float]:
         inits = {t.name: t for t in model.graph.initializer}
-
-        def shaped(name: str) -> np.ndarray:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(inits[name].data_type)
-            return np.asarray(_read(replacements[name]), dtype).reshape(tuple(inits[name].dims))
-
         names = list(replacements)
-        runs = self.variants.run([(name, partial(shaped, name)) for name in names], "marginal errors")
+        variants = [(name, partial(_as_stored, inits[name], replacements[name])) for name in names]
+        runs = self.variants.run(variants, "marginal errors")
         return {names[index]: self._error(outs) for index, outs in runs}
 
 
-def _read(value: np.ndarray | Path) -> np.ndarray:
-    return np.load(value) if isinstance(value, Path) else value
+def _as_stored(init: onnx.TensorProto, value: np.ndarray | Path) -> np.ndarray:
+    """A replacement (or the file it waits in) in the initializer's type and layout (recurrent: the op's)."""
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+    return np.asarray(StatsStore.kept(value), dtype).reshape(tuple(init.dims))
 
 
 def _noisy(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:

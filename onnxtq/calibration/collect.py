@@ -92,6 +92,11 @@ class StatsStore:
         np.save(path, array)
         return path
 
+    @staticmethod
+    def kept(value: np.ndarray | Path) -> np.ndarray:
+        """What `keep_array` gave back, as the array."""
+        return np.load(value) if isinstance(value, Path) else value
+
     def spilled(self, site: WeightSite) -> bool:
         """Whether `site`'s statistics wait on disk (read back whole by each `get`)."""
         return isinstance(self.by_site.get(site.name), Path)

@@ -23,12 +23,11 @@ After Young et al. (TQ, TPAMI 2022), post-training:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from onnxtq import transforms
-from onnxtq.calibration import importance
+from onnxtq.calibration import StatsStore, importance
 from onnxtq.codec import Codec, Coded, Layer, LayerView, output_error
 from onnxtq.emit import Piece, emit_pieces, emit_transformed
 from onnxtq.entropy import row_entropy_bits
@@ -307,8 +306,7 @@ class TqCodec(Codec):
         coeffs, hessian = target, (stats.moment[0] if full else None)
         if coding.transform is not None:
             rows = np.concatenate([np.arange(j0, j1) for j0, j1, _ in kept])
-            synthesis = coding.transform.synthesis
-            basis = (np.load(synthesis) if isinstance(synthesis, Path) else synthesis)[rows]
+            basis = StatsStore.kept(coding.transform.synthesis)[rows]
             code = quantize_groups(basis, self.basis_bits, True, True, None, self._step_dtype(site))
             basis_hat = code.dequantize().astype(np.float64)
             gbar = transforms.tap_average(stats.moment[0], channels)
