@@ -37,6 +37,7 @@ from onnxtq.model_io import serialize
 from onnxtq.opsets import Emission
 from onnxtq.packing import container_bits
 from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
+from onnxtq.pieces import PIECE_BYTES
 from onnxtq.progress import bar
 from onnxtq.quantize import blocking_for
 from onnxtq.rd import Band, Option, allocate
@@ -54,6 +55,7 @@ TQ_DEPTHS = "planes"
 #: More points where the served size is the target: odd depths cost their entropy there, not a container.
 SERVED_POINTS = ((6, 0), (5, 0), (3, 0), (3, 32))
 #: Bytes of materialised tq layers (GPTQ's work) kept from one round for the next; past it they are made again.
+#: A model run in pieces keeps a piece's worth (its memory is bounded by the work, not the model).
 KEPT_BYTES = 1 << 30
 #: A layer's measured marginal error may correct its prediction by at most this factor either way.
 MAX_CORRECTION = 16.0
@@ -283,8 +285,8 @@ class AutoPass(Pass):
         graph = Graph(copy_model(pristine))
         records, predicted, weight_bits = [], 0.0, 0.0
         weights, w_hat = 0, {}
-        kept: dict = {}  # tq's materialised layers (GPTQ) for the next round: this round's, within KEPT_BYTES
-        kept_bytes = 0
+        kept: dict = {}  # tq's materialised layers (GPTQ) for the next round: this round's, within the budget
+        kept_bytes, budget = 0, PIECE_BYTES if any(layer.source is not None for layer in layers) else KEPT_BYTES
         for layer in layers:
             name = layer.site.name
             index, picks = allocation.choice[name]
@@ -298,7 +300,7 @@ class AutoPass(Pass):
                 key = self._key(name, index, picks)
                 coded = self._materialized.get(key) or option.materialize(picks)
                 size = coded.w_hat.nbytes + (0 if coded.error is None else coded.error.nbytes)
-                if kept_bytes + size <= KEPT_BYTES:
+                if kept_bytes + size <= budget:
                     kept[key], kept_bytes = coded, kept_bytes + size
                 codec = option.name
                 distortion = sum(b.totals(p)[1] for b, p in zip(option.bands, picks))
