@@ -44,11 +44,16 @@ def squares(values: np.ndarray, weights: np.ndarray | None = None, minus: np.nda
     if values.ndim == 0:
         values, minus = values.reshape(1), None if minus is None else np.reshape(minus, 1)
     rows = max(1, CHUNK // max(1, int(np.prod(values.shape[1:], dtype=np.int64))))
+    buffer = np.empty((min(rows, len(values)), *values.shape[1:]))  # one chunk's float64 values, reused
     total = 0.0
     for r in range(0, len(values), rows):
-        part = values[r : r + rows].astype(np.float64)
-        if minus is not None:
-            part = part - minus[r : r + rows]
-        part = part**2 if weights is None else part**2 * weights[r : r + rows]
+        part = buffer[: len(values[r : r + rows])]
+        if minus is None:
+            part[...] = values[r : r + rows]
+        else:
+            np.subtract(values[r : r + rows], minus[r : r + rows], out=part, dtype=np.float64)
+        np.square(part, out=part)
+        if weights is not None:
+            part *= weights[r : r + rows]
         total += float(part.sum())
     return total

@@ -96,9 +96,10 @@ def _quadratic(delta: np.ndarray, h: np.ndarray) -> np.ndarray:
     return ((delta @ h) * delta).sum(axis=2)
 
 
-def damped(h: np.ndarray, damp: float) -> np.ndarray:
-    """H + damp·mean(diag)·I, with dead inputs (zero diagonal) made harmless."""
-    h = h.astype(np.float64, copy=True)
+def damped(h: np.ndarray, damp: float, copy: bool = True) -> np.ndarray:
+    """H + damp·mean(diag)·I, with dead inputs (zero diagonal) made harmless; without `copy`, in `h` itself where
+    it is float64 (a caller's own permuted copy)."""
+    h = h.astype(np.float64, copy=copy)
     diag = np.einsum("pdd->pd", h)
     dead = diag <= 0
     idx = np.arange(h.shape[1])
@@ -116,12 +117,13 @@ class GptqFactor:
 
     order: np.ndarray
     inverse: np.ndarray
-    u: np.ndarray
+    u: np.ndarray  # C-contiguous: the kernel walks its rows, once per griding
 
 
 def gptq_factor(hessian: np.ndarray, damp: float = DAMP) -> GptqFactor:
     order, inverse, h = _act_order(hessian)
-    return GptqFactor(order, inverse, np.swapaxes(np.linalg.cholesky(np.linalg.inv(damped(h, damp))), 1, 2))
+    lower = np.linalg.cholesky(np.linalg.inv(damped(h, damp, copy=False)))
+    return GptqFactor(order, inverse, np.ascontiguousarray(np.swapaxes(lower, 1, 2)))
 
 
 def gptq(
@@ -144,7 +146,7 @@ def feedback_sensitivity(hessian: np.ndarray, damp: float = DAMP) -> np.ndarray:
     once `gptq` has let the columns after it compensate (its order and damping). Equal-slope steps
     for error-feedback rounding scale as U_jj, as plain rounding's scale as 1/√H_jj."""
     order, inverse, h = _act_order(hessian)
-    u_diag = np.diagonal(np.linalg.cholesky(np.linalg.inv(damped(h, damp))), axis1=1, axis2=2)
+    u_diag = np.diagonal(np.linalg.cholesky(np.linalg.inv(damped(h, damp, copy=False))), axis1=1, axis2=2)
     return np.take_along_axis(1.0 / u_diag**2, inverse, axis=1)
 
 
@@ -176,7 +178,7 @@ def _gptq_in_order(w0: np.ndarray, u: np.ndarray, grid: Grid) -> np.ndarray:
     d = w.shape[2]
     fields = (grid.step, grid.zero, grid.lo, grid.hi)
     grid_arrays = [np.broadcast_to(np.asarray(a, np.float64), w.shape) for a in fields]
-    rows_of_u = np.ascontiguousarray(u)  # the kernel walks U's rows; the BLAS update keeps U as it was
+    rows_of_u = np.ascontiguousarray(u)  # the kernel walks U's rows (a factor's U is laid out so already)
     for i1 in range(0, d, GPTQ_BLOCK):
         i2 = min(i1 + GPTQ_BLOCK, d)
         errors = np.empty(w.shape[:2] + (i2 - i1,))

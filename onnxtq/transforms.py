@@ -60,7 +60,8 @@ def klt(w: np.ndarray) -> Transform:
 
 def elt(w: np.ndarray, gbar: np.ndarray) -> Transform:
     c = weight_covariance(w)
-    g = gbar + DAMP * max(float(np.trace(gbar)) / len(gbar), 1e-30) * np.eye(len(gbar))
+    g = np.array(gbar, np.float64)  # Ḡ + damp·I, on the diagonal alone (an identity matrix is d² more to add)
+    g.flat[:: len(g) + 1] += DAMP * max(float(np.trace(gbar)) / len(gbar), 1e-30)
     low = np.linalg.cholesky(g)
     lam, vec = np.linalg.eigh(low.T @ c @ low)
     order = np.argsort(-lam)
@@ -98,7 +99,8 @@ def fit_coefficients(w: np.ndarray, basis: np.ndarray, gbar: np.ndarray) -> np.n
     The basis error and any dropped channels are then absorbed by the coefficients, in the
     metric of the layer output, before the coefficients themselves are quantized.
     """
-    g = gbar + DAMP * max(float(np.trace(gbar)) / len(gbar), 1e-30) * np.eye(len(gbar))
+    g = np.array(gbar, np.float64)  # Ḡ + damp·I, on the diagonal alone (an identity matrix is d² more to add)
+    g.flat[:: len(g) + 1] += DAMP * max(float(np.trace(gbar)) / len(gbar), 1e-30)
     gram = basis @ g @ basis.T  # [K, K]
     # W Ḡ Bᵀ (Ḡ Bᵀ first, then one BLAS product: as one three-operand einsum an 8,210×1,024 Gemm took ~2 h)
     rhs = np.tensordot(w, g @ basis.T, axes=(1, 0))  # [n, kk, K]

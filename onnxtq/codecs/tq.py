@@ -394,14 +394,15 @@ class TqCodec(Codec):
             better, block = np.empty(len(q), bool), max(1, ERROR_BLOCK // w0.shape[1])
             for r in range(0, len(q), block):
                 rows = slice(r, r + block)
-                deltas = [step[rows] * (c[rows] - zero[rows]) - w0[rows] for c in (q, fed)]
-                errors = [((delta @ hessian) * delta).sum(axis=1) for delta in deltas]
+                errors = [
+                    _error_terms(step[rows], c[rows], zero[rows], w0[rows], hessian).sum(axis=1) for c in (q, fed)
+                ]
                 better[rows] = errors[1] < errors[0]
             return np.where(better[:, None], fed, q), None
-        deltas = [step * (c - zero) - w0 for c in (q, fed)]
-        products = [(delta @ hessian) * delta for delta in deltas]
-        fed_better = (products[1].sum(axis=1) < products[0].sum(axis=1))[:, None]
-        return np.where(fed_better, fed, q), np.where(fed_better, products[1], products[0])
+        products = [_error_terms(step, c, zero, w0, hessian) for c in (q, fed)]
+        fed_better = products[1].sum(axis=1) < products[0].sum(axis=1)
+        products[0][fed_better] = products[1][fed_better]
+        return np.where(fed_better[:, None], fed, q), products[0]
 
     def _pieces(self, site, q, step, zero, kept, shape):
         """DequantizeLinear pieces in the stored layout: (pieces, axis they join on, row order or None).
@@ -442,3 +443,13 @@ class TqCodec(Codec):
         kk = int(np.prod(site.conv.kernel)) if site.conv else 1
         stride = int(np.prod(site.conv.strides)) if site.conv else 1
         return channels * kept * stride + kept * kk * n < channels * kk * n
+
+
+def _error_terms(step, codes, zero, w0, hessian) -> np.ndarray:
+    """(Δ H) ∘ Δ for Δ = step·(codes − zero) − w0 [n, d], computed in place of numpy's temporaries."""
+    delta = codes - zero
+    delta *= step
+    delta -= w0
+    product = delta @ hessian
+    product *= delta
+    return product
