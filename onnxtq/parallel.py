@@ -14,6 +14,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+from threadpoolctl import threadpool_limits
+
 from onnxtq.errors import UsageError
 
 #: Seconds to wait for a Dask scheduler to answer.
@@ -43,6 +45,18 @@ def thread_map(fn: Callable, items: Iterable) -> list:
         return [fn(item) for item in items]
     with ThreadPoolExecutor(min(workers(), len(items))) as pool:
         return list(pool.map(fn, items))
+
+
+def layer_map(fn: Callable, items: Iterable) -> Iterator:
+    """fn(item) for each item, in order, the items spread over the local workers' threads, each with one BLAS
+    thread: per-layer work that alternates compiled loops (one core) with small matrix products (which two
+    BLAS threads barely speed up) keeps every core busy on its own layer."""
+    items = list(items)
+    if workers() == 1 or len(items) < 2:
+        yield from map(fn, items)
+        return
+    with threadpool_limits(1, "blas"), ThreadPoolExecutor(min(workers(), len(items))) as pool:
+        yield from pool.map(fn, items)
 
 
 def task_map(fn: Callable, items: Iterable, window: int = 0) -> Iterator:

@@ -36,6 +36,7 @@ from onnxtq.graph import Graph, copy_model
 from onnxtq.model_io import serialize
 from onnxtq.opsets import Emission
 from onnxtq.packing import container_bits
+from onnxtq.parallel import layer_map
 from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
 from onnxtq.pieces import PIECE_BYTES
 from onnxtq.progress import bar
@@ -251,10 +252,10 @@ class AutoPass(Pass):
                 codec = TqCodec(depths=TQ_DEPTHS, scale_bits=cfg.scale_bits)
             else:
                 codec = EcsqCodec(scale_bits=cfg.scale_bits)
-            for layer in bar(layers, desc=f"auto {name} curves", unit="weight"):
-                if layer.stats is None and name == "tq":  # ecsq codes a table (Gather) in plain squared error
-                    continue
-                for coding in codec.options(layer):  # tq's makes the layer's transforms
+            coded = [layer for layer in layers if layer.stats is not None or name != "tq"]  # ecsq codes a table
+            made = layer_map(codec.options, coded)  # tq's makes the layer's transforms
+            for layer, codings in bar(zip(coded, made), total=len(coded), desc=f"auto {name} curves", unit="weight"):
+                for coding in codings:
                     coding.name = name
                     options.setdefault(layer.site.name, []).append(coding)
         return options

@@ -21,6 +21,7 @@ from onnxtq.entropy import entropy_bits
 from onnxtq.finish import finish
 from onnxtq.gains import Probe
 from onnxtq.opsets import Emission
+from onnxtq.parallel import layer_map
 from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
 from onnxtq.progress import bar
 from onnxtq.rd import Option, allocate
@@ -98,7 +99,7 @@ class EcsqPass(Pass):
 
     def _uniform(self, ctx: Context, codec: EcsqCodec, layers, weights: int, report: PassReport) -> list[WeightRecord]:
         cfg = self.config
-        curves = [codec.curve(layer) for layer in bar(layers, desc="ecsq curves")]
+        curves = list(bar(layer_map(codec.curve, layers), total=len(layers), desc="ecsq curves"))
         tries, best = [], None  # tries: (plain-rounding rate aimed at, rate given); best: (rate, deltas, codes)
         aim = cfg.rate
         for _attempt in range(ATTEMPTS):

@@ -27,6 +27,7 @@ from onnxtq.finish import db, finish
 from onnxtq.gains import Probe
 from onnxtq.graph import Graph
 from onnxtq.opsets import Emission
+from onnxtq.parallel import layer_map
 from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
 from onnxtq.progress import bar
 from onnxtq.rd import allocate
@@ -120,10 +121,14 @@ class TqPass(Pass):
             for layer in plain:
                 layer.gain = gains[layer.site.name]
 
+        def curves(layer: Layer) -> tuple:  # what only the curves need goes once they are made
+            tq_layer = codec.layer(layer)
+            return tq_layer, codec.options(tq_layer)
+
         layers, options = [], {}
-        for layer in bar(plain, desc="tq transforms and curves"):  # what only the curves need goes before the next
-            layers.append(codec.layer(layer))
-            options[layer.site.name] = codec.options(layers[-1])
+        for tq_layer, mine in bar(layer_map(curves, plain), total=len(plain), desc="tq transforms and curves"):
+            layers.append(tq_layer)
+            options[tq_layer.site.name] = mine
         weights = sum(int(np.prod(s.shape)) for s in sites)
         target = self._target(ctx, sites, weights, probe)
         chosen = allocate(options, **target)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import threadpoolctl
 from builders import bundled
 
 from onnxtq import parallel
@@ -44,6 +45,31 @@ def test_any_cut_of_the_rows_and_any_number_of_threads_give_the_same_codes():
 
 def test_jobs_one_and_all_cores_write_the_same_file(tmp_path):
     assert _compress(tmp_path, "one", "--jobs", "1") == _compress(tmp_path, "all")
+
+
+def test_layers_on_threads_come_back_in_order_each_with_one_blas_thread():
+    def blas_threads(item):
+        return item, max(pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas")
+
+    before = blas_threads(None)[1]
+    for jobs in (1, 2, 3):
+        parallel.configure(jobs)
+        answers = list(parallel.layer_map(blas_threads, range(7)))
+        assert [item for item, _ in answers] == list(range(7))
+        assert {threads for _, threads in answers} == ({before} if jobs == 1 else {1})
+        assert blas_threads(None)[1] == before  # and the limit goes with them
+
+
+@pytest.mark.parametrize("pipeline", ["calibrate,tq{rate=3}", "calibrate,ecsq{rate=3}", "calibrate,auto{bits=4}"])
+def test_curves_made_on_threads_write_the_file_made_one_layer_after_the_other(tmp_path, pipeline):
+    model, calib = bundled("mnist_transformer")
+    files = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"{jobs}.onnx"
+        argv = ["-q", "compress", str(model), "-o", str(out), "--calib", str(calib), "--pipeline", pipeline]
+        assert main([*argv, "--jobs", jobs]) == 0
+        files.append(out.read_bytes())
+    assert files[0] == files[1]
 
 
 def test_a_dask_cluster_of_two_workers_writes_the_local_file(tmp_path):

@@ -8,6 +8,7 @@ pass over the data; each output is reduced to statistics and dropped at once.
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -71,14 +72,13 @@ class StatsStore:
         self.description = description
         self.options: dict = {}
         self._folder = tempfile.TemporaryDirectory(prefix="onnxtq-stats-") if spill else None
-        self._written = 0
+        self._files = itertools.count()  # file names; next() is atomic, so layers on threads may write at once
 
     def keep(self, stats: LayerStats) -> LayerStats | Path:
         """What the store holds for `stats`: themselves, or the file they were written to."""
         if self._folder is None:
             return stats
-        path = Path(self._folder.name) / f"{self._written}.npz"
-        self._written += 1
+        path = Path(self._folder.name) / f"{next(self._files)}.npz"
         stats.save(path)
         return path
 
@@ -87,8 +87,7 @@ class StatsStore:
         pass derives from a layer's statistics for later (tq's bases) waits on disk beside them."""
         if self._folder is None:
             return array
-        path = Path(self._folder.name) / f"{self._written}.npy"
-        self._written += 1
+        path = Path(self._folder.name) / f"{next(self._files)}.npy"
         np.save(path, array)
         return path
 
