@@ -300,7 +300,8 @@ class AutoPass(Pass):
                 option = options[name][index]
                 key = self._key(name, index, picks)
                 coded = self._materialized.get(key) or option.materialize(picks)
-                size = coded.w_hat.nbytes + (0 if coded.error is None else coded.error.nbytes)
+                error_bytes = 0 if coded.error is None else coded.error.nbytes
+                size = coded.w_hat.nbytes + error_bytes + 4 * coded.w_hat.size  # and the int32 codes its writer holds
                 if kept_bytes + size <= budget:
                     kept[key], kept_bytes = coded, kept_bytes + size
                 codec = option.name
