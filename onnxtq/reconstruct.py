@@ -178,11 +178,11 @@ def _gptq_in_order(w0: np.ndarray, u: np.ndarray, grid: Grid) -> np.ndarray:
     d = w.shape[2]
     fields = (grid.step, grid.zero, grid.lo, grid.hi)
     grid_arrays = [np.broadcast_to(np.asarray(a, np.float64), w.shape) for a in fields]
-    rows_of_u = np.ascontiguousarray(u)  # the kernel walks U's rows (a factor's U is laid out so already)
+    u = np.ascontiguousarray(u)  # the kernel walks U's rows (a factor's U is laid out so already)
     for i1 in range(0, d, GPTQ_BLOCK):
         i2 = min(i1 + GPTQ_BLOCK, d)
         errors = np.empty(w.shape[:2] + (i2 - i1,))
-        kernels.gptq_block(w, q, errors, rows_of_u, *grid_arrays, i1, i2)  # the block's columns one by one
+        kernels.gptq_block(w, q, errors, u, *grid_arrays, i1, i2)  # the block's columns one by one
         w[:, :, i2:] -= errors @ u[:, i1:i2, i2:]
     return q
 

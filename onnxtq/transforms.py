@@ -40,6 +40,13 @@ def tap_average(h: np.ndarray, channels: int) -> np.ndarray:
     return np.einsum("atbt->ab", h.reshape(channels, kk, channels, kk)) / kk
 
 
+def _damped(gbar: np.ndarray) -> np.ndarray:
+    """Ḡ + damp·mean(diag Ḡ)·I, added on the diagonal alone (an identity matrix would be d² more to add)."""
+    g = np.array(gbar, np.float64)
+    g.flat[:: len(g) + 1] += DAMP * max(float(np.trace(gbar)) / len(gbar), 1e-30)
+    return g
+
+
 def weight_covariance(w: np.ndarray) -> np.ndarray:
     """C_θθ [C, C] of a weight [n, C, kk]: its rows and taps are the samples."""
     rows = w.transpose(0, 2, 1).reshape(-1, w.shape[1]).astype(np.float64)
@@ -60,8 +67,7 @@ def klt(w: np.ndarray) -> Transform:
 
 def elt(w: np.ndarray, gbar: np.ndarray) -> Transform:
     c = weight_covariance(w)
-    g = np.array(gbar, np.float64)  # Ḡ + damp·I, on the diagonal alone (an identity matrix is d² more to add)
-    g.flat[:: len(g) + 1] += DAMP * max(float(np.trace(gbar)) / len(gbar), 1e-30)
+    g = _damped(gbar)
     low = np.linalg.cholesky(g)
     lam, vec = np.linalg.eigh(low.T @ c @ low)
     order = np.argsort(-lam)
@@ -99,8 +105,7 @@ def fit_coefficients(w: np.ndarray, basis: np.ndarray, gbar: np.ndarray) -> np.n
     The basis error and any dropped channels are then absorbed by the coefficients, in the
     metric of the layer output, before the coefficients themselves are quantized.
     """
-    g = np.array(gbar, np.float64)  # Ḡ + damp·I, on the diagonal alone (an identity matrix is d² more to add)
-    g.flat[:: len(g) + 1] += DAMP * max(float(np.trace(gbar)) / len(gbar), 1e-30)
+    g = _damped(gbar)
     gram = basis @ g @ basis.T  # [K, K]
     # W Ḡ Bᵀ (Ḡ Bᵀ first, then one BLAS product: as one three-operand einsum an 8,210×1,024 Gemm took ~2 h)
     rhs = np.tensordot(w, g @ basis.T, axes=(1, 0))  # [n, kk, K]
