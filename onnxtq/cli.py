@@ -493,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="onnxtq: %(message)s")
     progress.enable(not args.quiet)
+    parallel.one_heap()
     try:
         return COMMANDS[args.command](args)
     except OnnxtqError as exc:

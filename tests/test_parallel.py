@@ -60,6 +60,26 @@ def test_layers_on_threads_come_back_in_order_each_with_one_blas_thread():
         assert blas_threads(None)[1] == before  # and the limit goes with them
 
 
+def test_one_heap_asks_glibc_for_one_arena_unless_the_user_chose(monkeypatch):
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(parallel.ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    parallel.one_heap()
+    assert calls == [(-8, 1)]  # M_ARENA_MAX in glibc's malloc.h
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    parallel.one_heap()
+    assert calls == [(-8, 1)]
+    monkeypatch.setattr(parallel.ctypes, "CDLL", lambda name: object())  # no mallopt: musl, macOS
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    parallel.one_heap()
+
+
 @pytest.mark.parametrize("pipeline", ["calibrate,tq{rate=3}", "calibrate,ecsq{rate=3}", "calibrate,auto{bits=4}"])
 def test_curves_made_on_threads_write_the_file_made_one_layer_after_the_other(tmp_path, pipeline):
     model, calib = bundled("mnist_transformer")
