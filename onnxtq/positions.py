@@ -47,7 +47,7 @@ def squares(values: np.ndarray, weights: np.ndarray | None = None, minus: np.nda
     buffer = np.empty((min(rows, len(values)), *values.shape[1:]))  # one chunk's float64 values, reused
     total = 0.0
     for r in range(0, len(values), rows):
-        part = buffer[: len(values[r : r + rows])]
+        part = buffer[: min(rows, len(values) - r)]
         if minus is None:
             part[...] = values[r : r + rows]
         else:

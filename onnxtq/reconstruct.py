@@ -145,9 +145,9 @@ def feedback_sensitivity(hessian: np.ndarray, damp: float = DAMP) -> np.ndarray:
     """1/U_jj² per column [P, d]: the layer-output error one unit of rounding error in column j costs
     once `gptq` has let the columns after it compensate (its order and damping). Equal-slope steps
     for error-feedback rounding scale as U_jj, as plain rounding's scale as 1/√H_jj."""
-    order, inverse, h = _act_order(hessian)
-    u_diag = np.diagonal(np.linalg.cholesky(np.linalg.inv(damped(h, damp, copy=False))), axis1=1, axis2=2)
-    return np.take_along_axis(1.0 / u_diag**2, inverse, axis=1)
+    factor = gptq_factor(hessian, damp)
+    u_diag = np.diagonal(factor.u, axis1=1, axis2=2)
+    return np.take_along_axis(1.0 / u_diag**2, factor.inverse, axis=1)
 
 
 def _act_order(hessian: np.ndarray):

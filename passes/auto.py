@@ -252,9 +252,10 @@ class AutoPass(Pass):
                 codec = TqCodec(depths=TQ_DEPTHS, scale_bits=cfg.scale_bits)
             else:
                 codec = EcsqCodec(scale_bits=cfg.scale_bits)
-            coded = [layer for layer in layers if layer.stats is not None or name != "tq"]  # ecsq codes a table
-            made = layer_map(codec.options, coded)  # tq's makes the layer's transforms
-            for layer, codings in bar(zip(coded, made), total=len(coded), desc=f"auto {name} curves", unit="weight"):
+            eligible = [layer for layer in layers if layer.stats is not None or name != "tq"]  # ecsq codes a table
+            made = layer_map(codec.options, eligible)  # tq's makes the layer's transforms
+            shown = bar(zip(eligible, made), total=len(eligible), desc=f"auto {name} curves", unit="weight")
+            for layer, codings in shown:
                 for coding in codings:
                     coding.name = name
                     options.setdefault(layer.site.name, []).append(coding)
