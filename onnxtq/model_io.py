@@ -257,11 +257,8 @@ _INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 _RAW = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 
 
-def write_whole(model: onnx.ModelProto, f) -> int:
-    """Write `model` as one file to `f`, its external tensors read in one at a time: the bytes `serialize`
-    gives, without the whole model (nor its bytes) in memory at once. Returns the bytes written."""
-    if inline_size(model) >= _TWO_GB:
-        raise ModelError("the compressed model exceeds 2 GB as one file", "write it with --external-data")
+def _initializer_sizes(model: onnx.ModelProto) -> list[int]:
+    """Each top-level initializer's serialized bytes with its external data read in, counted without reading it."""
     sizes = []
     for t in model.graph.initializer:
         if uses_external_data(t):
@@ -269,18 +266,45 @@ def write_whole(model: onnx.ModelProto, f) -> int:
             sizes.append(_inline(t, b"").ByteSize() - len(_tag(_RAW, 0)) + len(_tag(_RAW, n)) + n)
         else:
             sizes.append(t.ByteSize())
+    return sizes
+
+
+def _whole_frame(model: onnx.ModelProto, sizes: list[int]) -> tuple[bytes, bytes]:
+    """The one-file form's bytes before the initializers and after them."""
     graph_head, graph_tail = _around(model.graph, _INITIALIZER)
     graph_bytes = len(graph_head) + len(graph_tail) + sum(len(_tag(_INITIALIZER, n)) + n for n in sizes)
     model_head, model_tail = _around(model, _GRAPH)
-    f.write(model_head + _tag(_GRAPH, graph_bytes) + graph_head)
+    return model_head + _tag(_GRAPH, graph_bytes) + graph_head, graph_tail + model_tail
+
+
+def whole_size(model: onnx.ModelProto) -> int:
+    """`len(serialize(model))` without reading the external data in: a big model's size, counted."""
+    if not external_locations(model):
+        return model.ByteSize()
+    top = sum(uses_external_data(t) for t in model.graph.initializer)
+    if sum(uses_external_data(t) for t in _iter_tensors(model.graph)) > top:
+        return len(serialize(model))  # external tensors in subgraphs or attributes: read in, as serialize does
+    sizes = _initializer_sizes(model)
+    head, tail = _whole_frame(model, sizes)
+    return len(head) + sum(len(_tag(_INITIALIZER, n)) + n for n in sizes) + len(tail)
+
+
+def write_whole(model: onnx.ModelProto, f) -> int:
+    """Write `model` as one file to `f`, its external tensors read in one at a time: the bytes `serialize`
+    gives, without the whole model (nor its bytes) in memory at once. Returns the bytes written."""
+    if inline_size(model) >= _TWO_GB:
+        raise ModelError("the compressed model exceeds 2 GB as one file", "write it with --external-data")
+    sizes = _initializer_sizes(model)
+    head, tail = _whole_frame(model, sizes)
+    f.write(head)
     for t, n in zip(model.graph.initializer, sizes):
         data = (_inline(t, _external_bytes(t)) if uses_external_data(t) else t).SerializeToString()
         if len(data) != n:
             raise AssertionError(f"tensor '{t.name}': {len(data)} bytes written, {n} counted")
         f.write(_tag(_INITIALIZER, n) + data)
         del data
-    f.write(graph_tail + model_tail)
-    return len(model_head) + len(_tag(_GRAPH, graph_bytes)) + graph_bytes + len(model_tail)
+    f.write(tail)
+    return len(head) + sum(len(_tag(_INITIALIZER, n)) + n for n in sizes) + len(tail)
 
 
 def _read_in(model: onnx.ModelProto, keep: str | None = None) -> onnx.ModelProto:

@@ -189,7 +189,8 @@ class Emitted:
     """A model emitted at one allocation: its proto, its file bytes, and what its pass records."""
 
     model: onnx.ModelProto
-    data: bytes
+    size: int  # the file's bytes as the pass writes it
+    data: bytes | None  # those bytes, for a served-size target (brotli reads them); None for the others
     records: list
     predicted_error: float  # Σ gain·layer error of the allocation
     weight_bits: float  # bits the quantizable weights take (float ones at their width)
@@ -199,7 +200,7 @@ class Emitted:
     @property
     def file_bytes(self) -> int:
         """The file's size once written (what the run adds after the pass included)."""
-        return len(self.data) + SIZE_MARGIN
+        return self.size + SIZE_MARGIN
 
 
 class Search:
@@ -259,6 +260,7 @@ class Search:
             if meet is not None and self._settled(meet[0], miss, quantity if ok else None):
                 break
             aim = self._next(aim, emitted, quantity, meet[0] if meet else None, miss, bits_for_error)
+            emitted = None  # a miss's model goes before the next one is made
             if round(aim) in tried:
                 break
         self.result.met = meet is not None

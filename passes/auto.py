@@ -33,7 +33,7 @@ from onnxtq.errors import UsageError, VerificationError
 from onnxtq.finish import finish
 from onnxtq.gains import Probe
 from onnxtq.graph import Graph, copy_model
-from onnxtq.model_io import serialize
+from onnxtq.model_io import serialize, whole_size
 from onnxtq.opsets import Emission
 from onnxtq.packing import container_bits
 from onnxtq.parallel import layer_map
@@ -163,7 +163,7 @@ class AutoPass(Pass):
         banded = self._banded_options(layers, kind)
         energy = probe.energy
         search = Search(kind, value, held, energy, cfg.rounds)
-        others = len(serialize(model)) - sum(ctx.graph.nbytes(s.name) for s in sites)
+        others = whole_size(model) - sum(ctx.graph.nbytes(s.name) for s in sites)
         first_aim = self._first_aim(kind, value, energy, others, sum(layer.size for layer in layers))
         pristine = copy_model(model)
         self._materialized: dict = {}
@@ -333,13 +333,14 @@ class AutoPass(Pass):
             record.share = record.share / predicted if predicted > 0 else 0.0
         graph.remove_dead()
         proto = graph.proto()
+        written = proto
         if self._lowers:
-            written = Graph(copy_model(proto))
-            lowering.lower(written, every=True)
-            data = serialize(written.proto())
-        else:
-            data = serialize(proto)
-        return Emitted(proto, data, records, predicted, weight_bits, weights, w_hat)
+            lowered = Graph(copy_model(proto))
+            lowering.lower(lowered, every=True)
+            written = lowered.proto()
+        data = serialize(written) if kind == "served_size" else None  # brotli reads the bytes; else the size will do
+        size = len(data) if data is not None else whole_size(written)
+        return Emitted(proto, size, data, records, predicted, weight_bits, weights, w_hat)
 
     @staticmethod
     def _key(name: str, index: int, picks) -> tuple:

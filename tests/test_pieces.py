@@ -200,12 +200,13 @@ def test_check_runs_in_pieces_sees_the_outputs(small_pieces):
 
 
 @pytest.mark.parametrize("name", ["mnist_cnn", "mnist_transformer"])
-def test_one_file_written_a_tensor_at_a_time_is_the_serialized_model(name, tmp_path):
+def test_one_file_written_a_tensor_at_a_time_is_the_serialized_model(name, tmp_path, monkeypatch):
     path, _ = bundled(name)
     model = onnx.load(path)
     out = io.BytesIO()
     assert model_io.write_whole(model, out) == len(out.getvalue())
     assert out.getvalue() == model.SerializeToString()
+    assert model_io.whole_size(model) == len(out.getvalue())
     onnx.external_data_helper.convert_model_to_external_data(model, location="w.bin", size_threshold=1024)
     onnx.save(model, tmp_path / "split.onnx")
     split = onnx.load(tmp_path / "split.onnx", load_external_data=False)
@@ -219,6 +220,8 @@ def test_one_file_written_a_tensor_at_a_time_is_the_serialized_model(name, tmp_p
         model_io.write_whole(proto, out)
         assert out.getvalue() == model_io.serialize(proto)
         assert scratch.path.stat().st_size == 1_200_000
+        monkeypatch.setattr(model_io, "_external_bytes", None)  # counted, never read
+        assert model_io.whole_size(proto) == len(out.getvalue())
 
 
 @pytest.mark.parametrize("name", ["mnist_transformer", "mnist_cnn"])
