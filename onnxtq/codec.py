@@ -64,6 +64,13 @@ class Layer:
         return self.weight if self.graph is None else self._read(self.graph, self.site)
 
     @property
+    def dtype(self) -> np.dtype:
+        """The stored weight's type, without reading a weight left on disk."""
+        if self.graph is None:
+            return self.weight.dtype
+        return np.dtype(self.graph.initializers[self.site.name].const_value.dtype.numpy())
+
+    @property
     def stats(self) -> LayerStats | None:
         return self.held if self.source is None else self.source.get(self.site)
 

@@ -323,7 +323,7 @@ class AutoPass(Pass):
             record = finish(graph, layer, coded, self.name, self.config.bias_correct)
             record.codec, record.share = codec, distortion
             if weights_kept:  # in the stored type, as onnxruntime will be given it (not float64 copies)
-                w_hat[name] = np.asarray(coded.w_hat, layer.w.dtype)
+                w_hat[name] = np.asarray(coded.w_hat, layer.dtype)
                 if layer.source is not None:  # a model run in pieces: it waits on disk for its piece
                     w_hat[name] = layer.source.keep_array(w_hat[name])
             weight_bits += 8.0 * record.bytes_after

@@ -75,6 +75,7 @@ def test_statistics_written_to_disk_are_read_when_asked_for(calibrated, name):
         held, lazy = Layer.of(graph, site, stats), Layer.of(graph, site, spilled, lazy=True)
         assert lazy.held is None and lazy.source is spilled and spilled.spilled(site)
         assert lazy.weight is None and lazy.size == held.size  # read from the graph when asked for (auto)
+        assert lazy.dtype == held.dtype == held.w.dtype
         np.testing.assert_array_equal(lazy.w, held.w)
         np.testing.assert_array_equal(lazy.stats.moment, held.stats.moment)
         loaded = lazy.loaded()
