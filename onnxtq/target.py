@@ -109,7 +109,10 @@ class HeldOut:
             sess = model_io.session(model, self.threads, fold_dequantize=True)
             names = [o.name for o in sess.get_outputs()]
             runs = [sess.run(names, feed) for feed in feeds]
-        return [np.concatenate([np.asarray(r[i], np.float64) for r in runs]) for i in range(len(model.graph.output))]
+        outs = [np.concatenate([r[i] for r in runs]) for i in range(len(model.graph.output))]
+        # class scores in float64 for the agreement's arithmetic; the rest as onnxruntime gave them (a language
+        # model's logits are large; `positions.squares` takes their differences in float64)
+        return [np.asarray(o, np.float64) if _class_scores(o) else o for o in outs]
 
     def measure(self, model: onnx.ModelProto) -> Measured:
         outs = self._run(model, self.feeds)
