@@ -285,7 +285,10 @@ def whole_size(model: onnx.ModelProto) -> int:
     if sum(uses_external_data(t) for t in _iter_tensors(model.graph)) > top:
         return len(serialize(model))  # external tensors in subgraphs or attributes: read in, as serialize does
     sizes = _initializer_sizes(model)
-    head, tail = _whole_frame(model, sizes)
+    return _whole_length(*_whole_frame(model, sizes), sizes)
+
+
+def _whole_length(head: bytes, tail: bytes, sizes: list[int]) -> int:
     return len(head) + sum(len(_tag(_INITIALIZER, n)) + n for n in sizes) + len(tail)
 
 
@@ -304,7 +307,7 @@ def write_whole(model: onnx.ModelProto, f) -> int:
         f.write(_tag(_INITIALIZER, n) + data)
         del data
     f.write(tail)
-    return len(head) + sum(len(_tag(_INITIALIZER, n)) + n for n in sizes) + len(tail)
+    return _whole_length(head, tail, sizes)
 
 
 def _read_in(model: onnx.ModelProto, keep: str | None = None) -> onnx.ModelProto:

@@ -189,7 +189,8 @@ def _sqnr(reference: np.ndarray, out: np.ndarray, counted: np.ndarray | None = N
 
 @dataclass
 class Emitted:
-    """A model emitted at one allocation: its proto, its file bytes, and what its pass records."""
+    """A model emitted at one allocation: its proto, its file's size (and bytes, where brotli must read them),
+    and what its pass records."""
 
     model: onnx.ModelProto
     size: int  # the file's bytes as the pass writes it
