@@ -66,6 +66,11 @@ def _check_header(t: onnx.TensorProto, where: str) -> None:
 def _iter_tensors(graph: onnx.GraphProto):
     """Every TensorProto in the graph and its subgraphs (initializers and attributes)."""
     yield from graph.initializer
+    yield from _nested_tensors(graph)
+
+
+def _nested_tensors(graph: onnx.GraphProto):
+    """The TensorProtos of the graph's node attributes and subgraphs: all but its own initializers."""
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR:
@@ -281,11 +286,23 @@ def whole_size(model: onnx.ModelProto) -> int:
     """`len(serialize(model))` without reading the external data in: a big model's size, counted."""
     if not external_locations(model):
         return model.ByteSize()
-    top = sum(uses_external_data(t) for t in model.graph.initializer)
-    if sum(uses_external_data(t) for t in _iter_tensors(model.graph)) > top:
-        return len(serialize(model))  # external tensors in subgraphs or attributes: read in, as serialize does
+    model = _bodies_read_in(model)
     sizes = _initializer_sizes(model)
     return _whole_length(*_whole_frame(model, sizes), sizes)
+
+
+def _bodies_read_in(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with the external tensors outside its main graph's initializers read in (in If/Loop bodies or
+    Constant attributes; small ones, as `graph.hoist_body_weights` lifts the weights): the one-file form is
+    framed around the main graph's initializers only, and would leave those pointing at the input's data."""
+    if not any(uses_external_data(t) for t in _nested_tensors(model.graph)):
+        return model
+    whole = onnx.ModelProto()
+    whole.CopyFrom(model)  # cheap: the main graph's weights on disk are headers here
+    for t in _nested_tensors(whole.graph):
+        if uses_external_data(t):
+            t.CopyFrom(_inline(t, _external_bytes(t)))
+    return whole
 
 
 def _whole_length(head: bytes, tail: bytes, sizes: list[int]) -> int:
@@ -297,6 +314,7 @@ def write_whole(model: onnx.ModelProto, f) -> int:
     gives, without the whole model (nor its bytes) in memory at once. Returns the bytes written."""
     if inline_size(model) >= _TWO_GB:
         raise ModelError("the compressed model exceeds 2 GB as one file", "write it with --external-data")
+    model = _bodies_read_in(model)
     sizes = _initializer_sizes(model)
     head, tail = _whole_frame(model, sizes)
     f.write(head)

@@ -224,6 +224,43 @@ def test_one_file_written_a_tensor_at_a_time_is_the_serialized_model(name, tmp_p
         assert model_io.whole_size(proto) == len(out.getvalue())
 
 
+def test_one_file_holds_the_external_tensors_of_if_bodies(tmp_path, monkeypatch):
+    """An external tensor in an If body (a bias left there: hoisting lifts only weights) is read into the one
+    file, as `serialize` reads it: not left pointing at the input's data."""
+    h = onnx.helper
+    bias = np.arange(400, dtype=np.float32)
+    branches = [
+        h.make_graph(
+            [h.make_node("Add", ["x", f"b{k}"], [f"y{k}"])],
+            f"branch{k}",
+            [],
+            [h.make_tensor_value_info(f"y{k}", onnx.TensorProto.FLOAT, [400])],
+            [onnx.numpy_helper.from_array(bias * (k + 1), f"b{k}")],
+        )
+        for k in range(2)
+    ]
+    main = h.make_graph(
+        [h.make_node("If", ["c"], ["y"], then_branch=branches[0], else_branch=branches[1])],
+        "main",
+        [h.make_tensor_value_info("c", onnx.TensorProto.BOOL, []), h.make_tensor_value_info("x", 1, [400])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [400])],
+        [onnx.numpy_helper.from_array(np.ones((400, 4), np.float32), "w")],
+    )
+    model = h.make_model(main, opset_imports=[h.make_opsetid("", 21)])
+    whole = model.SerializeToString()
+    onnx.external_data_helper.convert_model_to_external_data(model, location="w.bin", size_threshold=1024)
+    onnx.save(model, tmp_path / "split.onnx")
+    split = onnx.load(tmp_path / "split.onnx", load_external_data=False)
+    assert sum(onnx.external_data_helper.uses_external_data(t) for t in model_io._nested_tensors(split.graph)) == 2
+    with external_data_from(tmp_path):
+        out = io.BytesIO()
+        assert model_io.write_whole(split, out) == len(out.getvalue()) == model_io.whole_size(split)
+        assert out.getvalue() == model_io.serialize(split)
+    read = onnx.load_from_string(out.getvalue())
+    assert not model_io.external_locations(read)
+    assert len(out.getvalue()) == len(whole)
+
+
 @pytest.mark.parametrize("name", ["mnist_transformer", "mnist_cnn"])
 def test_gains_and_marginal_errors_in_pieces_are_those_of_one_session(name, monkeypatch, tmp_path):
     """A weight's variant runs from its own piece on (onnxtq.variants): the output errors are those of the
