@@ -297,12 +297,7 @@ def _bodies_read_in(model: onnx.ModelProto) -> onnx.ModelProto:
     framed around the main graph's initializers only, and would leave those pointing at the input's data."""
     if not any(uses_external_data(t) for t in _nested_tensors(model.graph)):
         return model
-    whole = onnx.ModelProto()
-    whole.CopyFrom(model)  # cheap: the main graph's weights on disk are headers here
-    for t in _nested_tensors(whole.graph):
-        if uses_external_data(t):
-            t.CopyFrom(_inline(t, _external_bytes(t)))
-    return whole
+    return _read_in(model, tensors=_nested_tensors)
 
 
 def _whole_length(head: bytes, tail: bytes, sizes: list[int]) -> int:
@@ -328,11 +323,12 @@ def write_whole(model: onnx.ModelProto, f) -> int:
     return _whole_length(head, tail, sizes)
 
 
-def _read_in(model: onnx.ModelProto, keep: str | None = None) -> onnx.ModelProto:
-    """A copy of `model` holding the data of its external tensors, but those in the file `keep`."""
+def _read_in(model: onnx.ModelProto, keep: str | None = None, tensors=_iter_tensors) -> onnx.ModelProto:
+    """A copy of `model` holding the data of its external tensors (those `tensors(graph)` yields), but those in
+    the file `keep`."""
     whole = onnx.ModelProto()
     whole.CopyFrom(model)  # cheap: the weights still on disk are headers here
-    for t in _iter_tensors(whole.graph):
+    for t in tensors(whole.graph):
         location = next((e.value for e in t.external_data if e.key == "location"), None)
         if uses_external_data(t) and location != keep:
             t.CopyFrom(_inline(t, _external_bytes(t)))

@@ -224,7 +224,7 @@ def test_one_file_written_a_tensor_at_a_time_is_the_serialized_model(name, tmp_p
         assert model_io.whole_size(proto) == len(out.getvalue())
 
 
-def test_one_file_holds_the_external_tensors_of_if_bodies(tmp_path, monkeypatch):
+def test_one_file_holds_the_external_tensors_of_if_bodies(tmp_path):
     """An external tensor in an If body (a bias left there: hoisting lifts only weights) is read into the one
     file, as `serialize` reads it: not left pointing at the input's data."""
     h = onnx.helper
@@ -242,7 +242,10 @@ def test_one_file_holds_the_external_tensors_of_if_bodies(tmp_path, monkeypatch)
     main = h.make_graph(
         [h.make_node("If", ["c"], ["y"], then_branch=branches[0], else_branch=branches[1])],
         "main",
-        [h.make_tensor_value_info("c", onnx.TensorProto.BOOL, []), h.make_tensor_value_info("x", 1, [400])],
+        [
+            h.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+            h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [400]),
+        ],
         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [400])],
         [onnx.numpy_helper.from_array(np.ones((400, 4), np.float32), "w")],
     )
