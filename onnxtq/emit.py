@@ -303,3 +303,69 @@ def dequantized(blocking: Blocking, code: GroupCode) -> np.ndarray:
     """The float weight ORT will compute, in the stored layout (numpy reference), laid out as that layout (a
     MatMul weight's groups are its transposed view: every later pass over it would stride)."""
     return kernels.rows_of(blocking.from_groups(code.dequantize()))
+
+
+def emit_rotated_table(
+    graph: Graph, site: WeightSite, codes: np.ndarray, step: np.ndarray, bits: int, basis: GroupCode, pass_name: str
+) -> int:
+    """Replace an embedding table W [V, D] by coefficients C over a basis B [D, D], W = C·B, each DequantizeLinear
+    codes: C stored column by column (Cᵀ [D, V], `codes`, one `step`; brotli then codes each column with its own
+    statistics), B a step per row. The one Gather that reads the table gathers coefficient columns (axis 1) and an
+    Einsum turns them into rows: D² multiply-adds per token, where W = C·B in the graph would be V·D² each run.
+    A table read otherwise (or inside a body) is W = C·B in the graph. Returns the bytes now stored."""
+    ftype = float_type(graph, site)
+    c_node, stored = _dequantize_node(
+        graph, site.name, site.node, codes, _scale_values(step, ftype), None, bits, {}, ftype, pass_name
+    )
+    scale = _scale_values(basis.scale, ftype)
+    b_node, b_stored = _dequantize_node(
+        graph, f"{site.name}/basis", site.node, basis.q, scale, None, basis.bits, {"axis": 0}, ftype, pass_name
+    )
+    prepend(graph, [c_node, b_node])
+    table = graph.initializers[site.name]
+    uses = list(table.uses())
+    gather = uses[0].node if len(uses) == 1 and uses[0].idx == 0 else None
+    if gather is None or gather.op_type != "Gather" or gather.graph is not graph.graph or node_attr(gather, "axis", 0):
+        product = graph.node(
+            "Einsum",
+            [c_node.outputs[0], b_node.outputs[0]],
+            [graph.unique(f"{site.name}/onnxtq.product")],
+            graph.unique(f"{site.node}/onnxtq.product"),
+            equation="kv,kc->vc",
+        )
+        nodes = [tag(product, pass_name, "product")]
+        nodes += replace_initializer(graph, site, product.outputs[0], pass_name)
+        graph.graph.insert_after(b_node, nodes)
+    else:
+        columns = graph.node(
+            "Gather",
+            [c_node.outputs[0], gather.inputs[1]],
+            [graph.unique(f"{site.node}/onnxtq.columns")],
+            graph.unique(f"{site.node}/onnxtq.columns"),
+            axis=1,
+        )
+        rows = graph.node(
+            "Einsum",
+            [columns.outputs[0], b_node.outputs[0]],
+            [graph.unique(f"{site.node}/onnxtq.rows")],
+            graph.unique(f"{site.node}/onnxtq.rows"),
+            equation=_rows_equation(gather.inputs[1]),
+        )
+        graph.graph.insert_before(gather, [tag(columns, pass_name, "gather"), tag(rows, pass_name, "basis")])
+        old, new = gather.outputs[0], rows.outputs[0]
+        new.type, new.shape = old.type, old.shape
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+        graph.graph.remove(gather, safe=True)
+        new.name = old.name  # the value keeps its name: it may be a graph output
+        graph.initializers.pop(site.name)
+    return sum(tensor_nbytes(t) for t in stored + b_stored)
+
+
+def _rows_equation(indices: ir.Value) -> str:
+    """Gathered columns [D, *indices] times the basis [D, D] → rows [*indices, D]: letters where the indices' rank
+    is known (not every runtime reads an ellipsis), else one."""
+    rank = None if indices.shape is None else len(indices.shape)
+    if rank is None or rank > 8:
+        return "k...,kc->...c"
+    axes = "abcdefgh"[:rank]
+    return f"k{axes},kc->{axes}c"

@@ -251,7 +251,7 @@ class AutoPass(Pass):
             elif name == "tq":
                 codec = TqCodec(depths=TQ_DEPTHS, scale_bits=cfg.scale_bits)
             else:
-                codec = EcsqCodec(scale_bits=cfg.scale_bits)
+                codec = EcsqCodec(scale_bits=cfg.scale_bits, rotate=True)  # tables in the transform domain too
             eligible = [layer for layer in layers if layer.stats is not None or name != "tq"]  # ecsq codes a table
             made = layer_map(codec.options, eligible)  # tq's makes the layer's transforms
             shown = bar(zip(eligible, made), total=len(eligible), desc=f"auto {name} curves", unit="weight")

@@ -9,13 +9,16 @@ from builders import bundled, fold_dequantize, run
 from onnx import numpy_helper
 
 from onnxtq import compress
+from onnxtq.codec import Layer
 from onnxtq.codecs import ecsq as ecsq_codec
 from onnxtq.emit import narrowest_container
 from onnxtq.entropy import RateGrid, code_lengths, entropy_bits, weighted_kmeans_1d
 from onnxtq.errors import UsageError
+from onnxtq.graph import Graph
 from onnxtq.pipeline import parse
 from onnxtq.quantize import Blocking, int_range
 from onnxtq.reconstruct import damped, feedback_sensitivity
+from onnxtq.weights import discover
 
 INTEGER_TYPES = tuple(getattr(onnx.TensorProto, f"{s}INT{b}") for s in ("", "U") for b in (2, 4, 8, 16))
 
@@ -172,3 +175,74 @@ def test_per_tensor_blocking_round_trips():
     assert b.scale_shape == () and b.to_groups(a).shape == (1, 24)
     np.testing.assert_array_equal(b.from_groups(b.to_groups(a)), a)
     assert b.scales_to_shape(np.array([0.5])).shape == ()
+
+
+def _table_model(table: np.ndarray, twice: bool) -> onnx.ModelProto:
+    """ids → Gather(table) → y; `twice`: a second Gather reads the table too (→ z)."""
+    dim = table.shape[1]
+    nodes = [onnx.helper.make_node("Gather", ["table", "ids"], ["y"])]
+    outputs = [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 5, dim])]
+    if twice:
+        nodes.append(onnx.helper.make_node("Gather", ["table", "ids"], ["z"]))
+        outputs.append(onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 5, dim]))
+    inputs = [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 5])]
+    graph = onnx.helper.make_graph(nodes, "table", inputs, outputs, [numpy_helper.from_array(table, "table")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 25)])
+    model.ir_version = 11
+    return model
+
+
+def _correlated_table(rng, rows=600, dim=24) -> np.ndarray:
+    """Rows whose columns are mixed by a matrix of falling singular values, as an embedding's are (MiniLM's:
+    a coding gain of 1.5 dB)."""
+    mixing = rng.normal(size=(dim, dim)) * np.exp(-np.arange(dim) / 8.0)[:, None]
+    return (rng.normal(size=(rows, dim)) @ mixing).astype(np.float32)
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_a_rotated_table_is_what_onnxruntime_runs(rng, twice):
+    """An embedding table coded over its principal axes: the gathered columns times the basis (or, where two nodes
+    read the table, the product in the graph) give onnxruntime the rows of Ŵ = C·B̂ the codec predicted."""
+    table = _correlated_table(rng)
+    graph = Graph(_table_model(table, twice))
+    (site,) = discover(graph).sites
+    layer = Layer.of(graph, site, None)
+    plain, rotated = ecsq_codec.EcsqCodec(rotate=True).options(layer)
+    assert plain.name == "steps" and rotated.name == "klt steps"
+    coded = rotated.materialize([len(ecsq_codec.STEP_OCTAVES) // 2])
+    stored = coded.write(graph, "ecsq")
+    model = graph.proto()
+    onnx.checker.check_model(model, full_check=True)
+    assert [o.name for o in model.graph.output] == ["y", "z"][: 1 + twice]
+    codes = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("onnxtq.q"))
+    assert codes.shape == table.shape[::-1]  # stored column by column
+    assert stored < table.nbytes / 3
+    ids = rng.integers(0, len(table), size=(3, 5))
+    for out in run(model, {"ids": ids}):
+        np.testing.assert_allclose(out, coded.w_hat[ids], rtol=1e-5, atol=1e-5)
+    gathers_columns = any(n.op_type == "Gather" and n.attribute and n.attribute[0].i == 1 for n in model.graph.node)
+    assert gathers_columns != twice
+
+
+def test_a_rotated_table_costs_its_columns_entropy_and_pays_where_they_correlate(rng):
+    """The rotated curve's points are the codes' column-by-column entropy (plus basis and steps) and ‖Ŵ − W‖²;
+    at equal distortion they cost fewer bits than the plain steps' on a table whose columns correlate."""
+    table = _correlated_table(rng, rows=2000)
+    graph = Graph(_table_model(table, False))
+    (site,) = discover(graph).sites
+    layer = Layer.of(graph, site, None)
+    plain, rotated = ecsq_codec.EcsqCodec(rotate=True).options(layer)
+    (band,) = rotated.bands
+    k = len(ecsq_codec.STEP_OCTAVES) // 2
+    coded = rotated.materialize([k])
+    w = table.astype(np.float64)
+    assert band.distortion[k] == pytest.approx(((coded.w_hat - w) ** 2).sum(), rel=1e-9)
+    assert coded.nominal_bits * table.size < band.bits[k] < coded.nominal_bits * table.size + 8 * 24 * 24 + 16 * 25
+    # the plain steps' bits at the rotated curve's distortions (interpolated in log distortion) are more
+    (plain_band,) = plain.bands
+    order = np.argsort(plain_band.distortion)
+    inside = (band.distortion > plain_band.distortion.min()) & (band.distortion < plain_band.distortion.max())
+    inside &= band.bits > 2 * table.size  # past a few bits per weight, where the basis is a small share
+    at = np.log(band.distortion[inside])
+    plain_bits = np.interp(at, np.log(plain_band.distortion[order]), plain_band.bits[order])
+    assert inside.sum() >= 3 and np.all(band.bits[inside] < 0.97 * plain_bits)

@@ -222,7 +222,7 @@ def test_a_table_without_statistics_competes_with_ecsq_for_a_served_size():
     (site,) = discover(graph).sites
     layer = Layer.of(graph, site, None)
     served = AutoPass(served_size=10_000)._banded_options([layer], "served_size")
-    assert [o.name for o in served["table"]] == ["ecsq"]
+    assert [o.name for o in served["table"]] == ["ecsq", "ecsq"]  # its steps, and its steps over its principal axes
     assert not AutoPass(size=10_000)._banded_options([layer], "size")  # ecsq competes for a served size only
 
 
