@@ -253,7 +253,8 @@ class AutoPass(Pass):
             else:
                 codec = EcsqCodec(scale_bits=cfg.scale_bits, rotate=True)  # tables in the transform domain too
             eligible = [layer for layer in layers if layer.stats is not None or name != "tq"]  # ecsq codes a table
-            made = layer_map(codec.options, eligible)  # tq's makes the layer's transforms
+            heavy = codec.heavy if name == "tq" else None  # wide layers' transforms one at a time
+            made = layer_map(codec.options, eligible, heavy)  # tq's makes the layer's transforms
             shown = bar(zip(eligible, made), total=len(eligible), desc=f"auto {name} curves", unit="weight")
             for layer, codings in shown:
                 for coding in codings:

@@ -126,7 +126,8 @@ class TqPass(Pass):
             return tq_layer, codec.options(tq_layer)
 
         layers, options = [], {}
-        for tq_layer, mine in bar(layer_map(curves, plain), total=len(plain), desc="tq transforms and curves"):
+        made = layer_map(curves, plain, codec.heavy)  # wide layers' transforms one at a time
+        for tq_layer, mine in bar(made, total=len(plain), desc="tq transforms and curves"):
             layers.append(tq_layer)
             options[tq_layer.site.name] = mine
         weights = sum(int(np.prod(s.shape)) for s in sites)

@@ -1,5 +1,7 @@
 """Per-layer work on threads (--jobs) and on a Dask cluster (--cluster): the same file wherever it ran."""
 
+import threading
+
 import numpy as np
 import pytest
 import threadpoolctl
@@ -7,7 +9,11 @@ from builders import bundled
 
 from onnxtq import parallel
 from onnxtq.cli import main
+from onnxtq.codec import Layer
+from onnxtq.codecs import tq as tq_codec
+from onnxtq.codecs.tq import TqCodec
 from onnxtq.quantize import SEARCH_ELEMENTS, _clip_search, int_range, quantize_groups
+from onnxtq.weights import WeightSite
 
 #: crq codes the big weights, rtn 2-bit zero points the rest: both passes' per-layer tasks
 PIPELINE = "calibrate,crq{bits=4,min_elements=8192},rtn{bits=2,min_elements=0}"
@@ -60,6 +66,56 @@ def test_layers_on_threads_come_back_in_order_each_with_one_blas_thread():
         assert blas_threads(None)[1] == before  # and the limit goes with them
 
 
+def test_heavy_layers_run_one_at_a_time_beside_the_others_and_come_back_in_order():
+    """Items marked heavy (wide layers' curves) never run together; the others run beside them."""
+    heavy = {0, 1, 4, 5}
+    lock, running, most = threading.Lock(), {"heavy": 0}, {"heavy": 0}
+    light_started = threading.Event()
+
+    def work(item):
+        with lock:
+            running["heavy"] += item in heavy
+            most["heavy"] = max(most["heavy"], running["heavy"])
+        if item in heavy:
+            beside = light_started.wait(timeout=30)  # a light item starts while this one runs
+        else:
+            light_started.set()
+            beside = None
+        with lock:
+            running["heavy"] -= item in heavy
+        return item, beside
+
+    parallel.configure(2)
+    answers = list(parallel.layer_map(work, range(8), heavy=lambda item: item in heavy))
+    assert [item for item, _ in answers] == list(range(8))
+    assert most["heavy"] == 1
+    assert answers[0][1] is True  # the second worker skipped heavy item 1 for a light one
+
+
+def test_a_failing_layer_fails_the_map_and_a_map_left_early_stops():
+    def work(item):
+        if item == 3:
+            raise ValueError("layer 3")
+        return item
+
+    parallel.configure(2)
+    with pytest.raises(ValueError, match="layer 3"):
+        list(parallel.layer_map(work, range(6), heavy=lambda item: item % 2 == 0))
+    answers = parallel.layer_map(lambda item: item, range(50), heavy=lambda item: item % 2 == 0)
+    assert [next(answers), next(answers)] == [0, 1]
+    answers.close()  # its workers finish what they hold and stop
+
+
+def test_tq_curves_of_a_wide_layer_are_heavy():
+    """An MLP down-projection of a 353M model (4,096 inputs: 1.24 GB measured) is heavy, its up-projection
+    (1,024 inputs, 0.46 GB) not."""
+
+    def layer(d, n):
+        return Layer(WeightSite("w", "mm", "MatMul", "matmul", (d, n), True, None, None, False), None, None)
+
+    assert TqCodec.heavy(layer(4096, 1024)) and not TqCodec.heavy(layer(1024, 4096))
+
+
 def test_one_heap_asks_glibc_for_one_arena_unless_the_user_chose(monkeypatch):
     calls = []
 
@@ -82,6 +138,21 @@ def test_one_heap_asks_glibc_for_one_arena_unless_the_user_chose(monkeypatch):
 
 @pytest.mark.parametrize("pipeline", ["calibrate,tq{rate=3}", "calibrate,ecsq{rate=3}", "calibrate,auto{bits=4}"])
 def test_curves_made_on_threads_write_the_file_made_one_layer_after_the_other(tmp_path, pipeline):
+    model, calib = bundled("mnist_transformer")
+    files = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"{jobs}.onnx"
+        argv = ["-q", "compress", str(model), "-o", str(out), "--calib", str(calib), "--pipeline", pipeline]
+        assert main([*argv, "--jobs", jobs]) == 0
+        files.append(out.read_bytes())
+    assert files[0] == files[1]
+
+
+@pytest.mark.parametrize("pipeline", ["calibrate,tq{rate=3}", "calibrate,auto{bits=4}"])
+def test_curves_with_heavy_layers_write_the_same_file(tmp_path, monkeypatch, pipeline):
+    """With the MLP's and the attention's input projections heavy (1.0–1.6 MB of working set here), the schedule
+    changes and the file does not."""
+    monkeypatch.setattr(tq_codec, "HEAVY_BYTES", 1_000_000)
     model, calib = bundled("mnist_transformer")
     files = []
     for jobs in ("1", "2"):

@@ -43,6 +43,8 @@ from onnxtq.weights import WeightSite
 DEPTHS = {"container": (2, 4, 8), "planes": (2, 4, 6, 8, 10, 12), "nominal": (2, 3, 4, 5, 6, 7, 8)}
 #: Values of a block of rows whose output errors are compared at once when a layer is materialised.
 ERROR_BLOCK = 1 << 22
+#: Bytes of working set past which a layer's curves are made while no other such layer's are (`heavy`).
+HEAVY_BYTES = 512 << 20
 #: A two-plane depth is offered where its codes take this many times a plane's own bytes (PLANE_BYTES).
 PLANE_SHARE = 16
 
@@ -115,6 +117,14 @@ class TqCodec(Codec):
                     coding.transform.synthesis = plain.source.keep_array(coding.transform.synthesis)
         tq_layer.layer = plain  # statistics written to disk are read again when materialised, not held
         return options
+
+    @staticmethod
+    def heavy(layer: Layer) -> bool:
+        """Whether making the layer's curves holds more than HEAVY_BYTES (onnxtq.parallel.layer_map runs such layers
+        one at a time): about 6 d×d and 12 n×d float64 arrays (H, the transform and its inverse, GPTQ's factors;
+        codes and errors per depth), measured at 1.24 GB for d = 4,096, n = 1,024 and 0.46 GB for 1,024 × 4,096."""
+        d = layer.size // layer.site.rows
+        return 8 * (6 * d * d + 12 * layer.size) > HEAVY_BYTES
 
     def _materializer(self, layer: TqLayer, coding: Coding, option: Option):
         def materialize(picks, drift=None) -> Coded:
