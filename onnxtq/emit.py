@@ -308,11 +308,12 @@ def dequantized(blocking: Blocking, code: GroupCode) -> np.ndarray:
 def emit_rotated_table(
     graph: Graph, site: WeightSite, codes: np.ndarray, step: np.ndarray, bits: int, basis: GroupCode, pass_name: str
 ) -> int:
-    """Replace an embedding table W [V, D] by coefficients C over a basis B [D, D], W = C·B, each DequantizeLinear
-    codes: C stored column by column (Cᵀ [D, V], `codes`, one `step`; brotli then codes each column with its own
-    statistics), B a step per row. The one Gather that reads the table gathers coefficient columns (axis 1) and an
-    Einsum turns them into rows: D² multiply-adds per token, where W = C·B in the graph would be V·D² each run.
-    A table read otherwise (or inside a body) is W = C·B in the graph. Returns the bytes now stored."""
+    """Replace an embedding table W [V, D] by coefficients C over a basis B [D, D], W = C·B, both decoded by
+    DequantizeLinear: C stored column by column (Cᵀ [D, V], `codes`, one `step`: brotli then codes each column
+    with its own statistics), B with a step per row. The one Gather that reads the table gathers coefficient
+    columns (axis 1) and an Einsum turns them into rows: D² multiply-adds per token, where W = C·B in the graph
+    would be V·D² on every run. A table read otherwise too (or inside a body) is W = C·B in the graph. Returns
+    the bytes now stored."""
     ftype = float_type(graph, site)
     c_node, stored = _dequantize_node(
         graph, site.name, site.node, codes, _scale_values(step, ftype), None, bits, {}, ftype, pass_name

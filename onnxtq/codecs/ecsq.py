@@ -95,6 +95,7 @@ class RotatedTable(LayerView):
 
     @classmethod
     def of(cls, layer: Layer, step_dtype: type) -> RotatedTable:
+        """The table over its principal axes: the basis quantized first, the coefficients fitted to it."""
         w = layer.w.astype(np.float64)
         _, vectors = np.linalg.eigh(w.T @ w)
         axes = vectors[:, ::-1].T  # principal axes as rows, largest variance first
