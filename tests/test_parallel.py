@@ -138,6 +138,12 @@ def test_one_heap_asks_glibc_for_one_arena_unless_the_user_chose(monkeypatch):
 
 @pytest.mark.parametrize("pipeline", ["calibrate,tq{rate=3}", "calibrate,ecsq{rate=3}", "calibrate,auto{bits=4}"])
 def test_curves_made_on_threads_write_the_file_made_one_layer_after_the_other(tmp_path, pipeline):
+    one, two = _files_by_jobs(tmp_path, pipeline)
+    assert one == two
+
+
+def _files_by_jobs(tmp_path, pipeline: str) -> list[bytes]:
+    """The mnist_transformer files the pipeline writes with one worker and with two."""
     model, calib = bundled("mnist_transformer")
     files = []
     for jobs in ("1", "2"):
@@ -145,7 +151,7 @@ def test_curves_made_on_threads_write_the_file_made_one_layer_after_the_other(tm
         argv = ["-q", "compress", str(model), "-o", str(out), "--calib", str(calib), "--pipeline", pipeline]
         assert main([*argv, "--jobs", jobs]) == 0
         files.append(out.read_bytes())
-    assert files[0] == files[1]
+    return files
 
 
 @pytest.mark.parametrize("pipeline", ["calibrate,tq{rate=3}", "calibrate,auto{bits=4}"])
@@ -153,14 +159,8 @@ def test_curves_with_heavy_layers_write_the_same_file(tmp_path, monkeypatch, pip
     """With the MLP's and the attention's input projections heavy (1.0–1.6 MB of working set here), the schedule
     changes and the file does not."""
     monkeypatch.setattr(tq_codec, "HEAVY_BYTES", 1_000_000)
-    model, calib = bundled("mnist_transformer")
-    files = []
-    for jobs in ("1", "2"):
-        out = tmp_path / f"{jobs}.onnx"
-        argv = ["-q", "compress", str(model), "-o", str(out), "--calib", str(calib), "--pipeline", pipeline]
-        assert main([*argv, "--jobs", jobs]) == 0
-        files.append(out.read_bytes())
-    assert files[0] == files[1]
+    one, two = _files_by_jobs(tmp_path, pipeline)
+    assert one == two
 
 
 def test_a_dask_cluster_of_two_workers_writes_the_local_file(tmp_path):
