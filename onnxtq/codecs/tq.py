@@ -43,8 +43,10 @@ from onnxtq.weights import WeightSite
 DEPTHS = {"container": (2, 4, 8), "planes": (2, 4, 6, 8, 10, 12), "nominal": (2, 3, 4, 5, 6, 7, 8)}
 #: Values of a block of rows whose output errors are compared at once when a layer is materialised.
 ERROR_BLOCK = 1 << 22
-#: Bytes of working set past which a layer's curves are made while no other such layer's are (`heavy`).
-HEAVY_BYTES = 512 << 20
+#: Bytes of working set past which a layer's curves are made while no other such layer's are (`heavy`): two
+#: such at once hold a gigabyte more than the largest layer's working set. The 123M model's down-projections
+#: (about 0.7 GB) stay beside each other: one at a time cost its run 100 s (13 min 38 s) for no lower peak.
+HEAVY_BYTES = 1 << 30
 #: A two-plane depth is offered where its codes take this many times a plane's own bytes (PLANE_BYTES).
 PLANE_SHARE = 16
 
