@@ -99,11 +99,10 @@ def _one_heavy_at_a_time(fn: Callable, items: list, heavy: set[int], threads: in
     def work() -> None:
         while True:
             with turn:
-                while waiting and not state["error"] and runnable() is None:
+                while waiting and not state["error"] and (k := runnable()) is None:
                     turn.wait()
                 if not waiting or state["error"]:
                     return
-                k = runnable()
                 waiting.remove(k)
                 state["heavy"] |= k in heavy
             answer, error = None, None

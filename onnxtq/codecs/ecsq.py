@@ -50,6 +50,8 @@ METHODS = ("scaled", "uniform", "kmeans", "hkmeans")
 MAX_CODE = 2**15 - 1
 #: Steps each layer may take, relative to the rms of its scaled weights: entropies from ~7 bits to ~0.05.
 STEP_OCTAVES = 2.0 ** (np.arange(-18, 7) / 3)
+#: Steps as stored: positive, and within float16's range.
+STEP_RANGE = (1e-7, 6e4)
 #: Bits of a rotated table's basis codes (a step per row): its error stays far below the coefficients'.
 BASIS_BITS = 8
 
@@ -114,10 +116,10 @@ class RotatedTable(LayerView):
 
     def step(self, delta: float) -> np.ndarray:
         """The coefficients' one step as stored."""
-        return np.asarray(np.clip(delta, 1e-7, 6e4), self.step_dtype)
+        return np.asarray(np.clip(delta, *STEP_RANGE), self.step_dtype)
 
     def codes(self, delta: float) -> np.ndarray:
-        return np.clip(np.round(self.coeffs / float(self.step(delta))), -MAX_CODE, MAX_CODE)
+        return _rounded(self.coeffs, np.full(len(self.coeffs), float(self.step(delta))))
 
     def error(self, q: np.ndarray, delta: float) -> np.ndarray:
         """Ŵ − W for codes `q` at step `delta`."""
@@ -230,7 +232,7 @@ class EcsqCodec(Codec):
 
     def steps(self, layer: Columns, delta: float) -> np.ndarray:
         """Steps as they will be stored (rounded to their type), [G]."""
-        return np.clip(delta * self.factor(layer), 1e-7, 6e4).astype(layer.step_dtype).astype(np.float64)
+        return np.clip(delta * self.factor(layer), *STEP_RANGE).astype(layer.step_dtype).astype(np.float64)
 
     def side_bits(self, layer: Columns) -> int:
         return len(layer.cost) * 8 * np.dtype(layer.step_dtype).itemsize
