@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxtq.bias import correct_bias, output_shift
+from onnxtq.bias import correct_bias, half_bias, output_shift
 from onnxtq.codec import Coded, Layer, output_error
 from onnxtq.graph import Graph
 from onnxtq.report import WeightRecord
@@ -28,11 +28,13 @@ def finish(
     bias_correct: bool,
     node: ir.Node | None = None,
     now: np.ndarray | None = None,
+    half: bool = False,
 ) -> WeightRecord:
     """Bias-correct, write and record one coded layer.
 
     `node` is the layer whose bias absorbs the error (default: the reader of the site's weight); `now` the
-    weight it computes before this step (default: the float weight; `refine` passes its earlier codes).
+    weight it computes before this step (default: the float weight; `refine` passes its earlier codes). With
+    `half`, its bias is then stored in float16 where that costs next to nothing (onnxtq.bias.half_bias).
     """
     site = layer.site
     w = layer.w.astype(np.float64)
@@ -41,6 +43,9 @@ def finish(
     reference = own if coded.inputs is not None else None
     before = graph.nbytes(site.name) if site.name in graph.initializers else None
     why_not = ""
+    alone = site.recurrence is None and site.readers == 1 and not site.scope  # the one layer reading the weight
+    if node is None and site.name in graph.initializers:
+        node = next(iter(graph.initializers[site.name].uses())).node
     if bias_correct and stats is None:
         why_not = "no statistics"
     elif bias_correct and site.recurrence is None and (site.readers > 1 or site.scope):
@@ -56,7 +61,6 @@ def finish(
                 w_like = np.empty_like(error)
                 w_like[...] = w
             shift += output_shift(site, stats, w_like) - output_shift(site, reference, w_like)
-        node = node if node is not None else next(iter(graph.initializers[site.name].uses())).node
         why_not = correct_bias(graph, node, site, shift, layer.w.dtype)
     after = coded.write(graph, pass_name)
     record = WeightRecord.of(
@@ -72,6 +76,8 @@ def finish(
         measured = coded.output_error
         record.output_error = measured if measured is not None else output_error(site, stats, loss, np.float32)
         record.output_sqnr_db = db(output_error(site, stats, w, np.float32), record.output_error)
+        if half and alone and node is not None and half_bias(graph, node, site, record.output_error, pass_name):
+            record.detail += "; bias float16"
     return record
 
 

@@ -77,6 +77,7 @@ class AutoConfig(PassConfig):
     correct: bool = option(True, "correct each layer's predicted error by its measured marginal effect")
     scale_bits: int = option(16, "32: float32 steps")
     bias_correct: bool = option(True, "cancel the mean output error with the calibration input mean")
+    half_bias: bool = option(True, "a coded layer's bias in float16 where that adds under 1% of its error")
 
     def __post_init__(self):
         if sum(bool(getattr(self, kind)) for kind in KINDS) > 1:
@@ -321,7 +322,7 @@ class AutoPass(Pass):
                     )
                 )
                 continue
-            record = finish(graph, layer, coded, self.name, self.config.bias_correct)
+            record = finish(graph, layer, coded, self.name, self.config.bias_correct, half=self.config.half_bias)
             record.codec, record.share = codec, distortion
             if weights_kept:  # in the stored type, as onnxruntime will be given it (not float64 copies)
                 w_hat[name] = np.asarray(coded.w_hat, layer.dtype)

@@ -1,16 +1,20 @@
 """Bias correction: after quantization the layer's mean output error over the calibration
 data is zero (it is not without correction), for Conv with and without a bias, depthwise
-Conv with padding, Gemm and MatMul+Add; layers it cannot correct say why."""
+Conv with padding, Gemm and MatMul+Add; layers it cannot correct say why. A bias goes float16 only
+where its rounding costs under a share of the layer's error, and onnxruntime then adds the rounded bias."""
 
 import numpy as np
+import onnx
 import pytest
 from builders import make_model, matmul_model, run
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
+from onnxtq.bias import HALF_BIAS_SHARE, half_bias
 from onnxtq.calibration.data import NpzSource, model_inputs
 from onnxtq.graph import Graph
 from onnxtq.pass_infra import Context
 from onnxtq.pipeline import parse
+from onnxtq.weights import discover
 
 
 def _conv_model(rng, group: int, bias: bool):
@@ -77,3 +81,42 @@ def test_uncorrectable_layer_says_why(tmp_path, rng):
     (record,) = report.changed
     assert not record.bias_corrected and "not read by a single Add" in record.reason
     assert "bias corrected on 0 of 1 layers (not: MatMul output" in report.notes[-1]
+
+
+def _gemm_with_bias(rng):
+    model = _gemm_model(rng)
+    model.graph.initializer.append(numpy_helper.from_array((rng.standard_normal(12) * 40).astype(np.float32), "b"))
+    model.graph.node[0].input.append("b")
+    return model
+
+
+@pytest.mark.parametrize(
+    "make, shape, bias",
+    [
+        (lambda rng: _conv_model(rng, group=1, bias=True), (4, 8, 10, 10), "b"),
+        (_gemm_with_bias, (4, 16), "b"),
+        (lambda rng: matmul_model(), (4, 5, 64), "b"),
+    ],
+)
+def test_a_bias_goes_float16_only_where_its_rounding_costs_under_the_share(rng, make, shape, bias):
+    """half_bias: onnxruntime then adds the bias rounded to float16 (through a Cast it folds at load), and only
+    where ‖b − b̂‖² (times Gemm's beta) is within HALF_BIAS_SHARE of the layer's error."""
+    model = make(rng)
+    b = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == bias)).astype(np.float64)
+    beta = 0.5 if model.graph.node[0].op_type == "Gemm" else 1.0
+    cost = float((((b.astype(np.float16) - b) * beta) ** 2).sum())
+    x = rng.standard_normal(shape).astype(np.float32)
+    for layer_error, saved in ((0.99 * cost / HALF_BIAS_SHARE, 0), (1.01 * cost / HALF_BIAS_SHARE, 2 * b.size)):
+        graph = Graph(onnx.load_from_string(model.SerializeToString()))
+        site = discover(graph).sites[0]
+        node = next(iter(graph.initializers[site.name].uses())).node
+        assert half_bias(graph, node, site, layer_error, "test") == saved
+        out = graph.proto()
+        onnx.checker.check_model(out, full_check=True)
+        stored = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+        assert [a.dtype for n, a in stored.items() if n.startswith(bias)] == [np.float16 if saved else np.float32]
+        rounded = onnx.load_from_string(model.SerializeToString())
+        for t in rounded.graph.initializer:
+            if t.name == bias and saved:
+                t.CopyFrom(numpy_helper.from_array(b.astype(np.float16).astype(np.float32), bias))
+        np.testing.assert_array_equal(run(out, {"x": x})[0], run(rounded, {"x": x})[0])

@@ -74,6 +74,9 @@ def test_size_target_is_met_on_disk_and_spent(tmp_path, name):
     # the file (mnist_cnn at 40 kB: 38,592 B at 42.6 dB held-out, where without 6-bit depths 39,611 B gave 41.0)
     assert budget * 0.95 <= out.stat().st_size <= budget
     assert auto["target"]["met"] and auto["target"]["kind"] == "size"
+    halves = [t for t in model_io.load(out).graph.initializer if t.name.endswith("/onnxtq.half")]
+    assert halves and all(t.data_type == onnx.TensorProto.FLOAT16 for t in halves)  # coded layers' biases
+    assert len(halves) == sum("bias float16" in r["detail"] for r in auto["records"])
     feeds = _held_out(name)  # and the report says what fidelity the size left, on the held-out inputs
     measured = _sqnr(run(original, feeds)[0], run(model_io.load(out), feeds)[0])
     assert measured == pytest.approx(auto["target"]["sqnr_db"], abs=0.01)
