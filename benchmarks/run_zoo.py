@@ -55,6 +55,7 @@ CONFIGS = {  # what follows `fold-bn,calibrate,` in the pipeline
     "e2": "ecsq{rate=2}",  # per-layer steps by one Lagrangian, equal-slope columns, GPTQ feedback (default)
     "e3": "ecsq{rate=3}",
     "e4": "ecsq{rate=4}",
+    "e5": "ecsq{rate=5}",  # MobileNetV2 at 95.2% agreement (issue 15)
     "e2-uni": "ecsq{rate=2,method=uniform}",  # Choi et al.: one step for the network
     "e2-km": "ecsq{rate=2,method=kmeans}",  # one codebook for the network, plain k-means
     "e2-hkm": "ecsq{rate=2,method=hkmeans}",  # ... Hessian-weighted k-means

@@ -25,6 +25,9 @@ from onnxtq.weights import WeightSite
 
 #: A bias is stored in float16 where rounding it adds at most this share of its layer's coding error.
 HALF_BIAS_SHARE = 0.01
+#: File bytes of the Cast that reads a float16 bias back, with its names and tags (about 170 B in MobileNetV2):
+#: a bias of fewer values than half this saves nothing.
+CAST_BYTES = 192
 
 
 def output_shift(site: WeightSite, stats: LayerStats, delta: np.ndarray) -> np.ndarray:
@@ -71,7 +74,8 @@ def _adding(graph: Graph, node: ir.Node) -> ir.Value | None:
 def half_bias(graph: Graph, node: ir.Node, site: WeightSite, layer_error: float, pass_name: str) -> int:
     """Store the float32 bias that only this layer adds as float16 and a Cast, where rounding it costs at most
     HALF_BIAS_SHARE of the layer's coding error: ‖b − b̂‖² lands on every output position, as E‖ΔW x‖² does.
-    Returns the bytes saved (0 where it stays). onnxruntime folds the Cast when the session loads."""
+    Returns the float bytes saved (0 where it stays, or would save less than its Cast costs). onnxruntime folds
+    the Cast when the session loads."""
     if site.op in ("Conv", "Gemm"):
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         scale = float(node_attr(node, "beta", 1.0)) if site.op == "Gemm" else 1.0
@@ -84,7 +88,7 @@ def half_bias(graph: Graph, node: ir.Node, site: WeightSite, layer_error: float,
     if bias.dtype != ir.DataType.FLOAT or graph.opset() < 6:  # (before opset 6 Cast's `to` was a string)
         return 0
     b = graph.array(bias.name)
-    if not np.isfinite(b).all() or np.abs(b).max(initial=0) >= np.finfo(np.float16).max:
+    if 2 * b.size <= CAST_BYTES or not np.isfinite(b).all() or np.abs(b).max(initial=0) >= np.finfo(np.float16).max:
         return 0
     half = b.astype(np.float16)
     if float((((half.astype(np.float64) - b) * scale) ** 2).sum()) > HALF_BIAS_SHARE * layer_error:
