@@ -9,8 +9,8 @@ depthwise conv's 8-bit error alone costs 20 dB of logit SQNR that way. Quantizin
 get it through the finishing tail (onnxtq.finish), which corrects the bias before the weight is written.
 
 A bias is a few hundred float32 values per layer, yet 3% of a 2.6 MB MobileNetV2 (brotli cannot shrink
-them). Where the layer's weights are coded, float16 rounding of its bias costs a thousandth of their error
-or less; `half_bias` stores it so where that share stays under HALF_BIAS_SHARE.
+them). Where a layer's weights are coded coarsely, rounding its bias to float16 adds next to nothing to their
+error; `half_bias` stores it so where that adds under HALF_BIAS_SHARE (for a layer coded finely it does not).
 """
 
 from __future__ import annotations
