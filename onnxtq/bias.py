@@ -9,8 +9,8 @@ depthwise conv's 8-bit error alone costs 20 dB of logit SQNR that way. Quantizin
 get it through the finishing tail (onnxtq.finish), which corrects the bias before the weight is written.
 
 A bias is a few hundred float32 values per layer, yet 3% of a 2.6 MB MobileNetV2 (brotli cannot shrink
-them). Where a layer's weights are coded coarsely, rounding its bias to float16 adds next to nothing to their
-error; `half_bias` stores it so where that adds under HALF_BIAS_SHARE (for a layer coded finely it does not).
+them). Rounding a bias to float16 adds an error, as coding a weight does: `half_bias` takes it where the
+allocation's own price of a bit says the bytes are worth more (layers coded coarsely; not finely coded ones).
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from onnxtq.calibration.stats import LayerStats
 from onnxtq.graph import Graph, node_attr, tag
 from onnxtq.weights import WeightSite
 
-#: A bias is stored in float16 where rounding it adds at most this share of its layer's coding error.
-HALF_BIAS_SHARE = 0.01
 #: File bytes of the Cast that reads a float16 bias back, with its names and tags (about 170 B in MobileNetV2):
 #: a bias of fewer values than half this saves nothing.
 CAST_BYTES = 192
@@ -71,11 +69,11 @@ def _adding(graph: Graph, node: ir.Node) -> ir.Value | None:
     return readers[0].node.inputs[1 - readers[0].idx]
 
 
-def half_bias(graph: Graph, node: ir.Node, site: WeightSite, layer_error: float, pass_name: str) -> int:
-    """Store the float32 bias that only this layer adds as float16 and a Cast, where rounding it costs at most
-    HALF_BIAS_SHARE of the layer's coding error: ‖b − b̂‖² lands on every output position, as E‖ΔW x‖² does.
-    Returns the float bytes saved (0 where it stays, or would save less than its Cast costs). onnxruntime folds
-    the Cast when the session loads."""
+def half_bias(graph: Graph, node: ir.Node, site: WeightSite, price: float, pass_name: str) -> int:
+    """Store the float32 bias that only this layer adds as float16 and a Cast, where the error that adds is worth
+    less than the bytes it saves: ‖b − b̂‖² (on every output position, as E‖ΔW x‖²) against `price`, the layer-output
+    error a bit is worth in the allocation (its λ over the layer's gain), times the bits saved net of the Cast.
+    Returns the float bytes saved (0 where it stays). onnxruntime folds the Cast when the session loads."""
     if site.op in ("Conv", "Gemm"):
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         scale = float(node_attr(node, "beta", 1.0)) if site.op == "Gemm" else 1.0
@@ -88,10 +86,11 @@ def half_bias(graph: Graph, node: ir.Node, site: WeightSite, layer_error: float,
     if bias.dtype != ir.DataType.FLOAT or graph.opset() < 6:  # (before opset 6 Cast's `to` was a string)
         return 0
     b = graph.array(bias.name)
-    if 2 * b.size <= CAST_BYTES or not np.isfinite(b).all() or np.abs(b).max(initial=0) >= np.finfo(np.float16).max:
+    saved_bits = 8 * (2 * b.size - CAST_BYTES)
+    if saved_bits <= 0 or not np.isfinite(b).all() or np.abs(b).max(initial=0) >= np.finfo(np.float16).max:
         return 0
     half = b.astype(np.float16)
-    if float((((half.astype(np.float64) - b) * scale) ** 2).sum()) > HALF_BIAS_SHARE * layer_error:
+    if not float((((half.astype(np.float64) - b) * scale) ** 2).sum()) < price * saved_bits:
         return 0
     stored = graph.set_initializer(numpy_helper.from_array(half, graph.unique(f"{bias.name}/onnxtq.half")))
     out, name = graph.unique(f"{bias.name}/onnxtq.float"), graph.unique(f"{bias.name}/onnxtq.cast")

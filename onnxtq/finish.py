@@ -28,13 +28,14 @@ def finish(
     bias_correct: bool,
     node: ir.Node | None = None,
     now: np.ndarray | None = None,
-    half: bool = False,
+    bias_price: float | None = None,
 ) -> WeightRecord:
     """Bias-correct, write and record one coded layer.
 
     `node` is the layer whose bias absorbs the error (default: the reader of the site's weight); `now` the
     weight it computes before this step (default: the float weight; `refine` passes its earlier codes). With
-    `half`, its bias is then stored in float16 where that costs next to nothing (onnxtq.bias.half_bias).
+    `bias_price` (the layer-output error a bit is worth), its bias is then stored in float16 where that pays
+    (onnxtq.bias.half_bias).
     """
     site = layer.site
     w = layer.w.astype(np.float64)
@@ -76,8 +77,8 @@ def finish(
         measured = coded.output_error
         record.output_error = measured if measured is not None else output_error(site, stats, loss, np.float32)
         record.output_sqnr_db = db(output_error(site, stats, w, np.float32), record.output_error)
-        if half and alone and node is not None and half_bias(graph, node, site, record.output_error, pass_name):
-            record.detail += "; bias float16"
+    if bias_price is not None and alone and node is not None and half_bias(graph, node, site, bias_price, pass_name):
+        record.detail += "; bias float16"
     return record
 
 

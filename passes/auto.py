@@ -77,7 +77,7 @@ class AutoConfig(PassConfig):
     correct: bool = option(True, "correct each layer's predicted error by its measured marginal effect")
     scale_bits: int = option(16, "32: float32 steps")
     bias_correct: bool = option(True, "cancel the mean output error with the calibration input mean")
-    half_bias: bool = option(True, "a coded layer's bias in float16 where that adds under 1% of its error")
+    half_bias: bool = option(True, "a coded layer's bias in float16 where its bytes are worth more than the error")
 
     def __post_init__(self):
         if sum(bool(getattr(self, kind)) for kind in KINDS) > 1:
@@ -322,7 +322,10 @@ class AutoPass(Pass):
                     )
                 )
                 continue
-            record = finish(graph, layer, coded, self.name, self.config.bias_correct, half=self.config.half_bias)
+            price = None  # the layer-output error one bit is worth at this allocation: a bias goes float16 if it pays
+            if self.config.half_bias:
+                price = allocation.lam / layer.gain if layer.gain > 0 else math.inf
+            record = finish(graph, layer, coded, self.name, self.config.bias_correct, bias_price=price)
             record.codec, record.share = codec, distortion
             if weights_kept:  # in the stored type, as onnxruntime will be given it (not float64 copies)
                 w_hat[name] = np.asarray(coded.w_hat, layer.dtype)

@@ -1,7 +1,7 @@
 """Bias correction: after quantization the layer's mean output error over the calibration
 data is zero (it is not without correction), for Conv with and without a bias, depthwise
 Conv with padding, Gemm and MatMul+Add; layers it cannot correct say why. A bias goes float16 only
-where its rounding costs under a share of the layer's error, and onnxruntime then adds the rounded bias."""
+where its bytes are worth more than its rounding error, and onnxruntime then adds the rounded bias."""
 
 import numpy as np
 import onnx
@@ -10,7 +10,7 @@ from builders import make_model, matmul_model, run
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxtq import bias as bias_module
-from onnxtq.bias import HALF_BIAS_SHARE, half_bias
+from onnxtq.bias import half_bias
 from onnxtq.calibration.data import NpzSource, model_inputs
 from onnxtq.graph import Graph
 from onnxtq.pass_infra import Context
@@ -99,10 +99,10 @@ def _gemm_with_bias(rng):
         (lambda rng: matmul_model(), (4, 5, 64), "b"),
     ],
 )
-def test_a_bias_goes_float16_only_where_its_rounding_costs_under_the_share(rng, monkeypatch, make, shape, bias):
+def test_a_bias_goes_float16_only_where_its_bytes_are_worth_more_than_its_error(rng, monkeypatch, make, shape, bias):
     """half_bias: onnxruntime then adds the bias rounded to float16 (through a Cast it folds at load), and only
-    where ‖b − b̂‖² (times Gemm's beta) is within HALF_BIAS_SHARE of the layer's error, and where it saves more
-    than the Cast costs (these biases are too short for that, until the Cast is free)."""
+    where ‖b − b̂‖² (times Gemm's beta) is less than the price of a bit times the bits saved net of the Cast
+    (these biases are too short to pay for a Cast, until it is free)."""
     model = make(rng)
     graph = Graph(onnx.load_from_string(model.SerializeToString()))
     site = discover(graph).sites[0]
@@ -110,13 +110,13 @@ def test_a_bias_goes_float16_only_where_its_rounding_costs_under_the_share(rng, 
     monkeypatch.setattr(bias_module, "CAST_BYTES", 0)
     b = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == bias)).astype(np.float64)
     beta = 0.5 if model.graph.node[0].op_type == "Gemm" else 1.0
-    cost = float((((b.astype(np.float16) - b) * beta) ** 2).sum())
+    price = float((((b.astype(np.float16) - b) * beta) ** 2).sum()) / (16 * b.size)  # the error per bit saved
     x = rng.standard_normal(shape).astype(np.float32)
-    for layer_error, saved in ((0.99 * cost / HALF_BIAS_SHARE, 0), (1.01 * cost / HALF_BIAS_SHARE, 2 * b.size)):
+    for paid, saved in ((0.99 * price, 0), (1.01 * price, 2 * b.size)):
         graph = Graph(onnx.load_from_string(model.SerializeToString()))
         site = discover(graph).sites[0]
         node = next(iter(graph.initializers[site.name].uses())).node
-        assert half_bias(graph, node, site, layer_error, "test") == saved
+        assert half_bias(graph, node, site, paid, "test") == saved
         out = graph.proto()
         onnx.checker.check_model(out, full_check=True)
         stored = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
