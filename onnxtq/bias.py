@@ -76,9 +76,9 @@ def half_bias(graph: Graph, node: ir.Node, site: WeightSite, price: float, pass_
     Returns the float bytes saved (0 where it stays). onnxruntime folds the Cast when the session loads."""
     if site.op in ("Conv", "Gemm"):
         bias = node.inputs[2] if len(node.inputs) > 2 else None
-        scale = float(node_attr(node, "beta", 1.0)) if site.op == "Gemm" else 1.0
+        beta = float(node_attr(node, "beta", 1.0)) if site.op == "Gemm" else 1.0
     elif site.op == "MatMul":
-        bias, scale = _adding(graph, node), 1.0
+        bias, beta = _adding(graph, node), 1.0
     else:
         return 0
     if bias is None or not bias.is_initializer() or bias.is_graph_input() or len(bias.uses()) != 1:
@@ -90,7 +90,7 @@ def half_bias(graph: Graph, node: ir.Node, site: WeightSite, price: float, pass_
     if saved_bits <= 0 or not np.isfinite(b).all() or np.abs(b).max(initial=0) >= np.finfo(np.float16).max:
         return 0
     half = b.astype(np.float16)
-    if not float((((half.astype(np.float64) - b) * scale) ** 2).sum()) < price * saved_bits:
+    if not float((((half.astype(np.float64) - b) * beta) ** 2).sum()) < price * saved_bits:
         return 0
     stored = graph.set_initializer(numpy_helper.from_array(half, graph.unique(f"{bias.name}/onnxtq.half")))
     out, name = graph.unique(f"{bias.name}/onnxtq.float"), graph.unique(f"{bias.name}/onnxtq.cast")

@@ -71,14 +71,17 @@ def test_a_session_runs_codes_its_opset_cannot_hold_as_they_will_be_written():
     np.testing.assert_array_equal(got, expected)
 
 
+AUTO = "auto{size=70000}"
 SPECS = ["rtn{bits=8}", "rtn{bits=2}", "rtn{bits=4,block=32,scale_bits=16}", "tq{rate=3}", "ecsq{rate=3}", "kq", "crq"]
 
 
 @pytest.fixture(scope="module")
 def portable_files(tmp_path_factory):
-    """mnist_cnn under every method, in both profiles (and rtn 4 of the transformer and the recurrent model)."""
+    """mnist_cnn under every method, in both profiles (and rtn 4 of the transformer and the recurrent model, and a
+    size target on the transformer: auto's float16 biases)."""
     out = tmp_path_factory.mktemp("profiles")
     jobs = [("mnist_cnn", s) for s in SPECS] + [("mnist_transformer", "rtn{bits=4}"), ("mnist_rnn", "rtn{bits=4}")]
+    jobs.append(("mnist_transformer", AUTO))
     files = {}
     for name, spec in jobs:
         path, calib = bundled(name)
@@ -105,10 +108,19 @@ def test_portable_files_keep_the_model_opset_and_compute_what_ort_files_do(porta
         assert not SUB_BYTE & {t.data_type for t in model.graph.initializer}, spec
         props = {p.key: p.value for p in model.metadata_props}
         assert props["onnxtq.target"] == "portable" and props["onnxtq.runtime"] == "onnxruntime>=1.17"
+        if spec == AUTO:
+            continue  # a size target counts the file as written: the portable file's allocation is its own
         inputs = _inputs(name)
         ort_out = run(onnx.load(str(portable_files[(name, spec, "ort")])), inputs)[0]
         ours = run(model, inputs)[0]
         np.testing.assert_allclose(ours, ort_out, rtol=0, atol=1e-5 * np.ptp(ort_out), err_msg=spec)
+
+
+def test_a_target_run_s_float16_biases_stay_in_the_portable_file(portable_files):
+    """Cast(float16) is in every opset the portable target keeps; the runs below load it on each runtime."""
+    model = onnx.load(str(portable_files[("mnist_transformer", AUTO, "portable")]))
+    halves = {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT16}
+    assert halves and halves <= {i for n in model.graph.node if n.op_type == "Cast" for i in n.input}
 
 
 def test_files_name_the_onnxruntime_they_need(portable_files, capsys):
