@@ -42,31 +42,35 @@ def correct_bias(graph: Graph, node: ir.Node, site: WeightSite, shift: np.ndarra
     """
     if not np.isfinite(shift).all():
         return "the correction is not finite"
+    bias, beta = _bias_of(graph, node, site)
     if site.op in ("Conv", "Gemm"):
-        beta = float(node_attr(node, "beta", 1.0)) if site.op == "Gemm" else 1.0
         if beta == 0:
             return "Gemm with beta=0 ignores its bias"
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            return _subtract(graph, node.inputs[2], shift / beta)
+        if bias is not None:
+            return _subtract(graph, bias, shift / beta)
         name = graph.unique(f"{site.name}/onnxtq.bias")
         bias = graph.set_initializer(numpy_helper.from_array((-shift / beta).astype(dtype), name))
         node.resize_inputs(3)
         node.replace_input_with(2, bias)
         return ""
     if site.op == "MatMul":
-        add = _adding(graph, node)
-        if add is None:
+        if bias is None:
             return "MatMul output is not read by a single Add that could hold the correction"
-        return _subtract(graph, add, shift)
+        return _subtract(graph, bias, shift)
     return f"no bias correction for {site.op}"
 
 
-def _adding(graph: Graph, node: ir.Node) -> ir.Value | None:
-    """The other operand of the one Add (in the same graph) that reads a MatMul's output: where its bias is."""
-    readers = list(node.outputs[0].uses())
-    if len(readers) != 1 or readers[0].node.op_type != "Add" or readers[0].node.graph is not graph.graph:
-        return None
-    return readers[0].node.inputs[1 - readers[0].idx]
+def _bias_of(graph: Graph, node: ir.Node, site: WeightSite) -> tuple[ir.Value | None, float]:
+    """Where the layer's bias is (None: it has none) and the factor it is added with: Conv's and Gemm's input C
+    (times Gemm's beta), or the other operand of the one Add (in the same graph) that reads a MatMul's output."""
+    if site.op in ("Conv", "Gemm"):
+        beta = float(node_attr(node, "beta", 1.0)) if site.op == "Gemm" else 1.0
+        return (node.inputs[2] if len(node.inputs) > 2 else None), beta
+    if site.op == "MatMul":
+        readers = list(node.outputs[0].uses())
+        if len(readers) == 1 and readers[0].node.op_type == "Add" and readers[0].node.graph is graph.graph:
+            return readers[0].node.inputs[1 - readers[0].idx], 1.0
+    return None, 1.0
 
 
 def half_bias(graph: Graph, node: ir.Node, site: WeightSite, price: float, pass_name: str) -> int:
@@ -74,13 +78,7 @@ def half_bias(graph: Graph, node: ir.Node, site: WeightSite, price: float, pass_
     less than the bytes it saves: ‖b − b̂‖² (on every output position, as E‖ΔW x‖²) against `price`, the layer-output
     error a bit is worth in the allocation (its λ over the layer's gain), times the bits saved net of the Cast.
     Returns the float bytes saved (0 where it stays). onnxruntime folds the Cast when the session loads."""
-    if site.op in ("Conv", "Gemm"):
-        bias = node.inputs[2] if len(node.inputs) > 2 else None
-        beta = float(node_attr(node, "beta", 1.0)) if site.op == "Gemm" else 1.0
-    elif site.op == "MatMul":
-        bias, beta = _adding(graph, node), 1.0
-    else:
-        return 0
+    bias, beta = _bias_of(graph, node, site)
     if bias is None or not bias.is_initializer() or bias.is_graph_input() or len(bias.uses()) != 1:
         return 0  # absent, computed, overridable by the caller, or shared
     if bias.dtype != ir.DataType.FLOAT or graph.opset() < 6:  # (before opset 6 Cast's `to` was a string)
@@ -96,8 +94,7 @@ def half_bias(graph: Graph, node: ir.Node, site: WeightSite, price: float, pass_
     out, name = graph.unique(f"{bias.name}/onnxtq.float"), graph.unique(f"{bias.name}/onnxtq.cast")
     cast = tag(graph.node("Cast", [stored], [out], name, to=TensorProto.FLOAT), pass_name, "bias")
     graph.graph.insert_before(graph.first_reader(bias), [cast])
-    use = next(iter(bias.uses()))
-    use.node.replace_input_with(use.idx, cast.outputs[0])
+    bias.replace_all_uses_with(cast.outputs[0])  # its one use
     graph.graph.initializers.pop(bias.name)
     return 2 * b.size
 

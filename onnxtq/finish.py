@@ -49,7 +49,7 @@ def finish(
         node = next(iter(graph.initializers[site.name].uses())).node
     if bias_correct and stats is None:
         why_not = "no statistics"
-    elif bias_correct and site.recurrence is None and (site.readers > 1 or site.scope):
+    elif bias_correct and site.recurrence is None and not alone:
         why_not = f"read by {site.readers} ops" if site.readers > 1 else "its reader sits inside a body"
     elif bias_correct:
         # numpy's sums run in memory order, so a codec that computed Ŵ − W itself (in its matrix view) has
