@@ -12,6 +12,8 @@ Writes OUT_DIR/<model>_calib<N>.npz keyed by the model's input names (axis 0 = s
       centre-cropped to 4:3, all 640x480, fed through rapidocr_onnxruntime; the det session's feeds are recorded.
   ppocrv4_rec: 256 x [3,48,320]: rapidocr rec feeds for zoo_text.render_line lines (seed 100), padded with 0
       (rapidocr's pad value after normalisation) or cropped to width 320.
+  ppocrv6_det_small, ppocrv6_rec_small: the same recipes through the same pipeline with the v6 models in it
+      (the zoo's eval runs v6 that way).
   minilm_l6: 256 x [64] int64 input_ids / attention_mask / token_type_ids (zeros): paragraphs of Python
       standard-library docstrings (not the eval's numpy/scipy/sklearn/skimage text_pairs.json), tokenized with
       the zoo tokenizer as eval_minilm.py does (64-token truncation), every sample padded to exactly 64 tokens.
@@ -76,23 +78,27 @@ def recorder(sess, store):
     sess.run = rec
 
 
-def ocr_engine(zoo):
+OCR_PAIRS = {"v4": ("ppocrv4_det", "ppocrv4_rec"), "v6": ("ppocrv6_det_small", "ppocrv6_rec_small")}
+
+
+def ocr_engine(zoo, version="v4"):
     from rapidocr_onnxruntime import RapidOCR
 
+    det, rec = OCR_PAIRS[version]
     return RapidOCR(
-        det_model_path=os.path.join(zoo, "ppocrv4_det.onnx"),
-        rec_model_path=os.path.join(zoo, "ppocrv4_rec.onnx"),
-        rec_keys_path=os.path.join(zoo, "ppocrv4_rec.keys.txt"),
+        det_model_path=os.path.join(zoo, det + ".onnx"),
+        rec_model_path=os.path.join(zoo, rec + ".onnx"),
+        rec_keys_path=os.path.join(zoo, rec + ".keys.txt"),
         intra_op_num_threads=2,
         inter_op_num_threads=1,
     )
 
 
-def ppocr_det(zoo, n_pages=80, n_photos=20, seed=100):
+def ppocr_det(zoo, version="v4", n_pages=80, n_photos=20, seed=100):
     from PIL import Image
     from zoo_text import make_lines, render_page
 
-    eng, feeds = ocr_engine(zoo), []
+    eng, feeds = ocr_engine(zoo, version), []
     recorder(eng.text_det.infer.session, feeds)
     rng = np.random.default_rng(seed)
     imgs = [render_page(make_lines(12, rng, 2, 7), rng)[0] for _ in range(n_pages)]
@@ -111,10 +117,10 @@ def ppocr_det(zoo, n_pages=80, n_photos=20, seed=100):
     return np.concatenate(feeds).astype(np.float32)
 
 
-def ppocr_rec(zoo, n=256, seed=100, width=320):
+def ppocr_rec(zoo, version="v4", n=256, seed=100, width=320):
     from zoo_text import make_lines, render_line
 
-    eng, feeds = ocr_engine(zoo), []
+    eng, feeds = ocr_engine(zoo, version), []
     recorder(eng.text_rec.session.session, feeds)
     rng = np.random.default_rng(seed)
     for text in make_lines(n, rng):
@@ -193,10 +199,11 @@ def main():
     models = a.only or imagenet_models + ["ppocrv4_rec", "minilm_l6"] + ([] if a.holdout else ["ppocrv4_det"])
     for model in models:
         note = ""
-        if model == "ppocrv4_det":
-            x = ppocr_det(a.zoo)
-        elif model == "ppocrv4_rec":
-            x, cropped = ppocr_rec(a.zoo, **(dict(n=64, seed=107) if a.holdout else {}))
+        version = "v6" if model.startswith("ppocrv6") else "v4"
+        if model.startswith("ppocr") and "_det" in model:
+            x = ppocr_det(a.zoo, version)
+        elif model.startswith("ppocr") and "_rec" in model:
+            x, cropped = ppocr_rec(a.zoo, version, **(dict(n=64, seed=107) if a.holdout else {}))
             note = f" ({cropped} of {len(x)} lines were wider than 320 and cropped)"
         elif model == "minilm_l6":
             x, note = minilm(a.zoo, **(dict(n=64, seed=7, holdout=True) if a.holdout else {}))

@@ -71,7 +71,13 @@ CONFIGS = {  # what follows `fold-bn,calibrate,` in the pipeline
     "served12m": "auto{served_size=12000000}",
 }
 IMAGENET = ["mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
-MODELS = IMAGENET + ["ppocrv4_det", "ppocrv4_rec", "minilm_l6"]
+OCR = {  # each PP-OCR model is scored in its own pair's pipeline, the other model FP32
+    "ppocrv4_det": ("ppocrv4_det", "ppocrv4_rec"),
+    "ppocrv4_rec": ("ppocrv4_det", "ppocrv4_rec"),
+    "ppocrv6_det_small": ("ppocrv6_det_small", "ppocrv6_rec_small"),
+    "ppocrv6_rec_small": ("ppocrv6_det_small", "ppocrv6_rec_small"),
+}
+MODELS = IMAGENET + ["ppocrv4_det", "ppocrv4_rec", "minilm_l6", "ppocrv6_det_small", "ppocrv6_rec_small"]
 
 
 def sh(cmd, log):
@@ -87,9 +93,10 @@ def evaluate(a, model, path):
     """The zoo eval for one model; path is the model to score (FP32 or compressed). A caller's `a.eval_extra`
     ({eval script name: [args]}) adds arguments to that eval."""
     z, py = a.zoo, os.path.join(a.zoo, ".venv", "bin", "python")
-    if model.startswith("ppocr"):
-        det = path if model == "ppocrv4_det" else os.path.join(z, "ppocrv4_det.onnx")
-        rec = path if model == "ppocrv4_rec" else os.path.join(z, "ppocrv4_rec.onnx")
+    if model in OCR:
+        det_name, rec_name = OCR[model]
+        det = path if model == det_name else os.path.join(z, det_name + ".onnx")
+        rec = path if model == rec_name else os.path.join(z, rec_name + ".onnx")
         cmd = [
             py,
             os.path.join(a.zoo_tools, "eval_ppocr.py"),
@@ -98,7 +105,7 @@ def evaluate(a, model, path):
             "--rec",
             rec,
             "--rec-keys",
-            os.path.join(z, "ppocrv4_rec.keys.txt"),
+            os.path.join(z, rec_name + ".keys.txt"),
         ]
     elif model == "minilm_l6":
         cmd = [py, os.path.join(a.zoo_tools, "eval_minilm.py"), path, "--ref", os.path.join(z, model + ".onnx")]
@@ -114,10 +121,10 @@ def metric(row):
     e = row.get("eval") or {}
     if "error" in e or not e:
         return e.get("error", "not run")
-    if row["model"] == "ppocrv4_det":
+    if row["model"] in OCR and "_det" in row["model"]:
         pr = f"P {e['det_precision']:.3f} R {e['det_recall']:.3f}"
         return f"det F1 {e['det_f1']:.3f} ({pr}), e2e CER {100 * e['e2e_cer']:.2f}%"
-    if row["model"] == "ppocrv4_rec":
+    if row["model"] in OCR:
         return (
             f"rec CER {100 * e['rec_cer']:.2f}% (line acc {e['rec_line_acc']:.2f}), e2e CER {100 * e['e2e_cer']:.2f}%"
         )
