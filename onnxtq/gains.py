@@ -70,7 +70,7 @@ class Probe:
         if pieces.needed(model):
             runs = pieces.outputs(model, ((1, feed) for feed in self.feeds), self.threads)
             return self._error([out for outs in runs for out in outs])
-        return self._error(self._run(model_io.session(model, self.threads, fold_dequantize=True)))
+        return self._error(self._run(model_io.session(model, self.threads, fold_dequantize=pieces.folds(model))))
 
     def _exposed(self, model: onnx.ModelProto, names) -> tuple:
         """A session in which the initializers `names` can be fed (overridden) at run time, and the model's

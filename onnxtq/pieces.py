@@ -42,6 +42,16 @@ def needed(model: onnx.ModelProto) -> bool:
     return sum(_sizes(model).values()) > PIECE_BYTES
 
 
+def folds(model: onnx.ModelProto) -> bool:
+    """Whether a session may decode the model's weights to float32 at load (`fold_dequantize`): decoded, they
+    fit a piece. A 4-bit model's codes fit one session eight times more weights than their floats: folded,
+    the 353M model's 178 MB of codes held 1.4 GB."""
+    from onnxtq.model_io import tensor_nbytes
+
+    decoded = sum(max(tensor_nbytes(t), 4 * int(np.prod(t.dims, dtype=np.int64))) for t in model.graph.initializer)
+    return decoded <= PIECE_BYTES
+
+
 @dataclass(frozen=True)
 class Piece:
     """Nodes of the main graph (indices, in order), the weights they read, the values they take from before the

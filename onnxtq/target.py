@@ -106,7 +106,7 @@ class HeldOut:
         if pieces.needed(model):  # a piece at a time (onnxtq.pieces)
             runs = list(pieces.outputs(model, ((1, feed) for feed in feeds), self.threads))
         else:
-            sess = model_io.session(model, self.threads, fold_dequantize=True)
+            sess = model_io.session(model, self.threads, fold_dequantize=pieces.folds(model))
             names = [o.name for o in sess.get_outputs()]
             runs = [sess.run(names, feed) for feed in feeds]
         outs = [np.concatenate([r[i] for r in runs]) for i in range(len(model.graph.output))]

@@ -367,3 +367,35 @@ def test_auto_in_pieces_reads_what_it_set_aside_from_disk(tmp_path, monkeypatch)
     assert kept and all(isinstance(p, Path) and p.suffix == ".npy" for p in kept)
     auto = next(r for r in result.passes if r.pass_name == "auto")
     assert auto.rate.stored <= 4.0
+
+
+def test_codes_whose_floats_pass_a_piece_are_measured_without_decoding_them_at_load(tmp_path, monkeypatch):
+    """A quantized model whose codes fit one session but whose decoded weights do not is run with its
+    DequantizeLinear weights decoded at each run, not folded to float at load: the same measures, and
+    memory that holds the codes alone (a 4-bit model folded holds eight times its codes)."""
+    path, calib = bundled("mnist_transformer")
+    model, _ = prepare(model_io.load(path))
+    source = open_source(calib, model, limit=16)
+    held_out, probe = HeldOut(model, source), Probe(model, source, samples=8)
+    compress(path, tmp_path / "q.onnx", "rtn{bits=4}", calib=calib)
+    coded = model_io.load(tmp_path / "q.onnx")
+    assert pieces.folds(coded) and not pieces.needed(coded)
+    expected, expected_error = held_out.measure(coded), probe.error(coded)
+
+    codes = sum(model_io.tensor_nbytes(t) for t in coded.graph.initializer)
+    monkeypatch.setattr(pieces, "PIECE_BYTES", 2 * codes)  # the codes fit one session, their floats do not
+    assert not pieces.folds(coded) and not pieces.needed(coded)
+    folded = []
+    monkeypatch.setattr(model_io, "session", _spy_folds(model_io.session, folded))
+    got, got_error = held_out.measure(coded), probe.error(coded)
+    assert folded == [False, False]
+    np.testing.assert_allclose(got.sqnr_db, expected.sqnr_db, rtol=1e-5)
+    np.testing.assert_allclose(got_error, expected_error, rtol=1e-5)
+
+
+def _spy_folds(session, folded):
+    def spy(model, *args, **kwargs):
+        folded.append(kwargs.get("fold_dequantize", False))
+        return session(model, *args, **kwargs)
+
+    return spy
