@@ -51,6 +51,29 @@ QUALITY_STEP = 0.85
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
+def target_text(kind: str, value: float) -> str:
+    """A target as a person reads it: 'size=700,000 B', 'sqnr=30 dB', 'agreement=0.95'."""
+    if kind in ("size", "served_size"):
+        return f"{kind}={value:,.0f} B"
+    unit = {"bits": " bits per weight", "sqnr": " dB"}.get(kind, "")
+    return f"{kind}={value:g}{unit}"
+
+
+def nearest_text(kind: str, attempt: Attempt) -> str:
+    """What the nearest model a run tried measured, in the target's own unit, and its file's bytes."""
+    measured, size = attempt.measured, f"{attempt.bytes:,d} B"
+    if kind == "size":
+        return f"the smallest file tried was {size}"
+    if kind == "served_size":
+        return f"the smallest tried is sent in {measured:,.0f} B ({size} deployable)"
+    if kind == "bits":
+        return f"the fewest tried was {measured:.3f} bits per weight ({size})"
+    if kind == "sqnr":
+        return f"the best model tried measured {measured:.2f} dB on the held-out inputs ({size})"
+    bound = f"expected, less {AGREEMENT_Z:g} standard error"
+    return f"the best model tried agrees on {measured:.4f} of the held-out inputs ({bound}; {size})"
+
+
 def parse_bytes(text: str) -> int:
     """'1.5MB' → 1,500,000; '2MiB' → 2,097,152; '300000' → 300,000."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]i?b|b)?\s*", str(text).lower())

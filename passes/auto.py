@@ -43,7 +43,18 @@ from onnxtq.progress import bar
 from onnxtq.quantize import blocking_for
 from onnxtq.rd import Band, Option, allocate
 from onnxtq.report import PassReport, Rate, WeightRecord
-from onnxtq.target import DEFAULT_CODECS, KINDS, SERVED_CODECS, SIZE_KINDS, SIZE_MARGIN, Emitted, HeldOut, Search
+from onnxtq.target import (
+    DEFAULT_CODECS,
+    KINDS,
+    SERVED_CODECS,
+    SIZE_KINDS,
+    SIZE_MARGIN,
+    Emitted,
+    HeldOut,
+    Search,
+    nearest_text,
+    target_text,
+)
 from onnxtq.weights import discover, quantizable
 
 CODECS = ("rtn", "fp16", "tq", "ecsq")
@@ -187,9 +198,9 @@ class AutoPass(Pass):
         report.target = result
         if chosen is None:
             best = max(result.attempts, key=lambda a: a.measured if kind not in SIZE_KINDS else -a.measured)
+            tried = f"{len(result.attempts)} rounds: {nearest_text(kind, best)}"
             raise VerificationError(
-                f"target {kind}={value:g} not met in {len(result.attempts)} rounds: the nearest model measured "
-                f"{best.measured:.4g} at {best.bytes:,d} B",
+                f"target {target_text(kind, value)} not met in {tried}",
                 "loosen the target, or allow more rounds (--pipeline with auto{rounds=N})",
             )
         ctx.graph = Graph(chosen.model)
@@ -395,7 +406,7 @@ class AutoPass(Pass):
             by_codec[r.codec] = by_codec.get(r.codec, 0) + 1
         codecs = ", ".join(f"{k} {v}" for k, v in sorted(by_codec.items()))
         text = (
-            f"target {result.kind}={result.value:g} met after {len(result.attempts)} rounds "
+            f"target {target_text(result.kind, result.value)} met after {len(result.attempts)} rounds "
             f"({result.holdout_samples} held-out inputs): {chosen.file_bytes:,d} B"
         )
         if result.sqnr_db is not None:

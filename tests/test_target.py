@@ -3,6 +3,7 @@ independently of the run (file size on disk, brotli, SQNR on the held-out inputs
 bundled eval set), held-out inputs are never calibrated on, and the CLI takes exactly one target."""
 
 import json
+import re
 
 import brotli
 import numpy as np
@@ -17,7 +18,8 @@ from onnxtq.cli import main
 from onnxtq.codec import Layer, distortion
 from onnxtq.codecs.tq import TqCodec
 from onnxtq.graph import Graph
-from onnxtq.target import agreement_chances, parse_bytes, relative_errors, top_scores
+from onnxtq.report import Attempt
+from onnxtq.target import agreement_chances, nearest_text, parse_bytes, relative_errors, target_text, top_scores
 from onnxtq.weights import discover
 
 
@@ -139,8 +141,29 @@ def test_an_unreachable_target_fails_verification_and_writes_nothing(tmp_path, c
     model, calib = bundled("mnist_cnn")
     out = tmp_path / "o.onnx"
     code = main(["compress", str(model), "-o", str(out), "--calib", str(calib), "--size", "2kB"])
-    assert code == 3 and "not met" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 3 and "target size=2,000 B not met" in err
+    smallest = int(re.search(r"the smallest file tried was ([0-9,]+) B", err).group(1).replace(",", ""))
+    assert smallest > 2000
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "kind, value, measured, target, nearest",
+    [
+        ("size", 7e5, 750_851, "size=700,000 B", "the smallest file tried was 750,851 B"),
+        ("served_size", 5e5, 512_345, "served_size=500,000 B", "the smallest tried is sent in 512,345 B"),
+        ("bits", 3, 3.21, "bits=3 bits per weight", "the fewest tried was 3.210 bits per weight"),
+        ("sqnr", 30, 28.456, "sqnr=30 dB", "the best model tried measured 28.46 dB"),
+        ("agreement", 0.99, 0.98123, "agreement=0.99", "the best model tried agrees on 0.9812"),
+    ],
+)
+def test_a_target_not_met_is_told_in_its_own_unit(kind, value, measured, target, nearest):
+    """The error names the target and the nearest model tried in the target's unit, with the file's bytes."""
+    size = measured if kind == "size" else 750_851
+    said = nearest_text(kind, Attempt(aim=1.0, predicted=None, measured=measured, bytes=size, meets=False))
+    assert target_text(kind, value) == target
+    assert said.startswith(nearest) and "750,851 B" in said
 
 
 def test_agreement_needs_class_scores(tmp_path, capsys):
