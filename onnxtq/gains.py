@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxtq import model_io, pieces, positions
+from onnxtq import model_io, pieces, positions, verify
 from onnxtq.calibration.collect import INPUT_BATCH_BYTES, StatsStore
 from onnxtq.calibration.data import Source
 from onnxtq.graph import copy_model
@@ -67,10 +67,8 @@ class Probe:
         return total / max(self.samples, 1)
 
     def error(self, model: onnx.ModelProto) -> float:
-        if pieces.needed(model):
-            runs = pieces.outputs(model, ((1, feed) for feed in self.feeds), self.threads)
-            return self._error([out for outs in runs for out in outs])
-        return self._error(self._run(model_io.session(model, self.threads, fold_dequantize=pieces.folds(model))))
+        runs = verify.outputs(model, ((1, feed) for feed in self.feeds), self.threads, fold=True)
+        return self._error([out for outs in runs for out in outs])
 
     def _exposed(self, model: onnx.ModelProto, names) -> tuple:
         """A session in which the initializers `names` can be fed (overridden) at run time, and the model's

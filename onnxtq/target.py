@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import scipy.special
 
-from onnxtq import model_io, pieces, positions
+from onnxtq import positions, verify
 from onnxtq.calibration.data import Source
 from onnxtq.finish import db
 from onnxtq.report import Attempt, TargetResult
@@ -126,12 +126,7 @@ class HeldOut:
         }
 
     def _run(self, model: onnx.ModelProto, feeds: list[dict]) -> list[np.ndarray]:
-        if pieces.needed(model):  # a piece at a time (onnxtq.pieces)
-            runs = list(pieces.outputs(model, ((1, feed) for feed in feeds), self.threads))
-        else:
-            sess = model_io.session(model, self.threads, fold_dequantize=pieces.folds(model))
-            names = [o.name for o in sess.get_outputs()]
-            runs = [sess.run(names, feed) for feed in feeds]
+        runs = list(verify.outputs(model, ((1, feed) for feed in feeds), self.threads, fold=True))
         outs = [np.concatenate([r[i] for r in runs]) for i in range(len(model.graph.output))]
         # class scores in float64 for the agreement's arithmetic; the rest as onnxruntime gave them (a language
         # model's logits are large; `positions.squares` takes their differences in float64)

@@ -18,13 +18,14 @@ from onnxtq.graph import FLOAT_TYPES
 from onnxtq.progress import bar
 
 
-def outputs(model: onnx.ModelProto, batches, threads: int = 0) -> Iterator[list[np.ndarray]]:
+def outputs(model: onnx.ModelProto, batches, threads: int = 0, fold: bool = False) -> Iterator[list[np.ndarray]]:
     """Each batch's outputs (in the graph's order): from one session, or a piece at a time for a model too
-    large for one (onnxtq.pieces)."""
+    large for one (onnxtq.pieces). With `fold` the session decodes the weights at load where, decoded, they
+    fit a piece (`pieces.folds`): quicker for many runs; verification runs the file as it is."""
     if pieces.needed(model):
         yield from pieces.outputs(model, batches, threads)
         return
-    sess = model_io.session(model, threads)
+    sess = model_io.session(model, threads, fold_dequantize=fold and pieces.folds(model))
     for _, feed in batches:
         yield sess.run(None, feed)
 
