@@ -139,10 +139,10 @@ def _one_heavy_at_a_time(fn: Callable, items: list, heavy: set[int], threads: in
 def task_map(fn: Callable, items: Iterable, window: int = 0) -> Iterator:
     """fn(item) for each item, in order: on the Dask cluster when one is configured (at most `window` tasks
     out at a time, default twice its workers, so only their arguments are copied and alive at once), else
-    here, lazily, one after the other (each task's numpy loops use the local threads). `fn` must be
-    importable where the workers run."""
+    here, one after the other, the next one running while the caller finishes this one (each task's numpy loops
+    use the local threads). `fn` must be importable where the workers run."""
     if not _settings["cluster"]:
-        yield from map(fn, items)
+        yield from _one_ahead(fn, items)
         return
     client = _dask_client(_settings["cluster"])
     window = window or 2 * max(1, len(client.scheduler_info().get("workers", {})))
@@ -153,6 +153,24 @@ def task_map(fn: Callable, items: Iterable, window: int = 0) -> Iterator:
             yield pending.pop(0).result()
     for future in pending:
         yield future.result()
+
+
+def _one_ahead(fn: Callable, items: Iterable) -> Iterator:
+    """fn(item) for each item, in order, the next item's call running on a thread while the caller works on this
+    one's answer: what the caller does alone (writing a layer) no longer leaves the other cores idle. The items
+    themselves are drawn here, on the caller's thread, one ahead."""
+    if workers() == 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(1) as pool:  # a caller that stops early: the pool finishes the call it holds
+        ahead = None
+        for item in items:
+            running = pool.submit(fn, item)
+            if ahead is not None:
+                yield ahead.result()
+            ahead = running
+        if ahead is not None:
+            yield ahead.result()
 
 
 def tasks_of(items: Iterable, task: Callable, fn: Callable) -> Iterator[tuple]:

@@ -41,12 +41,35 @@ def test_any_cut_of_the_rows_and_any_number_of_threads_give_the_same_codes():
     for bits, symmetric in ((4, True), (2, False)):
         whole = np.ascontiguousarray(w), np.ascontiguousarray(h)
         whole_scale, whole_zp = _clip_search(*whole, int_range(bits, symmetric), symmetric)  # all rows at once
+        whole_code = quantize_groups(whole[0], bits, symmetric, True, whole[1])
         for jobs in (1, 2, 3):
             parallel.configure(jobs)
             code = quantize_groups(w, bits, symmetric, True, h)
             np.testing.assert_array_equal(code.scale, whole_scale.astype(np.float32))
+            np.testing.assert_array_equal(code.q, whole_code.q)  # each part's codes written in place
             if not symmetric:
                 np.testing.assert_array_equal(code.zero_point, whole_zp)
+
+
+def test_the_next_task_runs_while_the_caller_finishes_this_ones_answer():
+    parallel.configure(2)
+    started = [threading.Event() for _ in range(4)]
+
+    def task(k):
+        started[k].set()
+        if k == 2:
+            raise ValueError("task 2 fails")
+        return k * k
+
+    answers = parallel.task_map(task, range(4))
+    assert next(answers) == 0
+    assert started[1].wait(60)  # begun before the caller asks for it
+    assert next(answers) == 1
+    with pytest.raises(ValueError, match="task 2 fails"):
+        next(answers)
+    early = parallel.task_map(task, range(4))
+    assert next(early) == 0
+    early.close()  # a caller that stops: the call running ahead finishes, nothing hangs
 
 
 def test_jobs_one_and_all_cores_write_the_same_file(tmp_path):
