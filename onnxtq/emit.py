@@ -302,7 +302,12 @@ def emit_transformed(
 def dequantized(blocking: Blocking, code: GroupCode) -> np.ndarray:
     """The float weight ORT will compute, in the stored layout (numpy reference), laid out as that layout (a
     MatMul weight's groups are its transposed view: every later pass over it would stride)."""
-    return kernels.rows_of(blocking.from_groups(code.dequantize()))
+    weight = np.empty(blocking.shape, np.float32)
+    groups = blocking.to_groups(weight)
+    if not np.may_share_memory(groups, weight):  # blocks padded to their size: the groups are a copy
+        return kernels.rows_of(blocking.from_groups(code.dequantize()))
+    code.dequantize(groups)  # decoded straight into the weight's layout
+    return weight
 
 
 def emit_rotated_table(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from onnxtq import kernels
 from onnxtq.bias import correct_bias, half_bias, output_shift
 from onnxtq.codec import Coded, Layer, output_error
 from onnxtq.graph import Graph
@@ -38,9 +39,10 @@ def finish(
     (onnxtq.bias.half_bias).
     """
     site = layer.site
-    w = layer.w.astype(np.float64)
     own = layer.stats  # read once: statistics written to disk are read back whole on each ask
     stats = coded.inputs or own
+    weight = layer.w  # read once, before the codes replace it (a lazy layer reads it from the graph)
+    w = None if stats is None else weight.astype(np.float64)  # what the bias and the output figures read
     reference = own if coded.inputs is not None else None
     before = graph.nbytes(site.name) if site.name in graph.initializers else None
     why_not = ""
@@ -62,20 +64,25 @@ def finish(
                 w_like = np.empty_like(error)
                 w_like[...] = w
             shift += output_shift(site, stats, w_like) - output_shift(site, reference, w_like)
-        why_not = correct_bias(graph, node, site, shift, layer.w.dtype)
+        why_not = correct_bias(graph, node, site, shift, weight.dtype)
     after = coded.write(graph, pass_name)
     record = WeightRecord.of(
-        site, coded.status, bytes_before=after if before is None else before, bytes_after=after, bits=8 * after / w.size
+        site,
+        coded.status,
+        bytes_before=after if before is None else before,
+        bytes_after=after,
+        bits=8 * after / weight.size,
     )
     record.bias_corrected = bias_correct and not why_not
     record.reason = f"bias not corrected: {why_not}" if why_not else ""
     record.nominal_bits = coded.nominal_bits
     record.detail = coded.detail
-    loss = w - coded.w_hat
-    record.weight_sqnr_db = db(np.vdot(w, w), np.vdot(loss, loss))  # one BLAS pass each, no squared copies
+    record.weight_sqnr_db = db(*kernels.energies(weight, coded.w_hat))
     if stats is not None:  # figures for the report: float32 products, half the time of float64's
         measured = coded.output_error
-        record.output_error = measured if measured is not None else output_error(site, stats, loss, np.float32)
+        if measured is None:
+            measured = output_error(site, stats, w - coded.w_hat, np.float32)
+        record.output_error = measured
         record.output_sqnr_db = db(output_error(site, stats, w, np.float32), record.output_error)
     if bias_price is not None and alone and node is not None and half_bias(graph, node, site, bias_price, pass_name):
         record.detail += "; bias float16"

@@ -120,9 +120,9 @@ class GroupCode:
     zero_point: np.ndarray | None  # [G] int, None when symmetric
     bits: int
 
-    def dequantize(self) -> np.ndarray:
-        """(q − z)·s in float64, as float32 (onnxtq.kernels)."""
-        return kernels.dequantize(self.q, self.scale, self.zero_point)
+    def dequantize(self, out: np.ndarray | None = None) -> np.ndarray:
+        """(q − z)·s in float64, as float32 (onnxtq.kernels), into `out` [G, S] if given."""
+        return kernels.dequantize(self.q, self.scale, self.zero_point, out)
 
 
 def _grid_for(w: np.ndarray, alpha: float, qrange: tuple[int, int], symmetric: bool):
@@ -143,18 +143,28 @@ def _grid_for(w: np.ndarray, alpha: float, qrange: tuple[int, int], symmetric: b
 SEARCH_ELEMENTS = 2**18
 
 
-def _rows(w: np.ndarray, h: np.ndarray | None, part: slice) -> tuple[np.ndarray, np.ndarray | None]:
-    """Rows `part` of w and h, contiguous: each row's error is then summed the same way (pairwise) whatever
-    the cut and however the weight was laid out (a MatMul weight's groups are a transposed view)."""
-    return np.ascontiguousarray(w[part]), None if h is None else np.ascontiguousarray(h[part])
-
-
 def _clip_search(w: np.ndarray, h: np.ndarray | None, qrange: tuple[int, int], symmetric: bool):
     """Each row's step (and zero point, None when symmetric) of least h-weighted squared error over CLIP_GRID
     (h None: plain squared error), by onnxtq.kernels; rows are independent, so any cut of the rows gives the
     same answer."""
     step, zero = kernels.clip_search(w, h, CLIP_GRID, qrange, symmetric)
     return step, None if symmetric else zero
+
+
+def _parts(rows: int, cols: int) -> list[slice]:
+    """Cuts of the rows of about SEARCH_ELEMENTS weights each."""
+    size = max(1, SEARCH_ELEMENTS // max(cols, 1))
+    return [slice(start, start + size) for start in range(0, rows, size)] or [slice(0, 0)]
+
+
+def _buffer(a: np.ndarray) -> np.ndarray:
+    """Where `a`'s rows are laid out as float32 rows: `a` itself if they already are."""
+    return a if a.flags.c_contiguous and a.dtype == np.float32 else np.empty(a.shape, np.float32)
+
+
+def _fill(buffer: np.ndarray, a: np.ndarray, part: slice) -> np.ndarray:
+    """Rows `part` of `a`, laid out in `buffer` (onnxtq.kernels.rows_of)."""
+    return buffer[part] if buffer is a else kernels.rows_of(a[part], np.float32, buffer[part])
 
 
 def quantize_groups(
@@ -173,21 +183,28 @@ def quantize_groups(
     codes below the container's range (ternary: (-1, 1) in INT2).
     """
     qrange = qrange or int_range(bits, symmetric)
-    # the search only ranks candidates: float32 is precise enough and twice as fast; rows laid out as rows (a
-    # MatMul weight's groups are its transposed view)
-    w = kernels.rows_of(w, np.float32)
-    h = None if h is None else kernels.rows_of(h, np.float32)
+    # the search only ranks candidates: float32 is precise enough and twice as fast. Rows are laid out as rows (a
+    # MatMul weight's groups are its transposed view) a part at a time, on the thread that searches that part
+    rows, weights = _buffer(w), None if h is None else _buffer(h)
+    parts = _parts(*w.shape)
+
+    def search(part: slice):
+        return _clip_search(_fill(rows, w, part), None if h is None else _fill(weights, h, part), qrange, symmetric)
+
     if clip:
-        rows = max(1, SEARCH_ELEMENTS // max(w.shape[1], 1))
-        parts = [slice(start, start + rows) for start in range(0, w.shape[0], rows)] or [slice(0, 0)]
-        found = parallel.thread_map(lambda part: _clip_search(*_rows(w, h, part), qrange, symmetric), parts)
+        found = parallel.thread_map(search, parts)
         best_scale = np.concatenate([scale for scale, _ in found])
         best_zp = None if symmetric else np.concatenate([zp for _, zp in found])
     else:
-        best_scale, best_zp = _grid_for(w, 1.0, qrange, symmetric)
+        best_scale, best_zp = _grid_for(_fill(rows, w, slice(None)), 1.0, qrange, symmetric)
     if best_scale.max(initial=0.0) > np.finfo(scale_dtype).max:  # float16 cannot hold such steps
         scale_dtype = np.float32
     tiny = float(np.finfo(scale_dtype).smallest_subnormal)
     stored = np.maximum(best_scale, tiny).astype(scale_dtype)  # the step ORT will use
-    q = kernels.codes(w, stored, best_zp, qrange)  # against the stored step, in float64
+    q = np.empty(w.shape, np.int32)  # against the stored step, in float64
+
+    def code(part: slice) -> None:
+        kernels.codes(rows[part], stored[part], None if best_zp is None else best_zp[part], qrange, q[part])
+
+    parallel.thread_map(code, parts)
     return GroupCode(q, stored, None if best_zp is None else best_zp.astype(np.int32), bits)

@@ -1,9 +1,12 @@
 """Uniform quantizer: grouping mirrors DequantizeLinear, codes stay in range, clipping helps."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from onnxtq import kernels
+from onnxtq.emit import dequantized
 from onnxtq.quantize import CLIP_GRID, Blocking, _clip_search, _grid_for, int_range, quantize_groups
 
 
@@ -120,3 +123,25 @@ def test_the_compiled_codes_are_numpys(bits, symmetric, fp16, seed):
     steps = code.scale.astype(np.float64)[:, None]
     want = np.clip(np.round(w.astype(np.float64) / steps) + z, *int_range(bits, symmetric))
     np.testing.assert_array_equal(code.q, want.astype(np.int32))
+
+
+def test_codes_decode_straight_into_a_matmul_weights_own_layout():
+    rng = np.random.default_rng(3)
+    for block, shape in ((0, (300, 40)), (32, (256, 40)), (32, (300, 40))):  # per channel; blocks, padded or not
+        blocking = Blocking(shape, axis=1, block=block, block_axis=0)  # a MatMul weight [in, out]
+        w = rng.standard_normal(shape).astype(np.float32)
+        code = quantize_groups(blocking.to_groups(w), 4)
+        decoded = dequantized(blocking, code)
+        assert decoded.flags.c_contiguous
+        np.testing.assert_array_equal(decoded, blocking.from_groups(code.dequantize()))
+
+
+def test_a_weights_energies_are_float64_sums():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((300, 40)).astype(np.float32)
+    w_hat = np.asfortranarray(w + rng.standard_normal(w.shape).astype(np.float32) * 0.01)  # read in w's order
+    w64, loss = w.astype(np.float64), w.astype(np.float64) - w_hat
+    signal, noise = kernels.energies(w, w_hat)
+    np.testing.assert_allclose([signal, noise], [np.vdot(w64, w64), np.vdot(loss, loss)], rtol=1e-12)
+    with pytest.raises(ValueError, match="shape"):
+        kernels.energies(w, w_hat.T)
