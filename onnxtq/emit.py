@@ -96,6 +96,8 @@ ESCAPE_PRICE = 4 * ESCAPE_BYTES
 def escapes(q: np.ndarray, bits: int, signed: bool) -> np.ndarray:
     """Flat positions of the codes in `q` that the `bits`-bit container cannot hold."""
     lo, hi = int_range(bits, signed)
+    if not q.size or lo <= q.min() and q.max() <= hi:  # two reductions, no mask: most codes never escape
+        return np.empty(0, np.intp)
     return np.flatnonzero((q < lo) | (q > hi))
 
 
