@@ -41,7 +41,7 @@ from onnx import external_data_helper, helper, numpy_helper
 
 from onnxtq.entropy import histogram_bits
 from onnxtq.errors import ModelError, UsageError, VerificationError
-from onnxtq.model_io import MAX_TENSOR_ELEMENTS, tensor_nbytes, write_atomic
+from onnxtq.model_io import MAX_TENSOR_ELEMENTS, tensor_elements, tensor_nbytes, write_atomic
 from onnxtq.paths import check_outputs
 
 MAGIC = b"ONNXTQC\x01"  # last byte: format version
@@ -313,7 +313,7 @@ def _parse_model(data: bytes) -> onnx.ModelProto:
 
 def _stream_symbols(t: onnx.TensorProto, min_elements: int) -> tuple[np.ndarray | None, str]:
     """The tensor's values as int64, or None and why it stays in the skeleton."""
-    n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    n = tensor_elements(t)
     if n < min_elements:
         return None, f"fewer than {min_elements} elements"
     if not t.raw_data or len(t.raw_data) != tensor_nbytes(t):

@@ -45,10 +45,14 @@ def _dtype_size(data_type: int) -> float:
     return float(np.dtype(np_type).itemsize)
 
 
+def tensor_elements(t: onnx.TensorProto) -> int:
+    """How many values the tensor's shape holds (one for a scalar), counted in int64: dims come from the file."""
+    return int(np.prod(t.dims, dtype=np.int64))
+
+
 def tensor_nbytes(t: onnx.TensorProto) -> int:
     """Bytes the tensor occupies when stored packed (what the file costs)."""
-    n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
-    return int(np.ceil(n * _dtype_size(t.data_type)))
+    return int(np.ceil(tensor_elements(t) * _dtype_size(t.data_type)))
 
 
 def _check_header(t: onnx.TensorProto, where: str) -> None:
@@ -129,7 +133,7 @@ def _check_inline(t: onnx.TensorProto) -> None:
     """The data a tensor holds in the file is exactly what its type and shape need."""
     if t.HasField("segment"):
         raise ModelError(f"tensor '{t.name}' is segmented", "segmented tensors are not supported")
-    n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    n = tensor_elements(t)
     if t.data_type == onnx.TensorProto.STRING:
         held, need, unit = len(t.string_data), n, "strings"
     elif t.HasField("raw_data"):

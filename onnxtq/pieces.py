@@ -46,9 +46,9 @@ def folds(model: onnx.ModelProto) -> bool:
     """Whether a session may decode the model's weights to float32 at load (`fold_dequantize`): decoded, they
     fit a piece. Folded, every decoded weight stays resident (the 353M model's 178 MB of 4-bit codes became
     1.4 GB); unfolded, the session holds the codes and decodes a weight when a run reads it."""
-    from onnxtq.model_io import tensor_nbytes
+    from onnxtq.model_io import tensor_elements, tensor_nbytes
 
-    decoded = sum(max(tensor_nbytes(t), 4 * int(np.prod(t.dims, dtype=np.int64))) for t in model.graph.initializer)
+    decoded = sum(max(tensor_nbytes(t), 4 * tensor_elements(t)) for t in model.graph.initializer)
     return decoded <= PIECE_BYTES
 
 
