@@ -185,11 +185,11 @@ def quantize_groups(
     qrange = qrange or int_range(bits, symmetric)
     # the search only ranks candidates: float32 is precise enough and twice as fast. Rows are laid out as rows (a
     # MatMul weight's groups are its transposed view) a part at a time, on the thread that searches that part
-    rows, weights = _buffer(w), None if h is None else _buffer(h)
-    parts = _parts(*w.shape)
+    rows, parts = _buffer(w), _parts(*w.shape)
 
-    def search(part: slice):
-        return _clip_search(_fill(rows, w, part), None if h is None else _fill(weights, h, part), qrange, symmetric)
+    def search(part: slice):  # h is read by the search alone: laid out a part at a time, never whole
+        weights = None if h is None else kernels.rows_of(h[part], np.float32)
+        return _clip_search(_fill(rows, w, part), weights, qrange, symmetric)
 
     if clip:
         found = parallel.thread_map(search, parts)

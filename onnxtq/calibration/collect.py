@@ -110,8 +110,12 @@ class StatsStore:
 
 
 def importance(site: WeightSite, stats: LayerStats) -> np.ndarray:
-    """diag(H) broadcast to the stored weight's layout: how much each weight's error costs."""
+    """diag(H) broadcast to the stored weight's layout: how much each weight's error costs. With one group of
+    statistics every row reads the same values: a read-only view then, not a float64 copy per row (on the 1.3B
+    model's output table, 0.4 GB)."""
     h = np.maximum(stats.diag(), 0.0)  # [g, d]
+    if stats.groups == 1:
+        return site.from_matrix(np.broadcast_to(h, (site.rows, h.shape[1])))
     rows = np.repeat(h, site.rows // stats.groups, axis=0)  # row o belongs to group o // (n/g)
     return site.from_matrix(rows)
 
