@@ -46,7 +46,7 @@ class CalibratePass(Pass):
         ctx.stats_fresh = True
         report = self.new_report()
         for site in found.sites:
-            stats = ctx.stats.get(site)
+            stats = ctx.stats.summary(site)
             if stats is None:
                 why = "no activation statistics for this kind of layer"
                 if site.activation is not None:

@@ -9,7 +9,7 @@ import pytest
 from builders import make_model, run
 from onnx import TensorProto, helper
 
-from onnxtq.calibration.stats import MomentAccumulator, conv_patches, dense_rows
+from onnxtq.calibration.stats import LayerStats, MomentAccumulator, conv_patches, dense_rows
 from onnxtq.weights import ConvGeometry
 
 CASES = [
@@ -122,3 +122,17 @@ def test_shrunk_moments_generalise_where_samples_are_few(rng):
     many = MomentAccumulator(1, 96, "full")
     many.update(_gaussian_inputs(rng, 20000)[0])
     assert many.finalize().shrunk().shrinkage < 0.02
+
+
+@pytest.mark.parametrize("mode", ["full", "blocked", "diag"])
+def test_spilled_statistics_read_back_whole_or_mapped(mode, rng, tmp_path):
+    acc = MomentAccumulator(2, 10, mode, block=4)
+    acc.update(rng.standard_normal((50, 2, 10)))  # patches [P, g, d]
+    stats = acc.finalize().shrunk()
+    stats.save(tmp_path / "0.npz")
+    for mapped in (False, True):
+        back = LayerStats.load(tmp_path / "0.npz", mapped=mapped)
+        assert (back.count, back.mode, back.block, back.shrinkage) == (stats.count, mode, stats.block, stats.shrinkage)
+        np.testing.assert_array_equal(back.mean, stats.mean)
+        np.testing.assert_array_equal(back.moment, stats.moment)
+        assert isinstance(back.moment, np.memmap) == mapped  # a summary reads no moments

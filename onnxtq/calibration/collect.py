@@ -104,6 +104,11 @@ class StatsStore:
         stats = self.by_site.get(site.name)
         return LayerStats.load(stats) if isinstance(stats, Path) else stats
 
+    def summary(self, site: WeightSite) -> LayerStats | None:
+        """`get` for the statistics' mode, sizes and counts: spilled moments are mapped, not read."""
+        stats = self.by_site.get(site.name)
+        return LayerStats.load(stats, mapped=True) if isinstance(stats, Path) else stats
+
     def importance(self, site: WeightSite) -> np.ndarray | None:
         stats = self.get(site)
         return None if stats is None else importance(site, stats)

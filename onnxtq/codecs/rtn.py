@@ -51,9 +51,9 @@ class RtnCodec(Codec):
         that any worker can run (onnxtq.parallel)."""
         site = layer.site
         blocking = blocking_for(site, self.block)
-        weights = None
-        if self.weighted and layer.stats is not None:
-            weights = blocking.to_groups(importance(site, layer.stats))
+        weights, stats = None, layer.stats if self.weighted else None  # spilled statistics: one read
+        if stats is not None:
+            weights = blocking.to_groups(importance(site, stats))
         groups = blocking.to_groups(layer.w)
         return groups, self.bits, self.symmetric, self.clip, weights, step_dtype(site, self.scale_bits)
 
