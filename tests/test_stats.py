@@ -136,3 +136,12 @@ def test_spilled_statistics_read_back_whole_or_mapped(mode, rng, tmp_path):
         np.testing.assert_array_equal(back.mean, stats.mean)
         np.testing.assert_array_equal(back.moment, stats.moment)
         assert isinstance(back.moment, np.memmap) == mapped  # a summary reads no moments
+
+
+@pytest.mark.parametrize("rows", [5, 40])  # fewer rows than columns (r·H), more (the symmetric rᵀr)
+def test_float32_report_products_agree_with_float64(rows, rng):
+    acc = MomentAccumulator(1, 12, "full")
+    acc.update(rng.standard_normal((200, 1, 12)) + 0.5)
+    stats = acc.finalize()
+    m = rng.standard_normal((rows, 12))
+    np.testing.assert_allclose(stats.quadratic(m, np.float32), stats.quadratic(m), rtol=1e-5)

@@ -63,6 +63,10 @@ class LayerStats:
         moment = self.moment.astype(dtype, copy=False)
         if self.mode == "diag":
             return float(np.einsum("gnd,gd,gnd->", rows, moment, rows))
+        if self.mode == "full" and dtype == np.float32 and rows.shape[1] >= self.dim:
+            # Σ H ⊙ rᵀr: numpy makes rᵀr one symmetric product, half the work of r·H (as many rows as columns, or
+            # more: 0.16 s against 0.36 s for 6144 rows of 2048). Float64 keeps r·H: allocations read those sums
+            return float(sum(np.multiply(r.T @ r, h).sum(dtype=np.float64) for r, h in zip(rows, moment)))
         if self.mode == "full":  # a BLAS product: a 3-operand einsum is many times slower on wide layers
             return float(((rows @ moment) * rows).sum())
         pad = -self.dim % self.block
