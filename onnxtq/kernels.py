@@ -187,12 +187,16 @@ def _transpose(a, out):
                     out[j, i] = a[i, j]
 
 
+def _columns(a: np.ndarray) -> bool:
+    """Whether 2-D `a` is a transposed view: a row's values lie a row apart (a MatMul weight's groups)."""
+    return a.ndim == 2 and not a.flags.c_contiguous and a.strides[0] == a.itemsize
+
+
 def rows_of(a: np.ndarray, dtype=None, out: np.ndarray | None = None) -> np.ndarray:
     """`a` laid out C-contiguous (as `dtype`), into `out` if given: a 2-D transposed view (a MatMul weight's channels,
     or some of them) is copied tile by tile, anything else by numpy."""
     dtype = np.dtype(dtype or a.dtype)
-    columns = a.ndim == 2 and not a.flags.c_contiguous and a.strides[0] == a.itemsize  # a row's values a row apart
-    if columns and a.dtype == dtype and a.size:
+    if _columns(a) and a.dtype == dtype and a.size:
         out = np.empty(a.shape, dtype) if out is None else out
         _transpose(a.T, out)
         return out
@@ -231,7 +235,7 @@ def dequantize(q: np.ndarray, steps: np.ndarray, zeros: np.ndarray | None, out: 
     out = np.empty(q.shape, np.float32) if out is None else out
     zeros = np.zeros(len(steps), np.int32) if zeros is None else zeros.astype(np.int32)
     q, steps = np.ascontiguousarray(q, np.int32), steps.astype(np.float64)
-    if out.ndim == 2 and not out.flags.c_contiguous and out.strides[0] == out.itemsize:
+    if _columns(out):
         _dequantize_columns(q, steps, zeros, out.T)
     else:
         _dequantize(q, steps, zeros, out)
