@@ -37,7 +37,7 @@ class Probe:
         first = next(iter(source.batches(1)), None)
         sample_bytes = sum(v.nbytes for v in first[1].values()) if first else 1
         # big inputs (PP-OCR det pages) get fewer probe samples: each costs one run per layer
-        samples = max(1, min(samples, INPUT_BATCH_BYTES // max(sample_bytes, 1)))
+        samples = max(1, min(samples, INPUT_BATCH_BYTES // max(sample_bytes, 1), _affordable(model, samples)))
         self.feeds, self.samples = [], 0
         for n, feed in source.batches(samples):
             self.feeds.append(feed)
@@ -132,6 +132,16 @@ class Probe:
         variants = [(name, partial(_as_stored, inits[name], replacements[name])) for name in names]
         runs = self.variants.run(variants, "marginal errors")
         return {names[index]: self._error(outs) for index, outs in runs}
+
+
+def _affordable(model: onnx.ModelProto, samples: int) -> int:
+    """Probe samples for a model run in pieces: the work of `samples` through a model of one piece's weights.
+    A sample costs a run of the model (from a layer's piece on) per layer, so a model four times past a piece
+    gets a quarter of them, at least one; a model of one session gets all."""
+    if not pieces.needed(model):
+        return samples
+    weights = sum(model_io.tensor_nbytes(t) for t in model.graph.initializer)
+    return max(1, samples * pieces.PIECE_BYTES // weights)
 
 
 def _as_stored(init: onnx.TensorProto, value: np.ndarray | Path) -> np.ndarray:

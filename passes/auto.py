@@ -84,7 +84,9 @@ class AutoConfig(PassConfig):
         "", f"the codecs that compete, joined by + (default {DEFAULT_CODECS}; {SERVED_CODECS} for a served size)"
     )
     rounds: int = option(10, "most emit-and-measure rounds")
-    gain_samples: int = option(16, "calibration inputs the gains and marginal errors are measured on")
+    gain_samples: int = option(
+        16, "calibration inputs the gains and marginal errors are measured on (fewer for a model run in pieces)"
+    )
     correct: bool = option(True, "correct each layer's predicted error by its measured marginal effect")
     scale_bits: int = option(16, "32: float32 steps")
     bias_correct: bool = option(True, "cancel the mean output error with the calibration input mean")

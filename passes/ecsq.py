@@ -41,7 +41,7 @@ class EcsqConfig(PassConfig):
     gptq: bool = option(True, "scaled: error-feedback rounding on the full calibration Hessian")
     rdo: float = option(0.0, "κ: code length's weight in each rounding decision, in squared steps (0: plain)")
     gains: bool = option(True, "weigh layers by their measured network gain")
-    gain_samples: int = option(16, "calibration inputs the gains are measured on")
+    gain_samples: int = option(16, "calibration inputs the gains are measured on (fewer for a model run in pieces)")
     min_elements: int = option(1024, "smaller weights stay in float")
     scale_bits: int = option(16, "32: float32 steps")
     bias_correct: bool = option(True, "cancel the mean output error with the calibration input mean")

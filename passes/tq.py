@@ -58,7 +58,7 @@ class TqConfig(PassConfig):
     runtime: str = option("auto", "auto (factored where it saves multiply-adds) | factored | folded")
     gptq: bool = option(True, "finish the chosen codes by error feedback")
     gains: bool = option(True, "weigh layers by their measured network gain (else layer-output error alone)")
-    gain_samples: int = option(16, "calibration inputs the gains are measured on")
+    gain_samples: int = option(16, "calibration inputs the gains are measured on (fewer for a model run in pieces)")
     min_elements: int = option(0, "smaller weights stay in float")
     scale_bits: int = option(16, "32: float32 steps")
     bias_correct: bool = option(True, "cancel the mean output error with the calibration input mean")

@@ -274,8 +274,9 @@ def test_gains_and_marginal_errors_in_pieces_are_those_of_one_session(name, monk
     source = open_source(calib, model, limit=8)
     whole = Probe(model, source, samples=8)
     monkeypatch.setattr(pieces, "PIECE_BYTES", SMALL)
+    monkeypatch.setattr(gains_module, "_affordable", lambda model, samples: samples)  # the same inputs as whole's
     split = Probe(model, source, samples=8)
-    assert split.variants is not None and len(split.variants.pieces) > 2
+    assert split.variants is not None and len(split.variants.pieces) > 2 and split.samples == whole.samples == 8
     np.testing.assert_allclose(split.energy, whole.energy, rtol=1e-5)
 
     rng = np.random.default_rng(3)
@@ -367,6 +368,21 @@ def test_auto_in_pieces_reads_what_it_set_aside_from_disk(tmp_path, monkeypatch)
     assert kept and all(isinstance(p, Path) and p.suffix == ".npy" for p in kept)
     auto = next(r for r in result.passes if r.pass_name == "auto")
     assert auto.rate.stored <= 4.0
+
+
+def test_a_model_run_in_pieces_is_probed_on_fewer_samples(monkeypatch):
+    """A probe sample costs a run per layer: a model four pieces' worth of weights gets a quarter of the samples
+    (the work they would cost a model of one piece), at least one; a model of one session gets them all."""
+    path, calib = bundled("mnist_transformer")
+    model, _ = prepare(model_io.load(path))
+    source = open_source(calib, model, limit=16)
+    assert Probe(model, source, samples=16).samples == 16
+    weights = sum(model_io.tensor_nbytes(t) for t in model.graph.initializer)
+    monkeypatch.setattr(pieces, "PIECE_BYTES", -(-weights // 4))
+    assert Probe(model, source, samples=16).samples == 4
+    assert Probe(model, source, samples=3).samples == 1
+    monkeypatch.setattr(pieces, "PIECE_BYTES", weights // 100)
+    assert Probe(model, source, samples=16).samples == 1
 
 
 def test_codes_whose_floats_pass_a_piece_are_measured_without_decoding_them_at_load(tmp_path, monkeypatch):
