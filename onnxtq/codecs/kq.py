@@ -35,7 +35,7 @@ from onnxtq.codec import Codec, Coded, Group, Layer, LayerView, distortion
 from onnxtq.codecs.rtn import RtnCodec
 from onnxtq.packing import container_bits
 from onnxtq.rd import Band, Option
-from onnxtq.reconstruct import DAMP, damped
+from onnxtq.reconstruct import DAMP, damped, inverse_cholesky
 
 SCALE_BITS = 16  # per-output-channel scales are stored as float16
 
@@ -301,7 +301,7 @@ def _feedback_group(w: np.ndarray, h: np.ndarray, scales: np.ndarray, values: np
     order = np.argsort(-blocks, kind="stable")
     cols = (order[:, None] * kk + np.arange(kk)[None]).reshape(-1)
     hp = damped(h[np.ix_(cols, cols)][None], DAMP)[0]
-    u = np.linalg.cholesky(np.linalg.inv(hp)).T
+    u = inverse_cholesky(hp)
     wp = w[:, order].reshape(r, -1).copy()
     out = np.empty((r, c), np.int64)
     s = scales[:, None]
