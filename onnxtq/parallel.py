@@ -65,36 +65,41 @@ def thread_map(fn: Callable, items: Iterable) -> list:
         return list(pool.map(fn, items))
 
 
-def layer_map(fn: Callable, items: Iterable, heavy: Callable[..., bool] | None = None) -> Iterator:
+def layer_map(fn: Callable, items: Iterable, heavy: Callable[..., bool] | None = None, window: int = 0) -> Iterator:
     """fn(item) for each item, in order, the items spread over the local workers' threads, each with one BLAS
     thread: per-layer work that alternates compiled loops (one core) with small matrix products (which two
     BLAS threads barely speed up) keeps every core busy on its own layer.
 
     Items that are `heavy` (whose work holds much memory) run one at a time, the others beside them: on the 353M
     model a worker done with a block's narrow layers reached the next block's MLP down-projection while the other
-    was still on this one's, and tq's curves held two working sets of 1.24 GB each."""
+    was still on this one's, and tq's curves held two working sets of 1.24 GB each. With a `window`, an item starts
+    only within that many of the one the caller takes next: answers that are whole layers (auto's emit) wait for
+    the caller a few at a time, not all at once."""
     items = list(items)
     if workers() == 1 or len(items) < 2:
         yield from map(fn, items)
         return
     threads = min(workers(), len(items))
     with threadpool_limits(1, "blas"):
-        if heavy is None:
+        if heavy is None and not window:
             with ThreadPoolExecutor(threads) as pool:
                 yield from pool.map(fn, items)
         else:
-            yield from _one_heavy_at_a_time(fn, items, {k for k, item in enumerate(items) if heavy(item)}, threads)
+            marked = {k for k, item in enumerate(items) if heavy is not None and heavy(item)}
+            yield from _one_heavy_at_a_time(fn, items, marked, threads, window)
 
 
-def _one_heavy_at_a_time(fn: Callable, items: list, heavy: set[int], threads: int) -> Iterator:
+def _one_heavy_at_a_time(fn: Callable, items: list, heavy: set[int], threads: int, window: int = 0) -> Iterator:
     """layer_map's schedule with heavy items (their indices): each worker takes the first item waiting that may run
-    (a heavy one only while no other runs); answers come back in order."""
+    (a heavy one only while no other runs; with a `window`, one within `window` of the caller's next); answers
+    come back in order."""
     waiting, answers = list(range(len(items))), {}
-    state = {"heavy": False, "error": None}
+    state = {"heavy": False, "error": None, "next": 0}
     turn = threading.Condition()
 
     def runnable() -> int | None:
-        return next((k for k in waiting if k not in heavy or not state["heavy"]), None)
+        end = state["next"] + window if window else len(items)
+        return next((k for k in waiting if k < end and (k not in heavy or not state["heavy"])), None)
 
     def work() -> None:
         while True:
@@ -127,6 +132,8 @@ def _one_heavy_at_a_time(fn: Callable, items: list, heavy: set[int], threads: in
                 if state["error"]:
                     raise state["error"]
                 answer = answers.pop(k)
+                state["next"] = k + 1
+                turn.notify_all()  # the window moved on
             yield answer
     finally:
         with turn:

@@ -36,7 +36,7 @@ from onnxtq.graph import Graph, copy_model
 from onnxtq.model_io import serialize, whole_size
 from onnxtq.opsets import Emission
 from onnxtq.packing import container_bits
-from onnxtq.parallel import layer_map
+from onnxtq.parallel import layer_map, workers
 from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
 from onnxtq.pieces import PIECE_BYTES
 from onnxtq.progress import bar
@@ -304,18 +304,28 @@ class AutoPass(Pass):
         weights, w_hat = 0, {}
         kept: dict = {}  # tq's materialised layers (GPTQ) for the next round: this round's, within the budget
         kept_bytes, budget = 0, PIECE_BYTES if any(layer.source is not None for layer in layers) else KEPT_BYTES
-        for layer in layers:
+
+        def coded_as_allocated(layer: Layer) -> Coded | None:
+            """The layer coded at its allocated point (kept from the last round, or made again); None: float32."""
+            index, picks = allocation.choice[layer.site.name]
+            if index == 0:
+                point = points[layer.site.name][int(picks[0])]
+                return None if point.make is None else point.make()
+            key = self._key(layer.site.name, index, picks)
+            return self._materialized.get(key) or options[layer.site.name][index].materialize(picks)
+
+        # the layers are coded on the cores, a few ahead (each answer a whole layer), while this thread writes them
+        made = layer_map(coded_as_allocated, layers, TqCodec.heavy, window=workers())
+        for layer, coded in zip(layers, made):
             name = layer.site.name
             index, picks = allocation.choice[name]
             weights += layer.size
             if index == 0:
                 point = points[name][int(picks[0])]
-                coded = None if point.make is None else point.make()
                 codec, distortion = point.codec, point.distortion
             else:
                 option = options[name][index]
                 key = self._key(name, index, picks)
-                coded = self._materialized.get(key) or option.materialize(picks)
                 error_bytes = 0 if coded.error is None else coded.error.nbytes
                 size = coded.w_hat.nbytes + error_bytes + 4 * coded.w_hat.size  # and the int32 codes its writer holds
                 if kept_bytes + size <= budget:
