@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.linalg
 
 #: Damping of Ḡ before its Cholesky factor, relative to its mean diagonal.
 DAMP = 1e-3
@@ -73,7 +74,7 @@ def elt(w: np.ndarray, gbar: np.ndarray) -> Transform:
     order = np.argsort(-lam)
     vec, lam = vec[:, order], lam[order]
     u = low @ vec
-    b = vec.T @ np.linalg.inv(low)
+    b = scipy.linalg.solve_triangular(low, vec, trans="T", lower=True).T  # Vᵀ L⁻¹, without forming L⁻¹
     return _normalised("elt", u, b, np.maximum(lam, 0.0))
 
 
@@ -86,7 +87,13 @@ def _normalised(kind: str, u: np.ndarray, b: np.ndarray, lam: np.ndarray) -> Tra
 
 def coefficients(w: np.ndarray, analysis: np.ndarray) -> np.ndarray:
     """T [n, K, kk] = W ×_C U for W [n, C, kk]."""
-    return np.einsum("nct,ck->nkt", w, analysis)
+    return over_channels(w, analysis)
+
+
+def over_channels(a: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """a [n, C, kk] ×_C m [C, K] → [n, K, kk], as one BLAS product (numpy's einsum does not call BLAS here:
+    4x slower on a 2,304 × 768 weight)."""
+    return np.ascontiguousarray(np.tensordot(a, m, axes=(1, 0)).transpose(0, 2, 1))
 
 
 def transformed_hessian(h: np.ndarray, synthesis: np.ndarray) -> np.ndarray:

@@ -335,7 +335,7 @@ class TqCodec(Codec):
         if self.gptq and hessian is not None:
             q = self._feedback(coeffs.reshape(n, -1), hessian, q, step, zero, lo, hi, terms=False)[0]
         hat = (step * (q - zero)).reshape(coeffs.shape)
-        w_hat = hat if coding.transform is None else np.einsum("nkt,kc->nct", hat, basis_hat)
+        w_hat = hat if coding.transform is None else transforms.over_channels(hat, basis_hat)
         delta = site.from_matrix((w_hat - w).reshape(n, -1))
         pieces, axis, order = self._pieces(site, q, step, zero, kept, coeffs.shape)
         used = sum(b - a for a, b, _ in kept)
