@@ -138,10 +138,7 @@ def _affordable(model: onnx.ModelProto, samples: int) -> int:
     """Probe samples for a model run in pieces: the work of `samples` through a model of one piece's weights.
     A sample costs a run of the model (from a layer's piece on) per layer, so a model four times past a piece
     gets a quarter of them, at least one; a model of one session gets all."""
-    if not pieces.needed(model):
-        return samples
-    weights = sum(model_io.tensor_nbytes(t) for t in model.graph.initializer)
-    return max(1, samples * pieces.PIECE_BYTES // weights)
+    return max(1, min(samples, samples * pieces.PIECE_BYTES // max(pieces.weight_bytes(model), 1)))
 
 
 def _as_stored(init: onnx.TensorProto, value: np.ndarray | Path) -> np.ndarray:

@@ -37,9 +37,14 @@ def _sizes(model: onnx.ModelProto) -> dict[str, int]:
     return {t.name: tensor_nbytes(t) for t in model.graph.initializer}
 
 
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model's initializers, as they are stored."""
+    return sum(_sizes(model).values())
+
+
 def needed(model: onnx.ModelProto) -> bool:
     """Whether `model` runs in pieces: its weights do not fit one."""
-    return sum(_sizes(model).values()) > PIECE_BYTES
+    return weight_bytes(model) > PIECE_BYTES
 
 
 def folds(model: onnx.ModelProto) -> bool:
