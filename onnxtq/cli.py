@@ -19,7 +19,7 @@ from onnxtq import __version__, container, model_io, parallel, progress, report_
 from onnxtq.calibration.data import ImagePreprocessing, open_source
 from onnxtq.compress import DEFAULT_PIPELINE, Guards, compress, model_bytes, prepare, sweep
 from onnxtq.errors import DataError, OnnxtqError, UsageError
-from onnxtq.graph import Graph, provenance
+from onnxtq.graph import Graph, external_data_from, provenance
 from onnxtq.model_io import data_file, write_atomic
 from onnxtq.pipeline import registry
 from onnxtq.profiles import PROFILES, min_onnxruntime
@@ -424,15 +424,19 @@ def _inspect(args) -> int:
 
 
 def _verify(args) -> int:
-    original = model_io.load(args.original)
-    compressed = model_io.load(args.compressed)
-    validate(compressed)
+    """Both models' external data stay on disk, read a weight (or a piece) at a time from their own folders:
+    a model run in pieces is verified within the memory it was compressed in."""
+    original, _ = model_io.load_with_files(args.original, lazy=True)
+    compressed, _ = model_io.load_with_files(args.compressed, lazy=True)
+    folders = (Path(args.original).parent, Path(args.compressed).parent)
+    with external_data_from(folders[1]):
+        validate(compressed)
     calib = _calib(args, args.original)
     if calib is None:
         raise DataError("verify needs inputs", "pass --calib DATA")
     source = open_source(calib, original, prep=_prep(args))
     try:
-        result = compare(original, compressed, source, args.samples)
+        result = compare(original, compressed, source, args.samples, folders=folders)
     finally:
         source.close()
     print(

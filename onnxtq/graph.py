@@ -45,6 +45,21 @@ def external_data_from(folder: str | os.PathLike) -> Iterator[None]:
         _DATA_FOLDER.reset(token)
 
 
+def steps_within(folder: str | os.PathLike | None, steps: Iterator) -> Iterator:
+    """`steps`, each step run within `external_data_from(folder)` (None: the caller's folder): how two lazily
+    read models whose external data lie in different folders run side by side."""
+    if folder is None:
+        yield from steps
+        return
+    while True:
+        with external_data_from(folder):
+            try:
+                item = next(steps)
+            except StopIteration:
+                return
+        yield item
+
+
 def data_folder() -> Path | None:
     """The folder external-data references resolve against in this run (`external_data_from`), or None."""
     return _DATA_FOLDER.get()

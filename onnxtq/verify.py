@@ -14,7 +14,7 @@ from onnxtq import model_io, pieces, positions
 from onnxtq.calibration.data import Source
 from onnxtq.errors import ModelError, VerificationError
 from onnxtq.finite import nonfinite
-from onnxtq.graph import FLOAT_TYPES
+from onnxtq.graph import FLOAT_TYPES, steps_within
 from onnxtq.progress import bar
 
 
@@ -36,17 +36,28 @@ def _first(source: Source, samples: int):
 
 
 def compare(
-    reference: onnx.ModelProto, candidate: onnx.ModelProto, source: Source, samples: int = 8, threads: int = 0
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    source: Source,
+    samples: int = 8,
+    threads: int = 0,
+    folders: tuple = (None, None),
 ) -> dict:
     """Per output: SQNR in dB (10·log10 Σref² / Σ(ref − out)², over the positions that count: onnxtq.positions),
     max |err|, and how many of its values are NaN/Inf in the candidate and in the reference, over up to
-    `samples` inputs."""
+    `samples` inputs. `folders`: where each model's external data is, if not in the run's folder
+    (graph.external_data_from)."""
     names = [o.name for o in reference.graph.output]
     keys = ("signal", "noise", "max_abs_err", "values", "nonfinite", "reference_nonfinite")
     sums = {name: dict.fromkeys(keys, 0.0) for name in names}
     seen = 0
     feeds = [feed for _, feed in _first(source, samples)]  # a few single inputs: where their tokens are
-    pairs = zip(*(outputs(model, ((1, feed) for feed in feeds), threads) for model in (reference, candidate)))
+    pairs = zip(
+        *(
+            steps_within(folder, outputs(model, ((1, feed) for feed in feeds), threads))
+            for model, folder in zip((reference, candidate), folders)
+        )
+    )
     with bar(total=samples, desc="verify", unit="sample") as shown:
         for feed, (ours, theirs) in zip(feeds, pairs):
             for name, a, b in zip(names, ours, theirs):

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from builders import bundled, make_model, run
+from onnx import external_data_helper
 
 from onnxtq import compress, model_io, pieces
 from onnxtq import gains as gains_module
@@ -16,10 +17,12 @@ from onnxtq import graph as graph_module
 from onnxtq.calibration import CalibrationConfig, collect
 from onnxtq.calibration.collect import StatsStore
 from onnxtq.calibration.data import open_source
+from onnxtq.cli import main
 from onnxtq.compress import prepare, sweep, sweep_output
 from onnxtq.errors import ModelError
 from onnxtq.gains import Probe
 from onnxtq.graph import Graph, external_data_from, scratch_space
+from onnxtq.report import output_line
 from onnxtq.target import HeldOut
 from onnxtq.variants import Variants
 from onnxtq.verify import check_runs
@@ -416,3 +419,30 @@ def _spy_folds(session, folded):
         return session(model, *args, **kwargs)
 
     return spy
+
+
+def test_verify_reads_both_models_a_piece_at_a_time_from_their_own_folders(tmp_path, monkeypatch, capsys):
+    """`onnxtq verify` on a model run in pieces: each model's weights stay in its own folder's external data
+    (nothing read whole), and the figures are those the compress run measured."""
+    path, calib = bundled("mnist_transformer")
+    original = tmp_path / "in" / "model.onnx"
+    original.parent.mkdir()
+    model = onnx.load(path)
+    external_data_helper.convert_model_to_external_data(model, location="weights.bin", size_threshold=1024)
+    onnx.save(model, str(original))
+    monkeypatch.setattr(pieces, "PIECE_BYTES", SMALL)
+    out = tmp_path / "out" / "small.onnx"
+    out.parent.mkdir()
+    run = compress(original, out, "calibrate,rtn{bits=4}", calib=calib, external_data=True)
+    assert model_io.data_file(out).is_file()
+
+    def whole(*args, **kwargs):
+        raise AssertionError("verify read a model's external data whole")
+
+    monkeypatch.setattr(model_io.external_data_helper, "load_external_data_for_model", whole)
+    capsys.readouterr()
+    assert main(["verify", str(original), str(out), "--calib", str(calib), "--samples", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert run.verification["samples"] == 8
+    for name, v in run.verification["outputs"].items():
+        assert output_line(name, v) in printed
