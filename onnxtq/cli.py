@@ -162,7 +162,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--report", metavar="JSON", help="write the full run report as JSON")
     c.add_argument("--report-html", metavar="HTML", help="write the report page (see the report command)")
     c.add_argument(
-        "--verify-samples", type=int, default=8, help="inputs used to compare outputs with the original (0: skip)"
+        "--verify-samples",
+        type=int,
+        default=8,
+        help="inputs used to compare outputs with the original (held-out ones where the run has them; 0: skip)",
     )
     c.add_argument(
         "--min-sqnr", type=float, metavar="DB", help="refuse to write the output if any output's SQNR is below this"

@@ -260,9 +260,10 @@ def _finish(
         run.session = "onnxruntime CPU, session.qdq_matmulnbits_accuracy_level=0 (fp32 compute)"
         if ctx.stats is not None:
             run.calibration = f"{ctx.stats.samples} samples from {ctx.stats.description}"
-        if ctx.data is not None and verify_samples:
+        inputs = ctx.data if ctx.holdout is None else ctx.holdout  # held-out inputs: no statistic came from them
+        if inputs is not None and verify_samples:
             with stage("verify against the original"):
-                run.verification = compare(original, result, ctx.data, verify_samples, threads)
+                run.verification = compare(original, result, inputs, verify_samples, threads)
             check_fidelity(run.verification, min_sqnr_db, "; nothing written")
     except BaseException:
         written.discard()
