@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from onnxtq import model_io
 from onnxtq.calibration.data import open_source
@@ -64,6 +64,16 @@ def conv_model(c_in=4, c_out=6, k=3, group=1, seed=0, bn=True, **conv_attrs) -> 
 
 def run(model: onnx.ModelProto, feeds: dict, exact: bool = True) -> list[np.ndarray]:
     return model_io.session(model, exact=exact).run(None, feeds)
+
+
+def external_copy(model_path, folder: Path, location: str = "weights.bin") -> Path:
+    """The model saved to `folder` with every tensor over 1 kB in one external file."""
+    folder.mkdir(exist_ok=True)
+    model = onnx.load(str(model_path))
+    external_data_helper.convert_model_to_external_data(model, location=location, size_threshold=1024)
+    path = folder / "model.onnx"
+    onnx.save(model, str(path))
+    return path
 
 
 def bundled(name: str) -> tuple[Path, Path]:

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from builders import bundled
+from builders import bundled, external_copy
 from onnx import external_data_helper
 
 from onnxtq import compress, model_io
@@ -20,16 +20,6 @@ from onnxtq.graph import Graph, external_data_from
 PIPELINES = ["fold-bn,calibrate,rtn{bits=4}", "fold-bn,calibrate,tq{rate=3}"]
 
 
-def _external_copy(model_path, folder, location="weights.bin"):
-    """The model saved to `folder` with every tensor over 1 kB in one external file."""
-    folder.mkdir(exist_ok=True)
-    model = onnx.load(str(model_path))
-    external_data_helper.convert_model_to_external_data(model, location=location, size_threshold=1024)
-    path = folder / "model.onnx"
-    onnx.save(model, str(path))
-    return path
-
-
 @pytest.fixture(params=["mnist_cnn", "mnist_transformer"])
 def model(request, tmp_path):
     path, calib = bundled(request.param)
@@ -37,7 +27,7 @@ def model(request, tmp_path):
     inline = tmp_path / "inline" / path.name
     inline.parent.mkdir()
     shutil.copy(path, inline)
-    return inline, _external_copy(path, tmp_path / "split"), tmp_path / "calib.npz"
+    return inline, external_copy(path, tmp_path / "split"), tmp_path / "calib.npz"
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES)

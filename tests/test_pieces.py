@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import bundled, make_model, run
-from onnx import external_data_helper
+from builders import bundled, external_copy, make_model, run
 
 from onnxtq import compress, model_io, pieces
 from onnxtq import gains as gains_module
@@ -425,11 +424,7 @@ def test_verify_reads_both_models_a_piece_at_a_time_from_their_own_folders(tmp_p
     """`onnxtq verify` on a model run in pieces: each model's weights stay in its own folder's external data
     (nothing read whole), and the figures are those the compress run measured."""
     path, calib = bundled("mnist_transformer")
-    original = tmp_path / "in" / "model.onnx"
-    original.parent.mkdir()
-    model = onnx.load(path)
-    external_data_helper.convert_model_to_external_data(model, location="weights.bin", size_threshold=1024)
-    onnx.save(model, str(original))
+    original = external_copy(path, tmp_path / "in")
     monkeypatch.setattr(pieces, "PIECE_BYTES", SMALL)
     out = tmp_path / "out" / "small.onnx"
     out.parent.mkdir()
