@@ -4,6 +4,7 @@ bundled eval set), held-out inputs are never calibrated on, and the CLI takes ex
 
 import json
 import re
+from types import SimpleNamespace
 
 import brotli
 import numpy as np
@@ -231,6 +232,34 @@ def test_a_chosen_point_is_coded_again_as_it_was_measured():
                 assert coded.detail == point.detail
                 checked += 1
     assert checked >= 4 * 10  # fp16 and rtn's points on every weight
+
+
+def test_a_layer_worse_held_out_than_fitted_has_its_codec_points_raised():
+    """The marginal effect on the fitting inputs rescales every point of a layer (the gain); how much worse the
+    same weight does on held-out inputs raises the chosen codec's points only (what it fitted of H's noise:
+    rtn's points fit nothing), and never lowers them (a held-out sample that happens to be kind is noise)."""
+    auto = AutoPass()
+    with calibrated_context("mnist_cnn") as ctx:
+        layers = [Layer.of(ctx.graph, site, ctx.stats) for site in discover(ctx.graph).sites[:2]]
+        points = {layer.site.name: auto._points(layer, served=False) for layer in layers}
+        banded = auto._banded_options(layers, "bits")
+    chosen, kind = layers[0].site.name, layers[1].site.name
+    records = [SimpleNamespace(name=n, status="quantized", share=0.5, codec="tq") for n in (chosen, kind)]
+    first = SimpleNamespace(records=records, predicted_error=2.0, w_hat={chosen: None, kind: None})
+    fitted = SimpleNamespace(marginal=lambda model, replaced: {chosen: 2.0, kind: 2.0})  # the gains were half
+    held = SimpleNamespace(marginal=lambda model, replaced: {chosen: 6.0, kind: 1.0})
+
+    def figures(name):
+        return [p.distortion for p in points[name]], [b.distortion.copy() for o in banded[name] for b in o.bands]
+
+    before = {name: figures(name) for name in (chosen, kind)}
+    assert auto._correct(fitted, held, None, layers, points, banded, first) == 2
+    for name, tq_factor in ((chosen, 6.0), (kind, 2.0)):
+        (rtn_before, tq_before), (rtn_after, tq_after) = before[name], figures(name)
+        assert tq_before and all(p.codec != "tq" for p in points[name])  # rtn's, fp16's and float32's
+        np.testing.assert_allclose(rtn_after, 2.0 * np.array(rtn_before))
+        for a, b in zip(tq_after, tq_before):
+            np.testing.assert_allclose(a, tq_factor * b)
 
 
 def test_a_table_without_statistics_competes_with_ecsq_for_a_served_size():
