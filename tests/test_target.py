@@ -235,25 +235,35 @@ def test_a_chosen_point_is_coded_again_as_it_was_measured():
 
 
 def test_a_layer_worse_held_out_than_fitted_has_its_codec_points_raised():
-    """The marginal effect on the fitting inputs rescales every point of a layer (the gain); how much worse the
-    same weight does on held-out inputs raises the chosen codec's points only (what it fitted of H's noise:
-    rtn's points fit nothing), and never lowers them (a held-out sample that happens to be kind is noise)."""
+    """The marginal effect on the fitting inputs rescales every point of a layer (the gain). On held-out inputs
+    the chosen coding's error over its prediction, against the same for the rtn point nearest in bits (which
+    fits nothing), raises the chosen codec's points only, and never lowers them."""
     auto = AutoPass()
     with calibrated_context("mnist_cnn") as ctx:
         layers = [Layer.of(ctx.graph, site, ctx.stats) for site in discover(ctx.graph).sites[:2]]
         points = {layer.site.name: auto._points(layer, served=False) for layer in layers}
         banded = auto._banded_options(layers, "bits")
-    chosen, kind = layers[0].site.name, layers[1].site.name
-    records = [SimpleNamespace(name=n, status="quantized", share=0.5, codec="tq") for n in (chosen, kind)]
-    first = SimpleNamespace(records=records, predicted_error=2.0, w_hat={chosen: None, kind: None})
+    chosen, kind = (layer.site.name for layer in layers)
+    records = [SimpleNamespace(name=n, status="quantized", share=0.5, codec="tq", bits=4.0) for n in (chosen, kind)]
+    first = SimpleNamespace(records=records, predicted_error=2.0, w_hat={chosen: "tq", kind: "tq"})  # predicted 1
+    rounding = {
+        layer.site.name: min(
+            (p for p in points[layer.site.name] if p.codec == "rtn"), key=lambda p: abs(p.bits / layer.size - 4)
+        ).distortion
+        for layer in layers
+    }
+
+    def held_out(model, replaced):  # these inputs are twice as hard as predicted for any coding
+        tq = {chosen: 6.0, kind: 1.0}  # 3x worse than rounding for one, better for the other (noise)
+        return {n: tq[n] if isinstance(w, str) else 2.0 * rounding[n] for n, w in replaced.items()}
+
     fitted = SimpleNamespace(marginal=lambda model, replaced: {chosen: 2.0, kind: 2.0})  # the gains were half
-    held = SimpleNamespace(marginal=lambda model, replaced: {chosen: 6.0, kind: 1.0})
 
     def figures(name):
         return [p.distortion for p in points[name]], [b.distortion.copy() for o in banded[name] for b in o.bands]
 
     before = {name: figures(name) for name in (chosen, kind)}
-    assert auto._correct(fitted, held, None, layers, points, banded, first) == 2
+    assert auto._correct(fitted, SimpleNamespace(marginal=held_out), None, layers, points, banded, first) == 2
     for name, tq_factor in ((chosen, 6.0), (kind, 2.0)):
         (rtn_before, tq_before), (rtn_after, tq_after) = before[name], figures(name)
         assert tq_before and all(p.codec != "tq" for p in points[name])  # rtn's, fp16's and float32's
