@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
@@ -352,10 +353,8 @@ class AutoPass(Pass):
                 price = allocation.lam / layer.gain if layer.gain > 0 else math.inf
             record = finish(graph, layer, coded, self.name, self.config.bias_correct, bias_price=price)
             record.codec, record.share = codec, distortion
-            if weights_kept:  # in the stored type, as onnxruntime will be given it (not float64 copies)
-                w_hat[name] = np.asarray(coded.w_hat, layer.dtype)
-                if layer.source is not None:  # a model run in pieces: it waits on disk for its piece
-                    w_hat[name] = layer.source.keep_array(w_hat[name])
+            if weights_kept:
+                w_hat[name] = _replacement(layer, coded)
             weight_bits += 8.0 * record.bytes_after
             records.append(record)
         self._materialized = kept
@@ -433,8 +432,7 @@ class AutoPass(Pass):
             if name not in replacements or by_name[name].codec in ("rtn", "fp16") or not rounding:
                 continue
             point = min(rounding, key=lambda p: abs(p.bits / layer.size - (by_name[name].bits or 0)))
-            w_hat = np.asarray(point.make().w_hat, layer.dtype)
-            plain[name] = layer.source.keep_array(w_hat) if layer.source is not None else w_hat
+            plain[name] = _replacement(layer, point.make())
             chosen[name], plain_predicted[name] = replacements[name], point.distortion
         if not chosen:
             return {}
@@ -465,3 +463,10 @@ class AutoPass(Pass):
         if last is not None and last.predicted is not None:
             text += f"; predicted {last.predicted:.4g}, measured {last.measured:.4g}"
         return text + f"; layers by codec: {codecs}; {quantized} quantized into {stored:,d} B"
+
+
+def _replacement(layer: Layer, coded: Coded) -> np.ndarray | Path:
+    """A coded layer's weight as a marginal error replaces it: in the stored type, as onnxruntime will be given
+    it (not a float64 copy); for a model run in pieces, waiting on disk for its piece."""
+    w_hat = np.asarray(coded.w_hat, layer.dtype)
+    return w_hat if layer.source is None else layer.source.keep_array(w_hat)
