@@ -10,6 +10,7 @@ cluster gets whole layers (`task_map`), a bounded number at a time.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import threading
 from collections import deque
@@ -22,6 +23,8 @@ from onnxtq.errors import UsageError
 
 #: glibc's mallopt parameter for the number of heaps (malloc.h).
 _M_ARENA_MAX = -8
+#: Bytes of working set that may run beside the largest item's (`layer_map`).
+BESIDE_BYTES = 1 << 30
 #: Seconds to wait for a Dask scheduler to answer.
 CONNECT_SECONDS = 20
 
@@ -65,41 +68,45 @@ def thread_map(fn: Callable, items: Iterable) -> list:
         return list(pool.map(fn, items))
 
 
-def layer_map(fn: Callable, items: Iterable, heavy: Callable[..., bool] | None = None, window: int = 0) -> Iterator:
+def layer_map(
+    fn: Callable, items: Iterable, working_set: Callable[..., int] | None = None, window: int = 0
+) -> Iterator:
     """fn(item) for each item, in order, the items spread over the local workers' threads, each with one BLAS
     thread: per-layer work that alternates compiled loops (one core) with small matrix products (which two
     BLAS threads barely speed up) keeps every core busy on its own layer.
 
-    Items that are `heavy` (whose work holds much memory) run one at a time, the others beside them: on the 353M
-    model a worker done with a block's narrow layers reached the next block's MLP down-projection while the other
-    was still on this one's, and tq's curves held two working sets of 1.24 GB each. With a `window`, an item starts
-    only within that many of the one the caller takes next: answers that are whole layers (auto's emit) wait for
-    the caller a few at a time, not all at once."""
+    With `working_set` (the bytes an item's work holds), items run beside one another only while theirs add up
+    to at most the largest one's and BESIDE_BYTES more: the peak stays the largest layer's working set plus a
+    margin, not a worker's count of them. The 1.3B model's attention and MLP up-projections (1.4 and 1.8 GB) run
+    two at a time beside its LM head's 5 GB, on the 353M model the MLP down-projections (1.24 GB each) beside its
+    LM head's 2.5 GB. With a `window`, an item starts only within that many of the one the caller takes next:
+    answers that are whole layers (auto's emit) wait for the caller a few at a time, not all at once."""
     items = list(items)
     if workers() == 1 or len(items) < 2:
         yield from map(fn, items)
         return
     threads = min(workers(), len(items))
     with threadpool_limits(1, "blas"):
-        if heavy is None and not window:
+        if working_set is None and not window:
             with ThreadPoolExecutor(threads) as pool:
                 yield from pool.map(fn, items)
         else:
-            marked = {k for k, item in enumerate(items) if heavy is not None and heavy(item)}
-            yield from _one_heavy_at_a_time(fn, items, marked, threads, window)
+            sizes = [working_set(item) if working_set else 0 for item in items]
+            yield from _within_budget(fn, items, sizes, max(sizes) + BESIDE_BYTES, threads, window)
 
 
-def _one_heavy_at_a_time(fn: Callable, items: list, heavy: set[int], threads: int, window: int = 0) -> Iterator:
-    """layer_map's schedule with heavy items (their indices): each worker takes the first item waiting that may run
-    (a heavy one only while no other runs; with a `window`, one within `window` of the caller's next); answers
+def _within_budget(fn: Callable, items: list, sizes: list[int], budget: int, threads: int, window: int) -> Iterator:
+    """layer_map's schedule: each worker takes the first item waiting that may run (alone, or with the working
+    sets running beside it within `budget`; with a `window`, one within `window` of the caller's next); answers
     come back in order."""
     waiting, answers = list(range(len(items))), {}
-    state = {"heavy": False, "error": None, "next": 0}
+    state = {"held": 0, "running": 0, "error": None, "next": 0}
     turn = threading.Condition()
 
     def runnable() -> int | None:
         end = state["next"] + window if window else len(items)
-        return next((k for k in waiting if k < end and (k not in heavy or not state["heavy"])), None)
+        fits = budget - state["held"] if state["running"] else math.inf
+        return next((k for k in waiting if k < end and sizes[k] <= fits), None)
 
     def work() -> None:
         while True:
@@ -109,7 +116,8 @@ def _one_heavy_at_a_time(fn: Callable, items: list, heavy: set[int], threads: in
                 if not waiting or state["error"]:
                     return
                 waiting.remove(k)
-                state["heavy"] |= k in heavy
+                state["held"] += sizes[k]
+                state["running"] += 1
             answer, error = None, None
             try:
                 answer = fn(items[k])
@@ -118,7 +126,8 @@ def _one_heavy_at_a_time(fn: Callable, items: list, heavy: set[int], threads: in
             with turn:
                 answers[k] = answer
                 state["error"] = state["error"] or error
-                state["heavy"] &= k not in heavy
+                state["held"] -= sizes[k]
+                state["running"] -= 1
                 turn.notify_all()
 
     pool = [threading.Thread(target=work, daemon=True) for _ in range(threads)]

@@ -28,7 +28,7 @@ from onnxtq.codec import Coded, Layer, distortion, output_error
 from onnxtq.codecs.ecsq import EcsqCodec
 from onnxtq.codecs.fp16 import Fp16Codec
 from onnxtq.codecs.rtn import RtnCodec, side_bits
-from onnxtq.codecs.tq import DEPTHS, HEAVY_BYTES, TqCodec
+from onnxtq.codecs.tq import DEPTHS, TqCodec
 from onnxtq.entropy import entropy_bits
 from onnxtq.errors import UsageError, VerificationError
 from onnxtq.finish import finish
@@ -70,8 +70,9 @@ SERVED_POINTS = ((6, 0), (5, 0), (3, 0), (3, 32))
 #: Bytes of materialised tq layers (GPTQ's work) kept from one round for the next; past it they are made again.
 #: A model run in pieces keeps a piece's worth (its memory is bounded by the work, not the model).
 KEPT_BYTES = 1 << 30
-#: Bytes a weight's rtn points hold at once, about (2.88 GiB measured for the 1.3B GPT's 103M-weight LM head).
-POINTS_BYTES_PER_WEIGHT = 32
+#: Bytes a weight's points hold while they are made, about: 2.09 GiB for a 50M-weight table of the 1.3B GPT (a
+#: peak of 2.88 GiB, 0.79 of it what stays resident).
+POINTS_BYTES_PER_WEIGHT = 48
 #: A layer's measured marginal error may correct its prediction by at most this factor either way.
 MAX_CORRECTION = 16.0
 
@@ -174,7 +175,7 @@ class AutoPass(Pass):
         for layer in layers:
             layer.gain = gains[layer.site.name]
         # a layer's points alternate parallel clipping searches with serial numpy: two layers at once keep both busy
-        made = layer_map(partial(self._points, served=kind == "served_size"), layers, _heavy_points)
+        made = layer_map(partial(self._points, served=kind == "served_size"), layers, _points_working_set)
         shown = bar(zip(layers, made), total=len(layers), desc="auto candidates", unit="weight")
         points = {layer.site.name: mine for layer, mine in shown}
         banded = self._banded_options(layers, kind)
@@ -272,8 +273,8 @@ class AutoPass(Pass):
             else:
                 codec = EcsqCodec(scale_bits=cfg.scale_bits, rotate=True)  # tables in the transform domain too
             eligible = [layer for layer in layers if layer.stats is not None or name != "tq"]  # ecsq codes a table
-            heavy = codec.heavy if name == "tq" else None  # wide layers' transforms one at a time
-            made = layer_map(codec.options, eligible, heavy)  # tq's makes the layer's transforms
+            held = codec.working_set if name == "tq" else None  # wide layers' transforms beside few others
+            made = layer_map(codec.options, eligible, held)  # tq's makes the layer's transforms
             shown = bar(zip(eligible, made), total=len(eligible), desc=f"auto {name} curves", unit="weight")
             for layer, codings in shown:
                 for coding in codings:
@@ -320,7 +321,7 @@ class AutoPass(Pass):
             return self._materialized.get(key) or options[layer.site.name][index].materialize(picks)
 
         # the layers are coded on the cores, a few ahead (each answer a whole layer), while this thread writes them
-        made = layer_map(coded_as_allocated, layers, TqCodec.heavy, window=workers())
+        made = layer_map(coded_as_allocated, layers, TqCodec.working_set, window=workers())
         for layer, coded in zip(layers, made):
             name = layer.site.name
             index, picks = allocation.choice[name]
@@ -467,9 +468,9 @@ class AutoPass(Pass):
         return text + f"; layers by codec: {codecs}; {quantized} quantized into {stored:,d} B"
 
 
-def _heavy_points(layer: Layer) -> bool:
-    """Whether making the layer's points holds more than tq's heavy layers do: such layers run one at a time."""
-    return POINTS_BYTES_PER_WEIGHT * layer.size > HEAVY_BYTES
+def _points_working_set(layer: Layer) -> int:
+    """Bytes making the layer's points holds, about (onnxtq.parallel.layer_map)."""
+    return POINTS_BYTES_PER_WEIGHT * layer.size
 
 
 def _replacement(layer: Layer, coded: Coded) -> np.ndarray | Path:

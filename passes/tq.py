@@ -126,7 +126,7 @@ class TqPass(Pass):
             return tq_layer, codec.options(tq_layer)
 
         layers, options = [], {}
-        made = layer_map(curves, plain, codec.heavy)  # wide layers' transforms one at a time
+        made = layer_map(curves, plain, codec.working_set)  # wide layers' transforms beside few others
         for tq_layer, mine in bar(made, total=len(plain), desc="tq transforms and curves"):
             layers.append(tq_layer)
             options[tq_layer.site.name] = mine

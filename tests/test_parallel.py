@@ -10,7 +10,6 @@ from builders import bundled
 from onnxtq import parallel
 from onnxtq.cli import main
 from onnxtq.codec import Layer
-from onnxtq.codecs import tq as tq_codec
 from onnxtq.codecs.tq import TqCodec
 from onnxtq.quantize import SEARCH_ELEMENTS, _clip_search, int_range, quantize_groups
 from onnxtq.weights import WeightSite
@@ -89,36 +88,38 @@ def test_layers_on_threads_come_back_in_order_each_with_one_blas_thread():
         assert blas_threads(None)[1] == before  # and the limit goes with them
 
 
-def test_heavy_layers_run_one_at_a_time_beside_the_others_and_come_back_in_order():
-    """Items marked heavy (wide layers' curves) never run together; the others run beside them."""
-    heavy = {0, 1, 4, 5}
-    lock, running, most = threading.Lock(), {"heavy": 0}, {"heavy": 0}
-    light_started = threading.Event()
+def test_layers_run_beside_one_another_within_the_largest_working_set_and_a_margin(monkeypatch):
+    """Items run together only while their working sets add up to at most the largest one's and BESIDE_BYTES
+    (here 5 + 2): a worker skips an item that does not fit for a later one that does; answers come in order."""
+    monkeypatch.setattr(parallel, "BESIDE_BYTES", 2)
+    sizes = [5, 4, 1, 3, 3, 4, 4, 1]
+    lock, held, most = threading.Lock(), {"now": 0}, {"now": 0}
+    started = {k: threading.Event() for k in range(len(sizes))}
 
     def work(item):
         with lock:
-            running["heavy"] += item in heavy
-            most["heavy"] = max(most["heavy"], running["heavy"])
-        if item in heavy:
-            beside = light_started.wait(timeout=30)  # a light item starts while this one runs
-        else:
-            light_started.set()
-            beside = None
+            held["now"] += sizes[item]
+            most["now"] = max(most["now"], held["now"])
+        started[item].set()
+        beside = None
+        if item in (0, 3):  # the light item 2 runs beside the largest, and the two of 3 beside each other
+            beside = started[2 if item == 0 else 4].wait(timeout=30)
         with lock:
-            running["heavy"] -= item in heavy
+            held["now"] -= sizes[item]
         return item, beside
 
     parallel.configure(2)
-    answers = list(parallel.layer_map(work, range(8), heavy=lambda item: item in heavy))
-    assert [item for item, _ in answers] == list(range(8))
-    assert most["heavy"] == 1
-    assert answers[0][1] is True  # the second worker skipped heavy item 1 for a light one
+    answers = list(parallel.layer_map(work, range(len(sizes)), working_set=lambda item: sizes[item]))
+    assert [item for item, _ in answers] == list(range(len(sizes)))
+    assert most["now"] <= 7  # never 5 + 4 or 4 + 4
+    assert answers[0][1] is True  # the second worker skipped item 1 (4 beside 5) for item 2
+    assert answers[3][1] is True  # 3 + 3 fit
 
 
 def test_a_window_bounds_how_far_ahead_of_the_caller_items_start():
     """With a window, an item starts only within `window` of the one the caller takes next (auto's emit: each
-    answer a whole coded layer, a few alive at a time), heavy items among them (the schedule that runs those alone
-    is the test above's)."""
+    answer a whole coded layer, a few alive at a time), large working sets among them (the schedule that keeps
+    those apart is the test above's)."""
     lock, started = threading.Lock(), []
 
     def work(item):
@@ -128,7 +129,7 @@ def test_a_window_bounds_how_far_ahead_of_the_caller_items_start():
 
     parallel.configure(2)
     taken = []
-    for item in parallel.layer_map(work, range(12), heavy=lambda item: item % 3 == 0, window=2):
+    for item in parallel.layer_map(work, range(12), working_set=lambda item: 4 if item % 3 else 9, window=2):
         threading.Event().wait(0.01)  # a slow caller: the workers would run far ahead without the window
         with lock:
             assert max(started) < item + 1 + 2
@@ -145,20 +146,21 @@ def test_a_failing_layer_fails_the_map_and_a_map_left_early_stops():
 
     parallel.configure(2)
     with pytest.raises(ValueError, match="layer 3"):
-        list(parallel.layer_map(work, range(6), heavy=lambda item: item % 2 == 0))
-    answers = parallel.layer_map(lambda item: item, range(50), heavy=lambda item: item % 2 == 0)
+        list(parallel.layer_map(work, range(6), working_set=lambda item: item))
+    answers = parallel.layer_map(lambda item: item, range(50), working_set=lambda item: item)
     assert [next(answers), next(answers)] == [0, 1]
     answers.close()  # its workers finish what they hold and stop
 
 
-def test_tq_curves_of_a_wide_layer_are_heavy():
-    """An MLP down-projection of a 353M model (4,096 inputs: 1.24 GB measured) is heavy, its up-projection
-    (1,024 inputs, 0.46 GB) not."""
+def test_tq_curves_working_set_is_the_one_measured():
+    """An MLP down-projection of a 353M model (4,096 inputs) held 1.24 GB making its curves, its up-projection
+    (1,024 inputs) 0.46 GB."""
 
     def layer(d, n):
         return Layer(WeightSite("w", "mm", "MatMul", "matmul", (d, n), True, None, None, False), None, None)
 
-    assert TqCodec.heavy(layer(4096, 1024)) and not TqCodec.heavy(layer(1024, 4096))
+    assert TqCodec.working_set(layer(4096, 1024)) == pytest.approx(1.24e9, rel=0.05)
+    assert TqCodec.working_set(layer(1024, 4096)) == pytest.approx(0.46e9, rel=0.05)
 
 
 def test_one_heap_asks_glibc_for_one_arena_unless_the_user_chose(monkeypatch):
@@ -200,10 +202,10 @@ def _files_by_jobs(tmp_path, pipeline: str) -> list[bytes]:
 
 
 @pytest.mark.parametrize("pipeline", ["calibrate,tq{rate=3}", "calibrate,auto{bits=4}"])
-def test_curves_with_heavy_layers_write_the_same_file(tmp_path, monkeypatch, pipeline):
-    """With the attention's qkv projections and the MLP's down-projections heavy (1.4 and 1.6 MB of working set
-    here, the rest 0.3–1.0 MB), the schedule changes and the file does not."""
-    monkeypatch.setattr(tq_codec, "HEAVY_BYTES", 1_000_000)
+def test_curves_kept_within_the_largest_working_set_write_the_same_file(tmp_path, monkeypatch, pipeline):
+    """With no margin beside the largest working set (the MLP's down-projections here, 1.6 MB; the attention's qkv
+    projections 1.4 MB, the rest 0.3–1.0 MB), the schedule changes and the file does not."""
+    monkeypatch.setattr(parallel, "BESIDE_BYTES", 0)
     one, two = _files_by_jobs(tmp_path, pipeline)
     assert one == two
 

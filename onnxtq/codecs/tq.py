@@ -43,10 +43,6 @@ from onnxtq.weights import WeightSite
 DEPTHS = {"container": (2, 4, 8), "planes": (2, 4, 6, 8, 10, 12), "nominal": (2, 3, 4, 5, 6, 7, 8)}
 #: Values of a block of rows whose output errors are compared at once when a layer is materialised.
 ERROR_BLOCK = 1 << 22
-#: Bytes of working set past which a layer's curves are made while no other such layer's are (`heavy`): two
-#: such at once hold a gigabyte more than the largest layer's working set. The 123M model's down-projections
-#: (about 0.7 GB) stay beside each other: one at a time cost its run 100 s (13 min 38 s) for no lower peak.
-HEAVY_BYTES = 1 << 30
 #: A two-plane depth is offered where its codes take this many times a plane's own bytes (PLANE_BYTES).
 PLANE_SHARE = 16
 
@@ -121,12 +117,13 @@ class TqCodec(Codec):
         return options
 
     @staticmethod
-    def heavy(layer: Layer) -> bool:
-        """Whether making the layer's curves holds more than HEAVY_BYTES (onnxtq.parallel.layer_map runs such layers
-        one at a time): about 6 d×d and 12 n×d float64 arrays (H, the transform and its inverse, GPTQ's factors;
-        codes and errors per depth), measured at 1.24 GB for d = 4,096, n = 1,024 and 0.46 GB for 1,024 × 4,096."""
+    def working_set(layer: Layer) -> int:
+        """Bytes making the layer's curves holds (onnxtq.parallel.layer_map runs layers beside one another within
+        the largest one's and a margin): about 6 d×d and 12 n×d float64 arrays (H, the transform and its inverse,
+        GPTQ's factors; codes and errors per depth), measured at 1.24 GB for d = 4,096, n = 1,024 and 0.46 GB for
+        1,024 × 4,096."""
         d = layer.size // layer.site.rows
-        return 8 * (6 * d * d + 12 * layer.size) > HEAVY_BYTES
+        return 8 * (6 * d * d + 12 * layer.size)
 
     def _materializer(self, layer: TqLayer, coding: Coding, option: Option):
         def materialize(picks, drift=None) -> Coded:
