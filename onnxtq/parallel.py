@@ -79,8 +79,9 @@ def layer_map(
     to at most the largest one's and BESIDE_BYTES more: the peak is the largest layer's working set and a margin,
     whatever the count of workers. On the 1.3B model, whose LM head's tq curves hold 5 GB, an attention
     projection's (1.4 GB) and an MLP up-projection's (1.8 GB) run together (its first block's curves in 94 s;
-    one such layer at a time, their times alone add up to 138 s). With a `window`, an item starts only within that many of the one
-    the caller takes next: answers that are whole layers (auto's emit) wait for the caller a few at a time."""
+    one such layer at a time, their times alone add up to 138 s). With a `window`, an item starts only within
+    that many of the one the caller takes next: answers that are whole layers (auto's emit) wait for the caller
+    a few at a time."""
     items = list(items)
     if workers() == 1 or len(items) < 2:
         yield from map(fn, items)
