@@ -273,8 +273,8 @@ class AutoPass(Pass):
             else:
                 codec = EcsqCodec(scale_bits=cfg.scale_bits, rotate=True)  # tables in the transform domain too
             eligible = [layer for layer in layers if layer.stats is not None or name != "tq"]  # ecsq codes a table
-            held = codec.working_set if name == "tq" else None  # wide layers' transforms beside few others
-            made = layer_map(codec.options, eligible, held)  # tq's makes the layer's transforms
+            working_set = codec.working_set if name == "tq" else None  # wide layers' transforms beside few others
+            made = layer_map(codec.options, eligible, working_set)  # tq's makes the layer's transforms
             shown = bar(zip(eligible, made), total=len(eligible), desc=f"auto {name} curves", unit="weight")
             for layer, codings in shown:
                 for coding in codings:
@@ -428,17 +428,22 @@ class AutoPass(Pass):
         inputs, over its prediction, than plain rounding's does (the rtn point nearest in bits, which fits
         nothing). Both measured on the same inputs, what makes those inputs harder cancels. On a 27M GPT the
         attention's output projections came out about 10x worse held out than fitted; on CNNs near 1."""
-        chosen, plain, plain_predicted = {}, {}, {}
+        chosen, yardsticks, plain_predicted = {}, [], {}
         for layer in layers:
             name = layer.site.name
             rounding = [p for p in points[name] if p.codec == "rtn"]
             if name not in replacements or by_name[name].codec in ("rtn", "fp16") or not rounding:
                 continue
             point = min(rounding, key=lambda p: abs(p.bits / layer.size - (by_name[name].bits or 0)))
-            plain[name] = _replacement(layer, point.make())
+            yardsticks.append((layer, point))
             chosen[name], plain_predicted[name] = replacements[name], point.distortion
         if not chosen:
             return {}
+        # coded as the candidates were: two layers at a time
+        made = layer_map(
+            lambda pair: _replacement(pair[0], pair[1].make()), yardsticks, lambda pair: _points_working_set(pair[0])
+        )
+        plain = {layer.site.name: w_hat for (layer, _), w_hat in zip(yardsticks, made)}
         held, rounded = checks.marginal(model, chosen), checks.marginal(model, plain)
         ratios = {}
         for name in chosen:
