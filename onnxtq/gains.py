@@ -40,6 +40,9 @@ class Probe:
         samples = max(1, min(samples, INPUT_BATCH_BYTES // max(sample_bytes, 1), _affordable(model, samples)))
         self.feeds, self.samples = [], 0
         for n, feed in source.batches(samples):
+            if self.samples + n > samples:  # a split source's batches come short, so a last one can overshoot
+                n = samples - self.samples
+                feed = {name: value[:n] for name, value in feed.items()}  # more than one: batched on axis 0
             self.feeds.append(feed)
             self.samples += n
             if self.samples >= samples:

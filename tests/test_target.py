@@ -18,6 +18,7 @@ from onnxtq.calibration.data import open_source, split_holdout
 from onnxtq.cli import main
 from onnxtq.codec import Layer, distortion
 from onnxtq.codecs.tq import TqCodec
+from onnxtq.gains import Probe
 from onnxtq.graph import Graph
 from onnxtq.report import Attempt
 from onnxtq.target import agreement_chances, nearest_text, parse_bytes, relative_errors, target_text, top_scores
@@ -67,6 +68,19 @@ def test_held_out_inputs_are_every_fourth_and_never_calibrated_on():
     assert held.num_samples == len(kept) == len(x[3::4]) and fit.num_samples == len(fitted) == len(x) - len(kept)
     np.testing.assert_array_equal(kept, x[3::4])
     np.testing.assert_array_equal(fitted, np.delete(x, np.s_[3::4], axis=0))
+
+
+def test_the_probe_takes_as_many_fitting_inputs_as_asked():
+    """The fitting split yields three inputs of every four a batch: asked for 16, the probe took two batches of 12,
+    24 inputs, and every sweep of gains and marginal errors ran half again as long as its count said."""
+    model_path, calib = bundled("mnist_cnn")
+    model = model_io.load(model_path)
+    fit, _ = split_holdout(open_source(calib, model))
+    probe = Probe(model, fit, samples=16)
+    taken = np.concatenate([feed["image"] for feed in probe.feeds])
+    fitted = np.concatenate([feed["image"] for _, feed in fit.batches(16)])
+    assert probe.samples == len(taken) == 16
+    np.testing.assert_array_equal(taken, fitted[:16])
 
 
 @pytest.mark.parametrize("name", ["mnist_cnn", "mnist_transformer"])
