@@ -263,19 +263,24 @@ def energies(w: np.ndarray, w_hat: np.ndarray) -> tuple[float, float]:
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def gptq_block(w, q, errors, u, step, zero, lo, hi, i1, i2):
-    """Round columns i1..i2 of w [P, r, d] one after the other onto the grid (step, zero, lo, hi: [P, r, d]),
-    each column's error, scaled by 1/U_jj, pushed onto the block's columns after it through U (the upper Cholesky
-    factor of H⁻¹, [P, d, d]); the codes go to q, the scaled errors to errors [P, r, i2 − i1]."""
+def gptq_block(w, q, errors, u, step, zero, lo, hi, i1):
+    """Round a block of columns one after the other onto the grid, each column's error, scaled by 1/U_jj, pushed
+    onto the block's columns after it through U (the upper Cholesky factor of H⁻¹, [P, d, d]). The block comes
+    laid out column by column, w [P, B, r] from column i1 on (and so the grid, step, zero, lo, hi), so each step
+    runs along every row at once in vector registers (row by row, the pushes were a few columns long and
+    scalar: twice the time); the codes go to q, the scaled errors to errors, both [P, B, r]."""
     for p in range(w.shape[0]):
-        for r in range(w.shape[1]):
-            for j in range(i1, i2):
-                code = min(max(np.rint(w[p, r, j] / step[p, r, j]) + zero[p, r, j], lo[p, r, j]), hi[p, r, j])
-                q[p, r, j] = code
-                err = (w[p, r, j] - step[p, r, j] * (code - zero[p, r, j])) / u[p, j, j]
-                for k in range(j, i2):
-                    w[p, r, k] -= err * u[p, j, k]
-                errors[p, r, j - i1] = err
+        for c in range(w.shape[1]):
+            pivot = u[p, i1 + c, i1 + c]
+            for r in range(w.shape[2]):
+                x = w[p, c, r]
+                code = min(max(np.rint(x / step[p, c, r]) + zero[p, c, r], lo[p, c, r]), hi[p, c, r])
+                q[p, c, r] = code
+                errors[p, c, r] = (x - step[p, c, r] * (code - zero[p, c, r])) / pivot
+            for k in range(c, w.shape[1]):
+                push = u[p, i1 + c, i1 + k]
+                for r in range(w.shape[2]):
+                    w[p, k, r] -= errors[p, c, r] * push
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")

@@ -186,7 +186,7 @@ def _at(bound, sl):
 
 
 def _gptq_in_order(w0: np.ndarray, u: np.ndarray, grid: Grid) -> np.ndarray:
-    w = np.array(w0, np.float64, order="C")  # the kernel walks rows: a strided w made it 3x slower
+    w = np.array(w0, np.float64, order="C")
     q = np.empty_like(w)
     d = w.shape[2]
     fields = (grid.step, grid.zero, grid.lo, grid.hi)
@@ -194,10 +194,17 @@ def _gptq_in_order(w0: np.ndarray, u: np.ndarray, grid: Grid) -> np.ndarray:
     u = np.ascontiguousarray(u)  # the kernel walks U's rows (a factor's U is laid out so already)
     for i1 in range(0, d, GPTQ_BLOCK):
         i2 = min(i1 + GPTQ_BLOCK, d)
-        errors = np.empty(w.shape[:2] + (i2 - i1,))
-        kernels.gptq_block(w, q, errors, u, *grid_arrays, i1, i2)  # the block's columns one by one
-        w[:, :, i2:] -= errors @ u[:, i1:i2, i2:]
+        block = [_by_column(a[:, :, i1:i2]) for a in (w, *grid_arrays)]
+        codes, errors = np.empty_like(block[0]), np.empty_like(block[0])
+        kernels.gptq_block(block[0], codes, errors, u, *block[1:], i1)  # the block's columns one by one
+        q[:, :, i1:i2] = codes.transpose(0, 2, 1)
+        w[:, :, i2:] -= _by_column(errors) @ u[:, i1:i2, i2:]
     return q
+
+
+def _by_column(a: np.ndarray) -> np.ndarray:
+    """[P, x, y] laid out as [P, y, x], C-contiguous."""
+    return np.ascontiguousarray(a.transpose(0, 2, 1))
 
 
 def cluster_pull(
