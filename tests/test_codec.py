@@ -88,5 +88,10 @@ def test_statistics_written_to_disk_are_read_when_asked_for(calibrated, name):
             np.testing.assert_array_equal(b.materialize(picks).w_hat, a.materialize(picks).w_hat)
             compared += 1
     assert compared >= 3
+    # a weight without statistics in a model run in pieces (an embedding table) is read when asked for too
+    site = discover(graph).sites[0]
+    without = Layer.of(graph, site, StatsStore({}, stats.samples, stats.description, spill=True), lazy=True)
+    assert without.weight is None and without.source is None and without.stats is None
+    np.testing.assert_array_equal(without.w, Layer.of(graph, site, stats).w)
     if name == "tq":  # the transforms' bases wait on disk beside the statistics
         assert any(Path(spilled._folder.name).glob("*.npy"))

@@ -96,6 +96,11 @@ class StatsStore:
         """What `keep_array` gave back, as the array."""
         return np.load(value) if isinstance(value, Path) else value
 
+    @property
+    def spills(self) -> bool:
+        """Whether this store writes statistics to disk (a model run in pieces)."""
+        return self._folder is not None
+
     def spilled(self, site: WeightSite) -> bool:
         """Whether `site`'s statistics wait on disk (read back whole by each `get`)."""
         return isinstance(self.by_site.get(site.name), Path)
