@@ -97,9 +97,10 @@ def layer_map(
 
 
 def _within_budget(fn: Callable, items: list, sizes: list[int], budget: int, threads: int, window: int) -> Iterator:
-    """layer_map's schedule: each worker takes the first item waiting that may run (alone, or with the working
-    sets running beside it within `budget`; with a `window`, one within `window` of the caller's next); answers
-    come back in order."""
+    """layer_map's schedule: each worker takes the largest item waiting that may run (alone, or with the working
+    sets running beside it within `budget`; with a `window`, one within `window` of the caller's next), the first
+    of equals; answers come back in order. Largest first: a large layer left for last runs alone while the other
+    workers wait (the 27M GPT's LM head, the last of its layers and the longest to make curves for)."""
     waiting, answers = list(range(len(items))), {}
     state = {"held": 0, "running": 0, "error": None, "next": 0}
     turn = threading.Condition()
@@ -107,7 +108,7 @@ def _within_budget(fn: Callable, items: list, sizes: list[int], budget: int, thr
     def runnable() -> int | None:
         end = state["next"] + window if window else len(items)
         fits = budget - state["held"] if state["running"] else math.inf
-        return next((k for k in waiting if k < end and sizes[k] <= fits), None)
+        return max((k for k in waiting if k < end and sizes[k] <= fits), key=sizes.__getitem__, default=None)
 
     def work() -> None:
         while True:

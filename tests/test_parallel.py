@@ -116,6 +116,20 @@ def test_layers_run_beside_one_another_within_the_largest_working_set_and_a_marg
     assert answers[3][1] is True  # 3 + 3 fit
 
 
+def test_the_largest_item_waiting_starts_first():
+    """A large layer left for last would run alone while the other workers wait: workers take the largest item
+    that fits, the first of equals; answers still come in order."""
+    sizes, started = [1, 2, 9, 3, 2], []
+
+    def work(item):
+        started.append(item)  # two workers: items picked one after the other may start in either order
+        return item
+
+    parallel.configure(2)
+    assert list(parallel.layer_map(work, range(len(sizes)), working_set=lambda item: sizes[item])) == [0, 1, 2, 3, 4]
+    assert 2 in started[:2] and 0 in started[-2:]  # in the given order, 2 would start third and 0 first
+
+
 def test_a_window_bounds_how_far_ahead_of_the_caller_items_start():
     """With a window, an item starts only within `window` of the one the caller takes next (auto's emit: each
     answer a whole coded layer, a few alive at a time), large working sets among them (the schedule that keeps
