@@ -7,12 +7,15 @@ import pytest
 from builders import bundled, conv_model, make_model, run
 from onnx import TensorProto, helper
 
-from onnxtq import compress
+from onnxtq import compress, transforms
+from onnxtq.calibration.stats import LayerStats
+from onnxtq.codec import Layer
+from onnxtq.codecs.tq import TqCodec
 from onnxtq.emit import Piece, emit_transformed
 from onnxtq.errors import UsageError
 from onnxtq.graph import Graph
 from onnxtq.pipeline import parse
-from onnxtq.weights import discover
+from onnxtq.weights import WeightSite, discover
 
 
 def _accuracy(path, name):
@@ -237,3 +240,19 @@ def test_2bit_matmul_weights_survive_onnxruntime_fusion(rng, columns):
     expect = feed["x"] @ ((q.astype(np.float64) - zero.astype(np.float64)) * steps)
     got = run(graph.proto(), feed)[0]  # fusion still on; accuracy level 0 keeps float activations
     np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4)
+
+
+def test_transform_channels_no_row_reaches_hold_zero(rng):
+    """A layer of fewer outputs than inputs spans at most n·kk input channels: an eigenbasis's channels past them
+    hold zero coefficients, set exactly (rounding leaves about 1e-20, whose squares are subnormal floats that the
+    step search computed 36 times slower); the channels before them are the transform's own."""
+    n, d = 16, 64
+    w = rng.standard_normal((d, n)).astype(np.float32)  # a MatMul weight, [inputs, outputs]
+    x = rng.standard_normal((512, d)) @ rng.standard_normal((d, d))
+    site = WeightSite("w", "mm", "MatMul", "matmul", (d, n), True, None, None, False)
+    layer = TqCodec().layer(Layer(site, w, LayerStats(len(x), x.mean(0)[None], "full", (x.T @ x / len(x))[None])))
+    coding = next(c for c in layer.codings if c.transform is not None)
+    computed = transforms.coefficients(layer.w, coding.transform.analysis)
+    assert 0 < np.abs(computed[:, n:]).max() < 1e-9 * np.abs(computed).max()  # rounding, not signal
+    assert not coding.coeffs[:, n:].any()
+    np.testing.assert_array_equal(coding.coeffs[:, :n], computed[:, :n])
