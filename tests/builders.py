@@ -16,6 +16,7 @@ from onnxtq.compress import prepare
 from onnxtq.graph import Graph
 from onnxtq.pass_infra import Context
 from onnxtq.pipeline import parse
+from onnxtq.weights import WeightSite
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -110,6 +111,11 @@ def matmul_model(d=64, n=48, seed=0) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", d])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", n])
     return make_model(nodes, [x], [y], inits)
+
+
+def matmul_site(inputs: int, outputs: int) -> WeightSite:
+    """The site of a MatMul weight [inputs, outputs] named "w", for codec work on a layer without a graph."""
+    return WeightSite("w", "mm", "MatMul", "matmul", (inputs, outputs), True, None, None, False)
 
 
 def fold_dequantize(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -5,14 +5,13 @@ import threading
 import numpy as np
 import pytest
 import threadpoolctl
-from builders import bundled
+from builders import bundled, matmul_site
 
 from onnxtq import parallel
 from onnxtq.cli import main
 from onnxtq.codec import Layer
 from onnxtq.codecs.tq import TqCodec
 from onnxtq.quantize import SEARCH_ELEMENTS, _clip_search, int_range, quantize_groups
-from onnxtq.weights import WeightSite
 
 #: crq codes the big weights, rtn 2-bit zero points the rest: both passes' per-layer tasks
 PIPELINE = "calibrate,crq{bits=4,min_elements=8192},rtn{bits=2,min_elements=0}"
@@ -171,7 +170,7 @@ def test_tq_curves_working_set_is_the_one_measured():
     (1,024 inputs) 0.46 GB."""
 
     def layer(d, n):
-        return Layer(WeightSite("w", "mm", "MatMul", "matmul", (d, n), True, None, None, False), None, None)
+        return Layer(matmul_site(d, n), None, None)
 
     assert TqCodec.working_set(layer(4096, 1024)) == pytest.approx(1.24e9, rel=0.05)
     assert TqCodec.working_set(layer(1024, 4096)) == pytest.approx(0.46e9, rel=0.05)

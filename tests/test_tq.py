@@ -4,7 +4,7 @@ ORT computes equals the numpy product T·B, and the report carries the three rat
 import numpy as np
 import onnx
 import pytest
-from builders import bundled, conv_model, make_model, run
+from builders import bundled, conv_model, make_model, matmul_site, run
 from onnx import TensorProto, helper
 
 from onnxtq import compress, transforms
@@ -15,7 +15,7 @@ from onnxtq.emit import Piece, emit_transformed
 from onnxtq.errors import UsageError
 from onnxtq.graph import Graph
 from onnxtq.pipeline import parse
-from onnxtq.weights import WeightSite, discover
+from onnxtq.weights import discover
 
 
 def _accuracy(path, name):
@@ -249,8 +249,8 @@ def test_transform_channels_no_row_reaches_hold_zero(rng):
     n, d = 16, 64
     w = rng.standard_normal((d, n)).astype(np.float32)  # a MatMul weight, [inputs, outputs]
     x = rng.standard_normal((512, d)) @ rng.standard_normal((d, d))
-    site = WeightSite("w", "mm", "MatMul", "matmul", (d, n), True, None, None, False)
-    layer = TqCodec().layer(Layer(site, w, LayerStats(len(x), x.mean(0)[None], "full", (x.T @ x / len(x))[None])))
+    stats = LayerStats(len(x), x.mean(0)[None], "full", (x.T @ x / len(x))[None])
+    layer = TqCodec().layer(Layer(matmul_site(d, n), w, stats))
     coding = next(c for c in layer.codings if c.transform is not None)
     computed = transforms.coefficients(layer.w, coding.transform.analysis)
     assert 0 < np.abs(computed[:, n:]).max() < 1e-9 * np.abs(computed).max()  # rounding, not signal
