@@ -31,7 +31,7 @@ from onnxtq.codecs.rtn import RtnCodec, side_bits
 from onnxtq.codecs.tq import DEPTHS, TqCodec
 from onnxtq.entropy import entropy_bits
 from onnxtq.errors import UsageError, VerificationError
-from onnxtq.finish import finish
+from onnxtq.finish import Figures, finish, measure
 from onnxtq.gains import Probe
 from onnxtq.graph import Graph, copy_model
 from onnxtq.model_io import serialize, whole_size
@@ -320,9 +320,17 @@ class AutoPass(Pass):
             key = self._key(layer.site.name, index, picks)
             return self._materialized.get(key) or options[layer.site.name][index].materialize(picks)
 
-        # the layers are coded on the cores, a few ahead (each answer a whole layer), while this thread writes them
-        made = layer_map(coded_as_allocated, layers, TqCodec.working_set, window=workers())
-        for layer, coded in zip(layers, made):
+        def coded_and_measured(layer: Layer) -> tuple[Coded | None, Figures | None, np.ndarray | Path | None]:
+            coded = coded_as_allocated(layer)
+            if coded is None:
+                return None, None, None
+            figures = measure(layer, coded, self.config.bias_correct)
+            return coded, figures, _replacement(layer, coded) if weights_kept else None
+
+        # the layers are coded and measured on the cores, a few ahead (each answer a whole layer), while this
+        # thread writes them
+        made = layer_map(coded_and_measured, layers, TqCodec.working_set, window=workers())
+        for layer, (coded, figures, replacement) in zip(layers, made):
             name = layer.site.name
             index, picks = allocation.choice[name]
             weights += layer.size
@@ -354,10 +362,10 @@ class AutoPass(Pass):
             price = None  # the layer-output error one bit is worth at this allocation: a bias goes float16 if it pays
             if self.config.half_bias:
                 price = allocation.lam / layer.gain if layer.gain > 0 else math.inf
-            record = finish(graph, layer, coded, self.name, self.config.bias_correct, bias_price=price)
+            record = finish(graph, layer, coded, self.name, self.config.bias_correct, bias_price=price, figures=figures)
             record.codec, record.share = codec, distortion
             if weights_kept:
-                w_hat[name] = _replacement(layer, coded)
+                w_hat[name] = replacement
             weight_bits += 8.0 * record.bytes_after
             records.append(record)
         self._materialized = kept
