@@ -69,7 +69,7 @@ def thread_map(fn: Callable, items: Iterable) -> list:
 
 
 def layer_map(
-    fn: Callable, items: Iterable, working_set: Callable[..., int] | None = None, window: int = 0
+    fn: Callable, items: Iterable, working_set: Callable[..., int] | None = None, hold_answers: bool = False
 ) -> Iterator:
     """fn(item) for each item, in order, the items spread over the local workers' threads, each with one BLAS
     thread: per-layer work that alternates compiled loops (one core) with small matrix products (which two
@@ -79,36 +79,40 @@ def layer_map(
     to at most the largest one's and BESIDE_BYTES more: the peak is the largest layer's working set and a margin,
     whatever the count of workers. On the 1.3B model, whose LM head's tq curves hold 5 GB, an attention
     projection's (1.4 GB) and an MLP up-projection's (1.8 GB) run together (its first block's curves in 94 s;
-    one such layer at a time, their times alone add up to 138 s). With a `window`, an item starts only within
-    that many of the one the caller takes next: answers that are whole layers (auto's emit) wait for the caller
-    a few at a time."""
+    one such layer at a time, their times alone add up to 138 s). With `hold_answers`, an answer holds its
+    item's working set until the caller takes it (answers that are whole layers: auto's emit), so the workers
+    run ahead of the caller as far as that budget allows, and no further."""
     items = list(items)
     if workers() == 1 or len(items) < 2:
         yield from map(fn, items)
         return
     threads = min(workers(), len(items))
     with threadpool_limits(1, "blas"):
-        if working_set is None and not window:
+        if working_set is None:
             with ThreadPoolExecutor(threads) as pool:
                 yield from pool.map(fn, items)
         else:
-            sizes = [working_set(item) if working_set else 0 for item in items]
-            yield from _within_budget(fn, items, sizes, max(sizes) + BESIDE_BYTES, threads, window)
+            sizes = [working_set(item) for item in items]
+            yield from _within_budget(fn, items, sizes, max(sizes) + BESIDE_BYTES, threads, hold_answers)
 
 
-def _within_budget(fn: Callable, items: list, sizes: list[int], budget: int, threads: int, window: int) -> Iterator:
-    """layer_map's schedule: each worker takes the largest item waiting that may run (alone, or with the working
-    sets running beside it within `budget`; with a `window`, one within `window` of the caller's next), the first
-    of equals; answers come back in order. Largest first: a large layer left for last runs alone while the other
-    workers wait (the 27M GPT's LM head, the last of its layers and the longest to make curves for)."""
+def _within_budget(fn: Callable, items: list, sizes: list[int], budget: int, threads: int, hold: bool) -> Iterator:
+    """layer_map's schedule: each worker takes the largest item waiting that fits the budget beside what is
+    held (the working sets running, and with `hold` the answers waiting for the caller; nothing held, anything
+    fits), the first of equals; answers come back in order. With `hold` the caller's next item may always
+    start, so a caller never waits on answers it has not taken (the budget is then passed by at most that
+    item's). Largest first: a large layer left for last runs alone while the other workers wait (the 27M
+    GPT's LM head, the last of its layers and the longest to make curves for)."""
     waiting, answers = list(range(len(items))), {}
-    state = {"held": 0, "running": 0, "error": None, "next": 0}
+    state = {"held": 0, "holders": 0, "error": None, "next": 0}
     turn = threading.Condition()
 
     def runnable() -> int | None:
-        end = state["next"] + window if window else len(items)
-        fits = budget - state["held"] if state["running"] else math.inf
-        return max((k for k in waiting if k < end and sizes[k] <= fits), key=sizes.__getitem__, default=None)
+        fits = budget - state["held"] if state["holders"] else math.inf
+        k = max((k for k in waiting if sizes[k] <= fits), key=sizes.__getitem__, default=None)
+        if k is None and hold and state["next"] in waiting:
+            return state["next"]
+        return k
 
     def work() -> None:
         while True:
@@ -119,7 +123,7 @@ def _within_budget(fn: Callable, items: list, sizes: list[int], budget: int, thr
                     return
                 waiting.remove(k)
                 state["held"] += sizes[k]
-                state["running"] += 1
+                state["holders"] += 1
             answer, error = None, None
             try:
                 answer = fn(items[k])
@@ -128,8 +132,8 @@ def _within_budget(fn: Callable, items: list, sizes: list[int], budget: int, thr
             with turn:
                 answers[k] = answer
                 state["error"] = state["error"] or error
-                state["held"] -= sizes[k]
-                state["running"] -= 1
+                state["held"] -= 0 if hold else sizes[k]
+                state["holders"] -= 0 if hold else 1
                 turn.notify_all()
 
     pool = [threading.Thread(target=work, daemon=True) for _ in range(threads)]
@@ -143,8 +147,11 @@ def _within_budget(fn: Callable, items: list, sizes: list[int], budget: int, thr
                 if state["error"]:
                     raise state["error"]
                 answer = answers.pop(k)
+                if hold:
+                    state["held"] -= sizes[k]
+                    state["holders"] -= 1
                 state["next"] = k + 1
-                turn.notify_all()  # the window moved on
+                turn.notify_all()
             yield answer
     finally:
         with turn:

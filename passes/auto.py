@@ -37,7 +37,7 @@ from onnxtq.graph import Graph, copy_model
 from onnxtq.model_io import serialize, whole_size
 from onnxtq.opsets import Emission
 from onnxtq.packing import container_bits
-from onnxtq.parallel import layer_map, workers
+from onnxtq.parallel import layer_map
 from onnxtq.pass_infra import ORIGINALS, STATS, Context, Pass, PassConfig, option
 from onnxtq.pieces import PIECE_BYTES
 from onnxtq.progress import bar
@@ -327,9 +327,9 @@ class AutoPass(Pass):
             figures = measure(layer, coded, self.config.bias_correct)
             return coded, figures, _replacement(layer, coded) if weights_kept else None
 
-        # the layers are coded and measured on the cores, a few ahead (each answer a whole layer), while this
-        # thread writes them
-        made = layer_map(coded_and_measured, layers, TqCodec.working_set, window=workers())
+        # the layers are coded and measured on the cores, as far ahead as their working sets allow (each answer a
+        # whole layer), while this thread writes them
+        made = layer_map(coded_and_measured, layers, TqCodec.working_set, hold_answers=True)
         for layer, (coded, figures, replacement) in zip(layers, made):
             name = layer.site.name
             index, picks = allocation.choice[name]

@@ -129,26 +129,29 @@ def test_the_largest_item_waiting_starts_first():
     assert 2 in started[:2] and 0 in started[-2:]  # in the given order, 2 would start third and 0 first
 
 
-def test_a_window_bounds_how_far_ahead_of_the_caller_items_start():
-    """With a window, an item starts only within `window` of the one the caller takes next (auto's emit: each
-    answer a whole coded layer, a few alive at a time), large working sets among them (the schedule that keeps
-    those apart is the test above's)."""
-    lock, started = threading.Lock(), []
+def test_answers_held_for_the_caller_count_against_the_budget(monkeypatch):
+    """With hold_answers, an answer holds its item's working set until the caller takes it (auto's emit: each
+    answer a whole coded layer): the workers run ahead of a slow caller while the budget allows, and the bytes
+    held pass it by at most the caller's next item's."""
+    monkeypatch.setattr(parallel, "BESIDE_BYTES", 10)  # a budget of 9 + 10
+    sizes = [4 if item % 3 else 9 for item in range(12)]
+    lock, started, taken, held, ahead = threading.Lock(), [], [], [], []
 
     def work(item):
         with lock:
             started.append(item)
+            held.append(sum(sizes[k] for k in started if k not in taken))
+            ahead.append(item - len(taken))
         return item
 
     parallel.configure(2)
-    taken = []
-    for item in parallel.layer_map(work, range(12), working_set=lambda item: 4 if item % 3 else 9, window=2):
-        threading.Event().wait(0.01)  # a slow caller: the workers would run far ahead without the window
+    for item in parallel.layer_map(work, range(12), working_set=sizes.__getitem__, hold_answers=True):
         with lock:
-            assert max(started) < item + 1 + 2
-        taken.append(item)
+            taken.append(item)
+        threading.Event().wait(0.01)  # a slow caller: without the budget the workers would run to the end
     assert taken == list(range(12)) and sorted(started) == list(range(12))
-    assert list(parallel.layer_map(lambda item: item * 2, range(5), window=1)) == [0, 2, 4, 6, 8]
+    assert max(held) <= 19 + 9 and max(ahead) >= 2
+    assert list(parallel.layer_map(lambda item: item * 2, range(5), lambda item: 1, hold_answers=True)) == [0, 2, 4, 6, 8]
 
 
 def test_a_failing_layer_fails_the_map_and_a_map_left_early_stops():
