@@ -151,7 +151,8 @@ def test_answers_held_for_the_caller_count_against_the_budget(monkeypatch):
         threading.Event().wait(0.01)  # a slow caller: without the budget the workers would run to the end
     assert taken == list(range(12)) and sorted(started) == list(range(12))
     assert max(held) <= 19 + 9 and max(ahead) >= 2
-    assert list(parallel.layer_map(lambda item: item * 2, range(5), lambda item: 1, hold_answers=True)) == [0, 2, 4, 6, 8]
+    doubled = parallel.layer_map(lambda item: item * 2, range(5), lambda item: 1, hold_answers=True)
+    assert list(doubled) == [0, 2, 4, 6, 8]
 
 
 def test_a_failing_layer_fails_the_map_and_a_map_left_early_stops():
