@@ -161,16 +161,21 @@ def top_scores(scores: np.ndarray) -> np.ndarray:
 
 
 def relative_errors(reference: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Per input, the rms of its errors on its COMPETITORS top classes over the spread (std) of their scores."""
+    """Per input, the rms error of its top class's margins over its COMPETITORS next classes (the error of
+    top − k), over the spread (std) of their scores: what moves a margin. Errors that all classes share (a
+    logit shifted as a whole) move none; taking each class's error as independent (√2 × its rms) expected
+    95.1% where the zoo counts 96.1% on MobileNetV2 (logit errors correlate: the margins' errors are 0.75 of
+    that), 96.1% measured on the margins."""
     order = np.argsort(-reference, axis=1)[:, : min(COMPETITORS, reference.shape[1])]
     top = np.take_along_axis(reference, order, axis=1)
     error = np.take_along_axis(out - reference, order, axis=1)
-    relative = np.sqrt((error**2).mean(axis=1)) / np.maximum(top.std(axis=1), 1e-30)
+    moves = error[:, :1] - error[:, 1:]
+    relative = np.sqrt((moves**2).mean(axis=1)) / np.maximum(top.std(axis=1), 1e-30)
     return np.nan_to_num(relative, nan=np.inf)
 
 
 def agreement_chances(relative: np.ndarray, tops: np.ndarray) -> np.ndarray:
-    """[errors, inputs]: the chance that Gaussian errors of each relative size (relative_errors, one per
+    """[errors, inputs]: the chance that Gaussian margin errors of each relative size (relative_errors, one per
     held-out input) keep the top class on top of each input's scores (top_scores).
 
     The expectation moves smoothly with the error, where counting 64 held-out inputs moves in steps of 1.6%
@@ -184,7 +189,7 @@ def agreement_chances(relative: np.ndarray, tops: np.ndarray) -> np.ndarray:
     """
     margins = tops[:, :1] - tops[:, 1:]  # [inputs, K-1], ≥ 0
     with np.errstate(invalid="ignore", divide="ignore"):  # no error: −∞ (0/0 too); a NaN output: scale NaN
-        scale = relative[:, None, None] * tops.std(axis=1)[None, :, None] * np.sqrt(2)
+        scale = relative[:, None, None] * tops.std(axis=1)[None, :, None]
         z = np.nan_to_num(-margins[None] / scale, nan=-np.inf)
     flips = scipy.special.ndtr(z).sum(axis=-1)  # the normal CDF (scipy.stats costs a second to import)
     return 1 - np.minimum(flips, 1.0)

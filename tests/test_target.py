@@ -223,6 +223,19 @@ def test_expected_agreement_is_the_share_that_agrees(rng, relative):
     assert chances.mean() == pytest.approx(counted, abs=0.01)
 
 
+def test_errors_all_classes_share_move_no_margin(rng):
+    """A logit error shared by every class (a score shifted as a whole) flips nothing: the expectation reads
+    the errors of the margins, so it stays the share that agrees (counting each class's error on its own, 27%
+    of these inputs would be expected to flip)."""
+    reference = rng.standard_normal((4000, 50)) * rng.uniform(0.5, 4, (4000, 1))
+    spread = top_scores(reference).std(axis=1, keepdims=True)
+    shared = 0.5 * spread * rng.standard_normal((4000, 1))
+    out = reference + shared + 0.05 * spread * rng.standard_normal(reference.shape)
+    counted = np.mean(reference.argmax(axis=1) == out.argmax(axis=1))
+    chances = agreement_chances(relative_errors(reference, out)[:200], top_scores(reference))
+    assert chances.mean() == pytest.approx(counted, abs=0.01)
+
+
 def test_expected_agreement_ends():
     reference = np.array([[3.0, 1.0, 0.0], [0.5, 0.4, 0.0]])
     assert np.all(agreement_chances(relative_errors(reference, reference), top_scores(reference)) == 1)
