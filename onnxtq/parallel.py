@@ -69,7 +69,10 @@ def thread_map(fn: Callable, items: Iterable) -> list:
 
 
 def layer_map(
-    fn: Callable, items: Iterable, working_set: Callable[..., int] | None = None, hold_answers: bool = False
+    fn: Callable,
+    items: Iterable,
+    working_set: Callable[..., int] | None = None,
+    answer_bytes: Callable[..., int] | None = None,
 ) -> Iterator:
     """fn(item) for each item, in order, the items spread over the local workers' threads, each with one BLAS
     thread: per-layer work that alternates compiled loops (one core) with small matrix products (which two
@@ -79,9 +82,9 @@ def layer_map(
     to at most the largest one's and BESIDE_BYTES more: the peak is the largest layer's working set and a margin,
     whatever the count of workers. On the 1.3B model, whose LM head's tq curves hold 5 GB, an attention
     projection's (1.4 GB) and an MLP up-projection's (1.8 GB) run together (its first block's curves in 94 s;
-    one such layer at a time, their times alone add up to 138 s). With `hold_answers`, an answer holds its
-    item's working set until the caller takes it (answers that are whole layers: auto's emit), so the workers
-    run ahead of the caller as far as that budget allows, and no further."""
+    one such layer at a time, their times alone add up to 138 s). With `answer_bytes` (what an item's answer
+    holds: answers that are whole layers, auto's emit), an answer counts against the budget until the caller
+    takes it, so the workers run ahead of the caller as far as the budget allows, and no further."""
     items = list(items)
     if workers() == 1 or len(items) < 2:
         yield from map(fn, items)
@@ -93,16 +96,20 @@ def layer_map(
                 yield from pool.map(fn, items)
         else:
             sizes = [working_set(item) for item in items]
-            yield from _within_budget(fn, items, sizes, max(sizes) + BESIDE_BYTES, threads, hold_answers)
+            answers = None if answer_bytes is None else [answer_bytes(item) for item in items]
+            yield from _within_budget(fn, items, sizes, answers, max(sizes) + BESIDE_BYTES, threads)
 
 
-def _within_budget(fn: Callable, items: list, sizes: list[int], budget: int, threads: int, hold: bool) -> Iterator:
-    """layer_map's schedule: each worker takes the largest item waiting that fits the budget beside what is
-    held (the working sets running, and with `hold` the answers waiting for the caller; nothing held, anything
-    fits), the first of equals; answers come back in order. With `hold` the caller's next item may always
-    start, so a caller never waits on answers it has not taken (the budget is then passed by at most that
-    item's). Largest first: a large layer left for last runs alone while the other workers wait (the 27M
-    GPT's LM head, the last of its layers and the longest to make curves for)."""
+def _within_budget(
+    fn: Callable, items: list, sizes: list[int], answer_sizes: list[int] | None, budget: int, threads: int
+) -> Iterator:
+    """layer_map's schedule: each worker takes the largest item waiting whose working set fits the budget beside
+    what is held (the working sets running, and with `answer_sizes` the answers waiting for the caller; nothing
+    held, anything fits), the first of equals; answers come back in order. With `answer_sizes` the caller's
+    next item may always start, so a caller never waits on answers it has not taken (the budget is then passed
+    by at most that item's). Largest first: a large layer left for last runs alone while the other workers
+    wait (the 27M GPT's LM head, the last of its layers and the longest to make curves for)."""
+    hold = answer_sizes is not None
     waiting, answers = list(range(len(items))), {}
     state = {"held": 0, "holders": 0, "error": None, "next": 0}
     turn = threading.Condition()
@@ -132,7 +139,7 @@ def _within_budget(fn: Callable, items: list, sizes: list[int], budget: int, thr
             with turn:
                 answers[k] = answer
                 state["error"] = state["error"] or error
-                state["held"] -= 0 if hold else sizes[k]
+                state["held"] += (answer_sizes[k] if hold else 0) - sizes[k]
                 state["holders"] -= 0 if hold else 1
                 turn.notify_all()
 
@@ -148,7 +155,7 @@ def _within_budget(fn: Callable, items: list, sizes: list[int], budget: int, thr
                     raise state["error"]
                 answer = answers.pop(k)
                 if hold:
-                    state["held"] -= sizes[k]
+                    state["held"] -= answer_sizes[k]
                     state["holders"] -= 1
                 state["next"] = k + 1
                 turn.notify_all()

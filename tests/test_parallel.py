@@ -129,29 +129,37 @@ def test_the_largest_item_waiting_starts_first():
     assert 2 in started[:2] and 0 in started[-2:]  # in the given order, 2 would start third and 0 first
 
 
-def test_answers_held_for_the_caller_count_against_the_budget(monkeypatch):
-    """With hold_answers, an answer holds its item's working set until the caller takes it (auto's emit: each
-    answer a whole coded layer): the workers run ahead of a slow caller while the budget allows, and the bytes
-    held pass it by at most the caller's next item's."""
-    monkeypatch.setattr(parallel, "BESIDE_BYTES", 10)  # a budget of 9 + 10
-    sizes = [4 if item % 3 else 9 for item in range(12)]
-    lock, started, taken, held, ahead = threading.Lock(), [], [], [], []
+def test_answers_waiting_for_the_caller_count_against_the_budget(monkeypatch):
+    """With answer_bytes, an answer holds its bytes until the caller takes it (auto's emit: each answer a whole
+    coded layer, smaller than the working set that made it): the workers run ahead of a slow caller while the
+    budget allows, two at a time even after the largest item (first to start, last to be taken) is answered,
+    and what is held passes the budget by at most the caller's next item."""
+    monkeypatch.setattr(parallel, "BESIDE_BYTES", 2)  # a budget of 9 + 2: beside the largest, nothing runs
+    sizes, answer = [4] * 11 + [9], 1
+    lock, running, done, taken = threading.Lock(), set(), set(), set()
+    held, ahead, beside = [], [], []
 
     def work(item):
         with lock:
-            started.append(item)
-            held.append(sum(sizes[k] for k in started if k not in taken))
+            running.add(item)
+            held.append(sum(sizes[k] for k in running) + answer * len(done - taken))
             ahead.append(item - len(taken))
+            if 11 in done:
+                beside.append(len(running))
+        threading.Event().wait(0.005)
+        with lock:
+            running.discard(item)
+            done.add(item)
         return item
 
     parallel.configure(2)
-    for item in parallel.layer_map(work, range(12), working_set=sizes.__getitem__, hold_answers=True):
+    for item in parallel.layer_map(work, range(12), sizes.__getitem__, lambda item: answer):
         with lock:
-            taken.append(item)
+            taken.add(item)
         threading.Event().wait(0.01)  # a slow caller: without the budget the workers would run to the end
-    assert taken == list(range(12)) and sorted(started) == list(range(12))
-    assert max(held) <= 19 + 9 and max(ahead) >= 2
-    doubled = parallel.layer_map(lambda item: item * 2, range(5), lambda item: 1, hold_answers=True)
+    assert sorted(taken) == list(range(12)) and sorted(done) == list(range(12))
+    assert max(held) <= 11 + 4 + answer and max(ahead) >= 3 and max(beside) == 2
+    doubled = parallel.layer_map(lambda item: item * 2, range(5), lambda item: 1, lambda item: 1)
     assert list(doubled) == [0, 2, 4, 6, 8]
 
 
