@@ -73,6 +73,8 @@ KEPT_BYTES = 1 << 30
 #: Bytes a weight's points hold while they are made, about: 2.09 GiB for a 50M-weight table of the 1.3B GPT (a
 #: peak of 2.88 GiB, 0.79 of it what stays resident).
 POINTS_BYTES_PER_WEIGHT = 48
+#: Bytes a coded layer holds until it is written, about: Ŵ and its error (up to float64 each) and its codes.
+CODED_BYTES_PER_WEIGHT = 24
 #: A layer's measured marginal error may correct its prediction by at most this factor either way.
 MAX_CORRECTION = 16.0
 
@@ -327,8 +329,8 @@ class AutoPass(Pass):
             figures = measure(layer, coded, self.config.bias_correct)
             return coded, figures, _replacement(layer, coded) if weights_kept else None
 
-        # the layers are coded and measured on the cores, as far ahead as their working sets allow (each answer a
-        # whole layer), while this thread writes them
+        # the layers are coded and measured on the cores, as far ahead as the budget allows (each answer a whole
+        # layer), while this thread writes them
         made = layer_map(coded_and_measured, layers, TqCodec.working_set, _coded_bytes)
         for layer, (coded, figures, replacement) in zip(layers, made):
             name = layer.site.name
@@ -487,10 +489,10 @@ def _points_working_set(layer: Layer) -> int:
 
 
 def _coded_bytes(layer: Layer) -> int:
-    """Bytes a coded layer holds until it is written, about (onnxtq.parallel.layer_map): Ŵ and its error, up to
-    float64 each, and the codes its writer keeps. Far less than the working set that made it (the 1.3B LM head:
-    2.5 against 10 GB), which, held instead, would leave room beside it for no other layer."""
-    return 24 * layer.size
+    """Bytes a coded layer holds until it is written (onnxtq.parallel.layer_map's answer_bytes). Far less than
+    the working set that made it (the 1.3B LM head: 2.5 against 10 GB), which, held instead, would leave room
+    beside it for no other layer."""
+    return CODED_BYTES_PER_WEIGHT * layer.size
 
 
 def _replacement(layer: Layer, coded: Coded) -> np.ndarray | Path:
