@@ -25,6 +25,9 @@ import onnxruntime as ort
 
 from onnxtq.target import agreement_chances, relative_errors, top_scores
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import make_calib  # noqa: E402 - the calibration files' feeding of the zoo's photos
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIES = (0.01, 0.03, 0.1)
 
@@ -38,20 +41,14 @@ def outputs(path: str, x: np.ndarray) -> np.ndarray:
 
 
 def zoo_inputs(ref: str, tools: str, count: int) -> np.ndarray:
-    """The zoo eval's crops of its photos, normalised as it does (eval_imagenet.py)."""
+    """The zoo eval's crops of its photos, fed as it feeds them (eval_imagenet.py; make_calib.py's recipe)."""
     sys.path.insert(0, tools)
     from eval_imagenet import crops  # noqa: PLC0415 - the zoo's own module, found at run time
 
     data = os.path.join(os.path.dirname(os.path.abspath(ref)), "data", "images")
     paths = sorted(glob.glob(os.path.join(data, "*.jpg")) + glob.glob(os.path.join(data, "*.png")))
-    shape = ort.InferenceSession(ref, providers=["CPUExecutionProvider"]).get_inputs()[0].shape
-    res = shape[2] if isinstance(shape[2], int) else 224
-    x = np.stack(list(crops(paths, res, count))).astype(np.float32)
-    if "lite" in os.path.basename(ref):
-        x = (x - 127.0) / 128.0
-    else:
-        x = (x / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
-    return x.transpose(0, 3, 1, 2).astype(np.float32)
+    photos = np.stack(list(crops(paths, make_calib.input_res(ref), count)))
+    return make_calib.imagenet_feed(photos, os.path.basename(ref))
 
 
 def near_ties(tops: np.ndarray) -> list[float]:

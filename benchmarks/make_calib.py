@@ -62,7 +62,13 @@ def imagenet(zoo, model, n=256, seed=1):
     )
     per = -(-n // len(paths))  # random crops per photo
     x = np.stack([c for i, c in enumerate(crops(paths, res, per, seed=seed)) if i % (per + 1)])  # drop centre crops
-    x = x[np.sort(np.random.default_rng(seed).permutation(len(x))[:n])].astype(np.float32)
+    return imagenet_feed(x[np.sort(np.random.default_rng(seed).permutation(len(x))[:n])], model)
+
+
+def imagenet_feed(photos, model):
+    """Crops [n, H, W, 3] of 0-255 as the zoo's eval feeds them to `model`: NCHW float32, (x-127)/128 for
+    EfficientNet-Lite ('lite' in the name), ImageNet mean/std for the others."""
+    x = photos.astype(np.float32)
     x = (x - 127.0) / 128.0 if "lite" in model else (x / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
     return x.transpose(0, 3, 1, 2).astype(np.float32)
 
